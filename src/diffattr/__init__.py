@@ -1,0 +1,1 @@
+"""Data attribution for diffusion models: the maths behind the LDS workflow."""
