@@ -1,0 +1,25 @@
+# LDS benchmark of data attribution for diffusion models: dataset -> models -> queries -> ground
+# truth -> features -> scores -> LDS table. One file per stage under rules/; the maths in src/diffattr.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/dataset.smk"
+include: "rules/subsets.smk"
+include: "rules/train.smk"
+include: "rules/generate.smk"
+include: "rules/ground_truth.smk"
+include: "rules/featurize.smk"
+include: "rules/score.smk"
+include: "rules/lds.smk"
+include: "rules/table.smk"
+
+
+rule all:
+    input:
+        f"results/lds_{config['experiment']}.csv",

@@ -1,0 +1,15 @@
+rule ground_truth:
+    input:
+        weights="results/{experiment}/models/lds/{model}/diffusion_pytorch_model.safetensors",
+        val=images("val"),
+        gen=images("gen"),
+    output:
+        losses=directory("results/{experiment}/ground_truth/{model}.zarr"),
+    log:
+        "logs/{experiment}/ground_truth/{model}.log",
+    params:
+        spec=lambda w: settings(w)["ground_truth"],
+        model=lambda w: settings(w)["model"],
+    threads: 1
+    run:
+        run("ground_truth.py", input, output, params, wildcards, threads, log)

@@ -1,0 +1,11 @@
+rule table:
+    input:
+        lambda w: [f"results/{w.experiment}/lds/{f}_K{K}_k{k}_{s}.csv"
+                   for f, K, k in feature_sets(w) for s in QUERY_SPLITS],
+    output:
+        table="results/lds_{experiment}.csv",
+    log:
+        "logs/{experiment}/table.log",
+    threads: 1
+    run:
+        run("table.py", input, output, params, wildcards, threads, log)

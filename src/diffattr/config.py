@@ -1,0 +1,65 @@
+"""Experiment settings: presets in config.yaml, resolved through `base:` inheritance."""
+from __future__ import annotations
+
+import copy
+import re
+
+FUNCTIONS = ("simple", "elbo", "square", "avg", "l1", "l2", "linf")
+_INTERP = re.compile(r"^interp(\d*\.?\d+)$")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def experiment(config: dict, name: str) -> dict:
+    """The settings of experiment `name`, with its `base:` chain merged in."""
+    presets = config.get("experiments", {})
+    if name not in presets:
+        raise KeyError(
+            f"experiment '{name}' is not defined under 'experiments' in the config; "
+            f"defined: {', '.join(sorted(presets))}"
+        )
+    chain, seen = [], set()
+    while name is not None:
+        if name in seen:
+            raise ValueError(f"experiments.{name}.base: inheritance cycle through {sorted(seen)}")
+        if name not in presets:
+            raise KeyError(f"experiments.{chain[-1]}.base names '{name}', which is not defined")
+        seen.add(name)
+        chain.append(name)
+        name = presets[name].get("base")
+    settings: dict = {}
+    for preset in reversed(chain):
+        settings = deep_merge(settings, {k: v for k, v in presets[preset].items() if k != "base"})
+    return settings
+
+
+def parse_function(name: str) -> tuple[str, float | None]:
+    """'square' -> ('square', None); 'interp0.25' -> ('interp', 0.25)."""
+    if name in FUNCTIONS:
+        return name, None
+    match = _INTERP.match(name)
+    if match and 0.0 <= float(match.group(1)) <= 1.0:
+        return "interp", float(match.group(1))
+    raise ValueError(
+        f"unknown model-output function '{name}': expected one of {', '.join(FUNCTIONS)} "
+        "or interp<eta> with eta in [0, 1] (e.g. interp0.25)"
+    )
+
+
+def select_timesteps(k: int, scheme: str, num_train_timesteps: int = 1000) -> list[int]:
+    """The protocol's timestep selections: uniform range(0, T, T // K) or cumulative range(K)."""
+    if not 1 <= k <= num_train_timesteps:
+        raise ValueError(f"number of timesteps K={k} must be in [1, {num_train_timesteps}]")
+    if scheme == "uniform":
+        return list(range(0, num_train_timesteps, num_train_timesteps // k))[:k]
+    if scheme == "cumulative":
+        return list(range(k))
+    raise ValueError(f"timestep scheme '{scheme}': expected 'uniform' or 'cumulative'")

@@ -1,0 +1,152 @@
+"""Linear datamodeling score: Spearman correlation over subsets, bootstrap interval, lambda choice."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .provenance import ProvenanceError, require_same
+from .storage import atomic_output, file_sha256, read_array, read_member
+
+RULES = ("oracle", "heldout")
+
+
+def spearman_rows(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Spearman correlation (m,) of pred and truth (m, M) along the subset axis; nan for a constant row."""
+    pred = np.asarray(pred, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape != truth.shape:
+        raise ValueError(f"pred and truth must both be (m, M), got {pred.shape} and {truth.shape}")
+    return _spearman(pred, truth)
+
+
+def lds(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of the Spearman correlation, ignoring queries where it is undefined."""
+    return float(np.nanmean(spearman_rows(pred, truth)))
+
+
+def lds_interval(pred, truth, confidence=0.95, n_resamples=1000, seed=0) -> tuple[float, float]:
+    """Bootstrap interval of the LDS, resampling subsets (columns); BCa, else percentile if BCa degenerates."""
+    pred = np.asarray(pred, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape != truth.shape:
+        raise ValueError(f"pred and truth must both be (m, M), got {pred.shape} and {truth.shape}")
+    m, n_subsets = pred.shape
+
+    def statistic(columns, axis=-1):
+        columns = np.asarray(columns).astype(np.intp)  # (..., M) resampled column indices
+        rho = _spearman(np.moveaxis(pred[:, columns], 0, -2), np.moveaxis(truth[:, columns], 0, -2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # resample where every query is nan
+            return np.nanmean(rho, axis=-1)
+
+    batch = max(1, 10_000_000 // (m * n_subsets))  # bound memory: each resample holds (m, M) arrays
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            # a degenerate BCa (e.g. every resample gives the same LDS) returns nan, handled below
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ci = stats.bootstrap(
+                (np.arange(n_subsets),), statistic, vectorized=True, axis=-1, batch=batch,
+                n_resamples=n_resamples, confidence_level=confidence, method=method,
+                rng=np.random.default_rng(seed),
+            ).confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            break
+    return float(ci.low), float(ci.high)
+
+
+def select_lambda(preds: np.ndarray, truth: np.ndarray, lambdas, rule: str, heldout_seed: int = 0,
+                  confidence: float = 0.95, n_resamples: int = 1000) -> dict:
+    """Choose lambda for preds (L, m, M) against truth (m, M) and report the LDS with its interval.
+
+    'oracle' selects and reports on all M subsets (optimistic, as in the paper); 'heldout' selects on a
+    random half of the subsets and reports on the other half.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown lambda selection rule {rule!r}; allowed: {', '.join(RULES)}")
+    preds = np.asarray(preds, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    lambdas = np.asarray(lambdas, dtype=np.float64)
+    if preds.ndim != 3 or preds.shape[1:] != truth.shape or preds.shape[0] != len(lambdas):
+        raise ValueError(
+            f"preds must be (L, m, M) with truth (m, M) and L lambdas; got preds {preds.shape}, "
+            f"truth {truth.shape}, {len(lambdas)} lambdas"
+        )
+    n_subsets = truth.shape[1]
+    if rule == "oracle":
+        select = report = np.arange(n_subsets)
+    else:
+        perm = np.random.default_rng(heldout_seed).permutation(n_subsets)
+        select, report = perm[: n_subsets // 2], perm[n_subsets // 2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # lambda where every query is nan
+        per_lambda = np.nanmean(_spearman(preds[:, :, select], truth[:, select]), axis=-1)
+    best = int(np.nanargmax(per_lambda))
+    pred, target = preds[best][:, report], truth[:, report]
+    low, high = lds_interval(pred, target, confidence=confidence, n_resamples=n_resamples)
+    return dict(
+        lambda_=float(lambdas[best]),
+        lds=lds(pred, target),
+        ci_low=low,
+        ci_high=high,
+        n_subsets=len(report),
+        n_queries=int(np.isfinite(spearman_rows(pred, target)).sum()),
+    )
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation along the last axis of broadcastable arrays; nan where a side is constant."""
+    ra = stats.rankdata(a, axis=-1)
+    rb = stats.rankdata(b, axis=-1)
+    ra -= ra.mean(axis=-1, keepdims=True)
+    rb -= rb.mean(axis=-1, keepdims=True)
+    num = (ra * rb).sum(axis=-1)
+    den = np.sqrt((ra * ra).sum(axis=-1) * (rb * rb).sum(axis=-1))
+    with np.errstate(invalid="ignore"):  # a constant side has ranks exactly equal to their mean: 0/0
+        return num / den
+
+
+def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int) -> tuple[np.ndarray, dict]:
+    """(m, M) truth: each subset's query losses averaged over its training seeds.
+
+    `truth_paths` maps model names s<subset>-r<seed> to ground-truth stores. Returns the matrix and the
+    provenance shared by every store (query hash, timesteps, noise seeds), checked to agree.
+    """
+    per_subset: dict[int, list[np.ndarray]] = {}
+    first = None
+    for name, path in truth_paths.items():
+        losses, attrs = read_member(path, split)
+        shared = ("query_sha256", "timesteps", "noise_seeds", "function")
+        if first is None:
+            first = (str(path), attrs)
+        require_same(shared, first, (str(path), attrs))
+        per_subset.setdefault(int(name[1:4]), []).append(losses)
+    missing = sorted(set(range(n_subsets)) - set(per_subset))
+    if missing:
+        raise ValueError(f"ground truth is missing for subsets {missing}")
+    return np.stack([np.mean(per_subset[j], axis=0) for j in range(n_subsets)], axis=1), first[1]
+
+
+def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spec: dict, out_path) -> None:
+    """One row per lambda rule: the chosen lambda, the LDS and its bootstrap interval."""
+    preds, attrs = read_array(predictions_path)
+    if attrs["subsets_sha256"] != file_sha256(subsets_path):
+        raise ProvenanceError(f"{predictions_path} was scored with another subsets table than {subsets_path}")
+    truth, truth_attrs = ground_truth_matrix(truth_paths, split, preds.shape[2])
+    if truth_attrs["query_sha256"] != attrs["query_sha256"]:
+        raise ProvenanceError(f"{predictions_path} and the ground truth were computed on different "
+                              f"'{split}' query sets")
+    rows = []
+    for rule in spec["lambda_rules"]:
+        result = select_lambda(preds, truth, attrs["lambdas"], rule, int(spec["heldout_seed"]),
+                               float(spec["confidence"]), int(spec["bootstrap_resamples"]))
+        rows.append({"method": "TRAK" if attrs["function"] == "simple" else "D-TRAK",
+                     "function": attrs["function"], "timesteps": attrs["K"], "proj_dim": attrs["proj_dim"],
+                     "split": split, "lambda_rule": rule, "lambda": result["lambda_"],
+                     "lds": result["lds"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
+                     "n_queries": result["n_queries"], "n_subsets": result["n_subsets"]})
+    with atomic_output(out_path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)

@@ -1,0 +1,70 @@
+"""Run the workflow's scripts in processes forked from a warm interpreter.
+
+Importing torch and diffusers costs about 7 s per process on a small CPU, more than training one of
+the embedded experiment's models. Rules therefore call `run_script` from a `run:` block: the script
+runs, as Snakemake's `script:` would run it (a global `snakemake` with input, output, params,
+wildcards, threads, log), in a child of a forkserver that imported the heavy modules once. Each job
+still gets its own process: its own random state, its own threads, and a crash that stays its own.
+Under SLURM every job is its own Snakemake process, so there the server is simply started once per job.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import runpy
+import signal
+import sys
+import threading
+from types import SimpleNamespace
+
+PRELOAD = ["torch", "diffusers.models.unets.unet_2d", "diffusers.schedulers", "zarr", "pandas",
+           "scipy.stats", "sklearn.model_selection", "diffattr.featurize"]
+
+_lock = threading.Lock()
+_context = None
+
+
+def _forkserver():
+    global _context
+    with _lock:
+        if _context is None:
+            _context = multiprocessing.get_context("forkserver")
+            _context.set_forkserver_preload(PRELOAD)
+        return _context
+
+
+def run_script(path, input, output, params, wildcards, threads, log, resources=None, config=None):
+    """Run `path` with a Snakemake-like `snakemake` global in a forked worker; raise if it fails."""
+    job = SimpleNamespace(input=input, output=output, params=params, wildcards=wildcards,
+                          threads=threads, log=log, resources=resources, config=config or {})
+    process = _forkserver().Process(target=_child, args=(str(path), job))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        where = f"; see {log[0]}" if len(log) else ""
+        raise RuntimeError(f"{os.path.basename(path)} exited with code {process.exitcode}{where}")
+
+
+def _child(path: str, job) -> None:
+    _die_with_parent()
+    if len(job.log):
+        fd = os.open(job.log[0], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+    import torch
+
+    torch.set_num_threads(max(1, int(job.threads)))
+    try:
+        runpy.run_path(path, init_globals={"snakemake": job}, run_name="__main__")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _die_with_parent() -> None:
+    """A worker outliving a killed Snakemake would keep writing: have the kernel end it too."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -1,0 +1,5 @@
+from diffattr.featurize import featurize_split
+
+w = snakemake.wildcards
+featurize_split(snakemake.input.weights, snakemake.params.model, snakemake.input.images, w.function,
+                snakemake.params.timesteps, int(w.k), snakemake.params.spec, snakemake.output.features)

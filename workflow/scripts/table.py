@@ -1,0 +1,3 @@
+from diffattr.table import collect
+
+collect(list(snakemake.input), snakemake.wildcards.experiment, snakemake.output.table)
