@@ -20,6 +20,7 @@ include: "rules/lds.smk"
 include: "rules/table.smk"
 
 
+# The default target: the experiment's table and every intermediate output (see `products`).
 rule all:
     input:
-        f"results/lds_{config['experiment']}.csv",
+        products(config["experiment"]),

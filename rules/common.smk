@@ -1,5 +1,6 @@
 # Shared helpers: experiment settings, path builders and the warm-worker script runner.
 from pathlib import Path
+from types import SimpleNamespace
 
 from diffattr.config import experiment, select_timesteps
 from diffattr.worker import run_script
@@ -47,6 +48,25 @@ def feature_sets(wildcards):
     """(function, K, k) combinations of the experiment's featurization."""
     spec = settings(wildcards)["featurize"]
     return [(f, K, k) for f in spec["functions"] for K in spec["timesteps"] for k in spec["proj_dims"]]
+
+
+def products(experiment):
+    """Every output of an experiment, intermediate ones included.
+
+    `rule all` asks for all of them: Snakemake regenerates a deleted intermediate file (a model's
+    weights, say) only when some target asks for it, and then reruns what depends on it.
+    """
+    w = SimpleNamespace(experiment=experiment)
+    models = ["full", *(f"lds/{m}" for m in lds_models(w))]
+    sets = [f"{f}_K{K}_k{k}" for f, K, k in feature_sets(w)]
+    return [
+        *(f"results/{experiment}/models/{m}/diffusion_pytorch_model.safetensors" for m in models),
+        *(f"results/{experiment}/ground_truth/{m}.zarr" for m in lds_models(w)),
+        *(f"results/{experiment}/features/{s}/{split}.zarr" for s in sets for split in ["train", *QUERY_SPLITS]),
+        *(f"results/{experiment}/scores/{s}/{split}.zarr" for s in sets for split in QUERY_SPLITS),
+        *(f"results/{experiment}/lds/{s}_{split}.csv" for s in sets for split in QUERY_SPLITS),
+        f"results/lds_{experiment}.csv",
+    ]
 
 
 def run(script, input, output, params, wildcards, threads, log):

@@ -26,7 +26,7 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     steps, batch_size = int(spec["steps"]), int(spec["batch_size"])
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=float(spec["lr"]), betas=tuple(spec["betas"]),
-                                  weight_decay=float(spec["weight_decay"]))
+                                  weight_decay=float(spec["weight_decay"]), foreach=True)
     schedule = get_cosine_schedule_with_warmup(
         optimizer, int(round(float(spec["warmup_fraction"]) * steps)), steps)
     n_timesteps = model.scheduler.config.num_train_timesteps

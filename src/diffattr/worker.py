@@ -19,7 +19,9 @@ import threading
 from types import SimpleNamespace
 
 PRELOAD = ["torch", "diffusers.models.unets.unet_2d", "diffusers.schedulers", "zarr", "pandas",
-           "scipy.stats", "sklearn.model_selection", "diffattr.featurize"]
+           "scipy.stats", "sklearn.model_selection", "diffattr.data", "diffattr.featurize",
+           "diffattr.generate", "diffattr.ground_truth", "diffattr.lds", "diffattr.score",
+           "diffattr.subsets", "diffattr.table", "diffattr.train"]
 
 _lock = threading.Lock()
 _context = None

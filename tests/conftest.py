@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny pixel DDPM (a few tens of thousands of parameters) and its spec."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+TINY_SPEC = {
+    "kind": "pixel_ddpm",
+    "unet": {
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "add_attention": False,
+    },
+}
+
+
+@pytest.fixture
+def tiny_spec():
+    """A fresh copy of the tiny model spec (tests may edit it)."""
+    return copy.deepcopy(TINY_SPEC)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """Builder of tiny randomly initialised PixelDDPMs in eval mode: make_tiny_model(seed, dtype)."""
+    from diffattr.models import build_model
+
+    def make(seed=0, dtype=torch.float32):
+        model = build_model(copy.deepcopy(TINY_SPEC), seed=seed)
+        model.unet.to(dtype)
+        model.train(False)
+        return model
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(make_tiny_model):
+    """A tiny randomly initialised float32 PixelDDPM in eval mode."""
+    return make_tiny_model(0)
+
+
+@pytest.fixture
+def tiny_images():
+    """Five 1x8x8 float32 images in [-1, 1]."""
+    rng = np.random.default_rng(123)
+    return rng.uniform(-1, 1, size=(5, 1, 8, 8)).astype(np.float32)

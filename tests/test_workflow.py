@@ -1,0 +1,95 @@
+"""End to end: the whole DAG on the `tiny` experiment, then what a rerun does after a deletion."""
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from diffattr.config import experiment
+from diffattr.score import lambda_grid
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+TARGET = "results/lds_tiny.csv"
+EVERYTHING = ("--config", "experiment=tiny")  # rule all: the table and every intermediate output
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir, *args, check=True):
+    result = subprocess.run([*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, text=True,
+                            capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def planned_jobs(workdir, *args) -> dict[str, int]:
+    """Rule -> job count of a dry run's 'Job stats' table."""
+    out = snakemake(workdir, "-n", *args).stdout
+    stats = out.split("Job stats:")[1].split("Reasons:")[0] if "Job stats:" in out else ""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)
+            if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A copy of the workflow (not of results/) with the tiny experiment built once."""
+    root = tmp_path_factory.mktemp("workflow")
+    for name in ("Snakefile", "config.yaml", "rules", "workflow", "profiles"):
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, root / name)
+    snakemake(root, *EVERYTHING)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return experiment(yaml.safe_load((REPO / "config.yaml").read_text()), "tiny")
+
+
+def test_table_has_one_finite_row_per_combination(workdir, tiny):
+    table = pd.read_csv(workdir / TARGET)
+    spec = tiny["featurize"]
+    expected = {(f, K, k, split, rule) for f in spec["functions"] for K in spec["timesteps"]
+                for k in spec["proj_dims"] for split in ("val", "gen")
+                for rule in tiny["lds"]["lambda_rules"]}
+    got = list(zip(table.function, table.timesteps, table.proj_dim, table.split, table.lambda_rule))
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert set(table.experiment) == {"tiny"}
+    assert set(table.method[table.function == "simple"]) == {"TRAK"}
+    assert set(table.method[table.function != "simple"]) == {"D-TRAK"}
+    assert table.lds.between(-1, 1).all()
+    grid = lambda_grid(range(tiny["score"]["lambda_exponents"][0], tiny["score"]["lambda_exponents"][1] + 1))
+    assert all(any(math.isclose(value, g) for g in grid) for value in table["lambda"])
+    m = tiny["subsets"]["m"]
+    assert (table.n_subsets[table.lambda_rule == "oracle"] == m).all()
+    assert (table.n_subsets[table.lambda_rule == "heldout"] == m - m // 2).all()
+    queries = {"val": tiny["dataset"]["n_val"], "gen": tiny["generate"]["n"]}
+    assert all(0 < n <= queries[s] for n, s in zip(table.n_queries, table.split))
+    bounded = table.dropna(subset=["ci_low", "ci_high"])
+    assert len(bounded) >= len(table) // 2
+    assert ((bounded.ci_low <= bounded.lds + 1e-9) & (bounded.lds <= bounded.ci_high + 1e-9)).all()
+
+
+def test_finished_run_has_nothing_to_do(workdir):
+    assert planned_jobs(workdir, *EVERYTHING) == {}
+    assert planned_jobs(workdir, TARGET) == {}
+
+
+def test_deleting_one_model_reruns_only_it_and_its_dependents(workdir, tiny):
+    before = pd.read_csv(workdir / TARGET)
+    weights = workdir / "results/tiny/models/lds/s001-r1/diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    n_lds = len(tiny["featurize"]["functions"]) * 2  # every LDS job reads every model's ground truth
+    assert planned_jobs(workdir, *EVERYTHING) == {"train_lds": 1, "ground_truth": 1, "lds": n_lds,
+                                                   "table": 1, "all": 1}
+    snakemake(workdir, *EVERYTHING)
+    assert weights.exists()
+    pd.testing.assert_frame_equal(pd.read_csv(workdir / TARGET), before)  # training is deterministic
