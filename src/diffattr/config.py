@@ -38,7 +38,28 @@ def experiment(config: dict, name: str) -> dict:
     settings: dict = {}
     for preset in reversed(chain):
         settings = deep_merge(settings, {k: v for k, v in presets[preset].items() if k != "base"})
+    check(settings, chain[0])
     return settings
+
+
+def check(settings: dict, name: str) -> None:
+    """Catch the settings that would only fail deep inside a job, before any job starts."""
+    where = f"experiments.{name}"
+    try:
+        subsets, featurize = settings["subsets"], settings["featurize"]
+        if not 0 < float(subsets["alpha"]) < 1:
+            raise ValueError(f"subsets.alpha={subsets['alpha']}: expected a value in (0, 1)")
+        if int(subsets["m"]) < 2:
+            raise ValueError(f"subsets.m={subsets['m']}: the LDS needs at least 2 subsets")
+        for function in featurize["functions"]:
+            parse_function(function)
+        for k in featurize["timesteps"]:
+            select_timesteps(int(k), featurize["scheme"])
+        select_timesteps(int(settings["ground_truth"]["timesteps"]), "uniform")
+    except KeyError as missing:
+        raise KeyError(f"{where}: missing setting {missing}") from None
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def parse_function(name: str) -> tuple[str, float | None]:

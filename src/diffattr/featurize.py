@@ -25,7 +25,8 @@ def sample_gradient(model: DiffusionModel, image: torch.Tensor, index: int, func
     """Flat fp32 gradient (p,) of (1/K) sum_t f(image, t, eps(noise_seed, index, t))."""
     params = [p for _, p in model.featurized_parameters()]
     t = torch.tensor(list(timesteps))
-    x0 = model.latents(image[None]).expand(len(t), *image.shape)
+    latent = model.latents(image[None])
+    x0 = latent.expand(len(t), *latent.shape[1:])
     eps = noise_batch([(noise_seed, index, int(s)) for s in t], x0.shape[1:])
     cond = model.conditioning(None if label is None else torch.tensor([label] * len(t)))
     pred = model.eps(model.scheduler.add_noise(x0, eps, t), t, cond)

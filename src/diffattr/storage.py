@@ -33,6 +33,8 @@ def atomic_output(path):
     except BaseException:
         _remove(tmp)
         raise
+    if not (tmp.exists() or tmp.is_symlink()):
+        raise FileNotFoundError(f"the writer of {path} finished without writing {tmp}")
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
     elif path.exists():
