@@ -26,7 +26,7 @@ def settings(wildcards):
 def lds_models(wildcards):
     """Model names s<subset>-r<training seed>, one per (subset, seed)."""
     spec = settings(wildcards)["subsets"]
-    return [f"s{j:03d}-r{seed}" for j in range(spec["m"]) for seed in spec["train_seeds"]]
+    return [f"s{j:03d}-r{int(seed)}" for j in range(int(spec["m"])) for seed in spec["train_seeds"]]
 
 
 def model_files(directory):

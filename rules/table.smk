@@ -4,6 +4,7 @@ rule table:
                    for f, K, k in feature_sets(w) for s in QUERY_SPLITS],
     output:
         table="results/lds_{experiment}.csv",
+        report="results/lds_{experiment}.md",
     log:
         "logs/{experiment}/table.log",
     threads: 1

@@ -73,6 +73,9 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     assert (table.n_subsets[table.lambda_rule == "heldout"] == m - m // 2).all()
     queries = {"val": tiny["dataset"]["n_val"], "gen": tiny["generate"]["n"]}
     assert all(0 < n <= queries[s] for n, s in zip(table.n_queries, table.split))
+    report = (workdir / "results/lds_tiny.md").read_text().splitlines()
+    rows = [line for line in report if line.startswith(("| TRAK", "| D-TRAK"))]
+    assert len(rows) == len(spec["functions"]) * len(spec["timesteps"]) * len(spec["proj_dims"])
     bounded = table.dropna(subset=["ci_low", "ci_high"])
     assert len(bounded) >= len(table) // 2
     assert ((bounded.ci_low <= bounded.lds + 1e-9) & (bounded.lds <= bounded.ci_high + 1e-9)).all()

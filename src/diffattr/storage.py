@@ -35,19 +35,15 @@ def atomic_output(path):
         raise
     if not (tmp.exists() or tmp.is_symlink()):
         raise FileNotFoundError(f"the writer of {path} finished without writing {tmp}")
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-    elif path.exists():
-        _remove(path)
+    _remove(path)
     os.replace(tmp, path)
 
 
-def write_array(path, data: np.ndarray, attrs: dict, chunk_rows: int | None = None) -> None:
-    """Write one array as a zarr store (array at the root), atomically."""
+def write_array(path, data: np.ndarray, attrs: dict) -> None:
+    """Write one array as a zarr store (array at the root, one chunk), atomically."""
     data = np.asarray(data)
-    chunks = (chunk_rows or max(1, data.shape[0]),) + data.shape[1:] if data.ndim else ()
     with atomic_output(path) as tmp:
-        arr = zarr.create_array(tmp, shape=data.shape, dtype=data.dtype, chunks=chunks)
+        arr = zarr.create_array(tmp, shape=data.shape, dtype=data.dtype, chunks=data.shape or ())
         arr[...] = data
         arr.attrs.update(attrs)
 

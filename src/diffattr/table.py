@@ -9,11 +9,28 @@ COLUMNS = ["experiment", "method", "function", "timesteps", "proj_dim", "split",
            "lambda", "lds", "ci_low", "ci_high", "n_queries", "n_subsets"]
 
 
-def collect(paths, experiment: str, out_path) -> pd.DataFrame:
+def collect(paths, experiment: str, out_path, report_path) -> pd.DataFrame:
     table = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
     table.insert(0, "experiment", experiment)
     table = table[COLUMNS].sort_values(["split", "lambda_rule", "method", "function", "timesteps",
                                         "proj_dim"], ignore_index=True)
     with atomic_output(out_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_output(report_path) as tmp:
+        tmp.write_text(report(table, experiment))
     return table
+
+
+def report(table: pd.DataFrame, experiment: str) -> str:
+    """A Markdown summary: LDS (%) with its 95% interval, one column per (split, lambda rule)."""
+    cell = table.apply(lambda r: f"{100 * r.lds:.2f} [{100 * r.ci_low:.2f}, {100 * r.ci_high:.2f}]"
+                       f" (lambda {r['lambda']:g})", axis=1)
+    wide = table.assign(cell=cell, column=table.split + ", " + table.lambda_rule).pivot_table(
+        index=["method", "function", "timesteps", "proj_dim"], columns="column", values="cell",
+        aggfunc="first").reset_index()
+    header = list(wide.columns)
+    lines = [f"# LDS of experiment `{experiment}`", "",
+             "LDS in percent, 95% bootstrap interval over subsets in brackets, and the chosen lambda.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in wide.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

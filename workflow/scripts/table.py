@@ -1,3 +1,4 @@
 from diffattr.table import collect
 
-collect(list(snakemake.input), snakemake.wildcards.experiment, snakemake.output.table)
+collect(list(snakemake.input), snakemake.wildcards.experiment, snakemake.output.table,
+        snakemake.output.report)
