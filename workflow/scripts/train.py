@@ -1,4 +1,11 @@
+import os
+
 from diffattr.train import train_and_save
+
+# Tests only: DIFFATTR_FAIL_MODEL=s001-r1 makes that LDS model's training fail (README, "Running on SLURM").
+failing = os.environ.get("DIFFATTR_FAIL_MODEL")
+if failing and failing == snakemake.wildcards.get("model"):
+    raise RuntimeError(f"DIFFATTR_FAIL_MODEL={failing}: this model's training fails on purpose")
 
 train_and_save(snakemake.input.images, snakemake.input.get("subsets"), snakemake.params.subset,
                snakemake.params.seed, snakemake.params.spec, snakemake.output.weights)
