@@ -19,6 +19,8 @@ import yaml
 
 from diffattr.config import deep_merge, experiment
 
+from dry_run import job_counts
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -54,10 +56,7 @@ def snakemake(workdir, *args, env=None, check=True):
 
 def planned_jobs(workdir, *args) -> dict[str, int]:
     """Rule -> job count of a dry run's 'Job stats' table."""
-    out = snakemake(workdir, "-n", *args).stdout
-    stats = out.split("Job stats:")[1].split("Reasons:")[0] if "Job stats:" in out else ""
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)
-            if m.group(1) != "total"}
+    return job_counts(snakemake(workdir, "-n", *args).stdout)
 
 
 def submissions(log: str) -> list[tuple[str, str, str]]:

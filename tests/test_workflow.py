@@ -1,7 +1,6 @@
 """End to end: the whole DAG on the `tiny` experiment, then what a rerun does after a deletion."""
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import yaml
 
 from diffattr.config import experiment
 from diffattr.score import lambda_grid
+
+from dry_run import job_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -32,10 +33,7 @@ def snakemake(workdir, *args, check=True):
 
 def planned_jobs(workdir, *args) -> dict[str, int]:
     """Rule -> job count of a dry run's 'Job stats' table."""
-    out = snakemake(workdir, "-n", *args).stdout
-    stats = out.split("Job stats:")[1].split("Reasons:")[0] if "Job stats:" in out else ""
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)
-            if m.group(1) != "total"}
+    return job_counts(snakemake(workdir, "-n", *args).stdout)
 
 
 @pytest.fixture(scope="module")
