@@ -9,6 +9,7 @@ Under SLURM every job is its own Snakemake process, so there the server is simpl
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ import runpy
 import signal
 import sys
 import threading
+import types
 from types import SimpleNamespace
 
 PRELOAD = ["torch", "diffusers.models.unets.unet_2d", "diffusers.schedulers", "zarr", "pandas",
@@ -38,14 +40,58 @@ def _forkserver():
 
 def run_script(path, input, output, params, wildcards, threads, log, resources=None, config=None):
     """Run `path` with a Snakemake-like `snakemake` global in a forked worker; raise if it fails."""
-    job = SimpleNamespace(input=input, output=output, params=params, wildcards=wildcards,
-                          threads=threads, log=log, resources=resources, config=config or {})
+    job = SimpleNamespace(input=_plain(input), output=_plain(output), params=_plain(params),
+                          wildcards=_plain(wildcards), threads=threads, log=_plain(log),
+                          resources=_plain(resources), config=_plain(config or {}))
     process = _forkserver().Process(target=_child, args=(str(path), job))
-    process.start()
+    with _lock, _bare_main():
+        process.start()
     process.join()
     if process.exitcode != 0:
         where = f"; see {log[0]}" if len(log) else ""
         raise RuntimeError(f"{os.path.basename(path)} exited with code {process.exitcode}{where}")
+
+
+class Named(list):
+    """A picklable stand-in for Snakemake's named lists: items by position and by name."""
+
+    def __init__(self, items, names):
+        super().__init__(items)
+        self.__dict__.update(names)
+
+
+def _plain(value):
+    """Snakemake's objects as builtins (and `Named`), so a child never has to import Snakemake.
+
+    Unpickling a Snakemake path or named list imports snakemake, whose executor plugins query
+    the cluster at import time: seconds per job, more than most jobs here take.
+    """
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item) for item in value]
+        named = getattr(value, "_names", None)
+        if named is None:
+            return items if isinstance(value, list) else tuple(items)
+        return Named(items, {name: _plain(getattr(value, name)) for name in named})
+    return value
+
+
+@contextlib.contextmanager
+def _bare_main():
+    """Start children with an empty __main__.
+
+    multiprocessing makes every forkserver child re-run the parent's main script (under Snakemake,
+    its console script, which imports snakemake.cli); jobs need nothing from it.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _child(path: str, job) -> None:

@@ -1,0 +1,82 @@
+"""The warm worker runs a script like Snakemake's `script:` would, without importing Snakemake."""
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+from snakemake.iocontainers import InputFiles, Log, OutputFiles, Params, Wildcards
+
+from diffattr.worker import run_script
+
+JOB_SCRIPT = """
+import json, sys
+job = snakemake
+result = {
+    "snakemake_modules": sorted(m for m in sys.modules if m.split(".")[0] == "snakemake"),
+    "parent_main_rerun": getattr(sys.modules.get("__mp_main__"), "__file__", None),
+    "by_name": [job.input.images, list(job.input.truth), job.params.spec, job.wildcards.split],
+    "by_position": [job.input[0], job.input[2], job.output[0]],
+    "types": sorted({type(x).__name__ for x in [*job.input, *job.output, *job.log]}),
+    "threads": job.threads,
+}
+print("to the log")
+with open(job.output.result, "w") as handle:
+    json.dump(result, handle)
+"""
+
+# The parent runs as a script file, as Snakemake's console script does: multiprocessing would run a
+# main *file* again in every child (a `python -m` main is left alone).
+PARENT_SCRIPT = """
+import sys
+from snakemake.iocontainers import InputFiles, Log, OutputFiles, Params, Wildcards
+from diffattr.worker import run_script
+sys.path.insert(0, {tests!r})
+from test_worker import named
+
+if __name__ == "__main__":
+    run_script({job!r},
+               named(InputFiles, {{"images": "a.zarr", "truth": ["t0.zarr", "t1.zarr"]}}),
+               named(OutputFiles, {{"result": {out!r}}}),
+               named(Params, {{"spec": {{"k": [1, 2]}}}}),
+               named(Wildcards, {{"split": "val"}}), 1, named(Log, {{"log": {log!r}}}))
+"""
+
+
+def named(cls, items: dict):
+    """A Snakemake named list, built as Snakemake builds a rule's input."""
+    flat, spans = [], {}
+    for name, value in items.items():
+        values = value if isinstance(value, list) else [value]
+        spans[name] = (len(flat), len(flat) + len(values) if isinstance(value, list) else None)
+        flat.extend(values)
+    container = cls(flat)
+    for name, (start, end) in spans.items():
+        container._set_name(name, start, end)
+    return container
+
+
+def test_script_sees_plain_values_and_no_snakemake(tmp_path):
+    job, parent = tmp_path / "job.py", tmp_path / "parent.py"
+    out, log = tmp_path / "result.json", tmp_path / "job.log"
+    job.write_text(JOB_SCRIPT)
+    parent.write_text(PARENT_SCRIPT.format(tests=str(Path(__file__).parent),
+                                           job=str(job), out=str(out), log=str(log)))
+    subprocess.run([sys.executable, str(parent)], check=True, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["snakemake_modules"] == []
+    assert result["parent_main_rerun"] is None
+    assert result["by_name"] == ["a.zarr", ["t0.zarr", "t1.zarr"], {"k": [1, 2]}, "val"]
+    assert result["by_position"] == ["a.zarr", "t1.zarr", str(out)]
+    assert result["types"] == ["str"]
+    assert result["threads"] == 1
+    assert log.read_text() == "to the log\n"
+
+
+def test_failing_script_raises_and_names_its_log(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("raise SystemExit(3)\n")
+    log = tmp_path / "job.log"
+    with pytest.raises(RuntimeError, match=r"fails.py exited with code 3; see .*job.log"):
+        run_script(script, InputFiles([]), OutputFiles([]), Params([]), Wildcards([]), 1,
+                   named(Log, {"log": str(log)}))
