@@ -9,7 +9,7 @@ import torch
 
 from diffattr import noise
 from diffattr.config import select_timesteps
-from diffattr.featurize import features, featurize_split, gradient_dim, sample_gradient
+from diffattr.featurize import features, featurize_split, batch_gradients, gradient_dim
 from diffattr.project import make_projector
 from diffattr.storage import read_array, write_array
 
@@ -71,8 +71,13 @@ def double_model(make_tiny_model):
 
 
 @pytest.fixture(scope="module")
-def image():
-    return np.random.default_rng(5).uniform(-1, 1, size=(1, 8, 8))
+def images():
+    return np.random.default_rng(5).uniform(-1, 1, size=(2, 1, 8, 8))
+
+
+def sample_gradient(model, image: np.ndarray, index, function, timesteps, seed):
+    """One sample's row of `batch_gradients`."""
+    return batch_gradients(model, torch.from_numpy(image[None]), [index], function, timesteps, seed)[0]
 
 
 def assert_grad_close(got, ref, rtol=1e-5):
@@ -83,16 +88,18 @@ def assert_grad_close(got, ref, rtol=1e-5):
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
-def test_sample_gradient_matches_per_timestep_reference(double_model, image, function):
-    got = sample_gradient(double_model, torch.from_numpy(image), INDEX, function, TIMESTEPS, NOISE_SEED)
-    assert got.dtype == torch.float32 and got.shape == (gradient_dim(double_model),)
-    ref = reference_gradient(double_model, image, INDEX, function, TIMESTEPS, NOISE_SEED)
-    assert_grad_close(got, ref)
+def test_batch_gradients_match_per_sample_per_timestep_reference(double_model, images, function):
+    got = batch_gradients(double_model, torch.from_numpy(images), [INDEX, INDEX + 5], function, TIMESTEPS,
+                          NOISE_SEED)
+    assert got.dtype == torch.float32 and got.shape == (2, gradient_dim(double_model))
+    for row, (image, index) in enumerate(zip(images, [INDEX, INDEX + 5])):
+        assert_grad_close(got[row], reference_gradient(double_model, image, index, function, TIMESTEPS,
+                                                       NOISE_SEED))
 
 
-def test_sample_gradient_depends_on_index_seed_and_timesteps(double_model, image):
+def test_sample_gradient_depends_on_index_seed_and_timesteps(double_model, images):
     """The noise really is drawn per (seed, index, t): changing any of them changes the gradient."""
-    x = torch.from_numpy(image)
+    x = images[0]
     base = sample_gradient(double_model, x, INDEX, "simple", TIMESTEPS, NOISE_SEED)
     for other in (sample_gradient(double_model, x, INDEX + 1, "simple", TIMESTEPS, NOISE_SEED),
                   sample_gradient(double_model, x, INDEX, "simple", TIMESTEPS, NOISE_SEED + 1),
@@ -100,15 +107,15 @@ def test_sample_gradient_depends_on_index_seed_and_timesteps(double_model, image
         assert not torch.allclose(base, other, rtol=1e-3, atol=0)
 
 
-def test_interp_half_is_half_simple(double_model, image):
-    x = torch.from_numpy(image)
+def test_interp_half_is_half_simple(double_model, images):
+    x = images[0]
     half = sample_gradient(double_model, x, INDEX, "interp0.5", TIMESTEPS, NOISE_SEED)
     simple = sample_gradient(double_model, x, INDEX, "simple", TIMESTEPS, NOISE_SEED)
     assert_grad_close(half, 0.5 * simple)
 
 
-def test_interp_zero_is_square(double_model, image):
-    x = torch.from_numpy(image)
+def test_interp_zero_is_square(double_model, images):
+    x = images[0]
     zero = sample_gradient(double_model, x, INDEX, "interp0.0", TIMESTEPS, NOISE_SEED)
     square = sample_gradient(double_model, x, INDEX, "square", TIMESTEPS, NOISE_SEED)
     assert_grad_close(zero, square)

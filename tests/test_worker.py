@@ -19,6 +19,8 @@ result = {
     "by_position": [job.input[0], job.input[2], job.output[0]],
     "types": sorted({type(x).__name__ for x in [*job.input, *job.output, *job.log]}),
     "threads": job.threads,
+    "mapping": [dict(job.output), job.input.get("truth"), job.input.get("absent", "default"),
+                job.wildcards["split"], list(job.params.keys())],
 }
 print("to the log")
 with open(job.output.result, "w") as handle:
@@ -70,6 +72,7 @@ def test_script_sees_plain_values_and_no_snakemake(tmp_path):
     assert result["by_position"] == ["a.zarr", "t1.zarr", str(out)]
     assert result["types"] == ["str"]
     assert result["threads"] == 1
+    assert result["mapping"] == [{"result": str(out)}, ["t0.zarr", "t1.zarr"], "default", "val", ["spec"]]
     assert log.read_text() == "to the log\n"
 
 

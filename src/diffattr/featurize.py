@@ -2,7 +2,8 @@
 
 g(x) = (1/K) sum_t grad_theta f(x, t, eps_t). The K noised copies of one sample go through the
 network as one batch and the mean of their f values is differentiated once: the same average as K
-separate backward passes (the network treats batch items independently in eval mode).
+separate backward passes (the network treats batch items independently in eval mode). Samples are
+vectorized with torch.func, so a batch of B samples is one pass over B x K items.
 """
 from __future__ import annotations
 
@@ -20,19 +21,29 @@ from .project import make_projector
 from .storage import array_sha256, atomic_output, file_sha256
 
 
-def sample_gradient(model: DiffusionModel, image: torch.Tensor, index: int, function: str,
-                    timesteps, noise_seed: int, label=None) -> torch.Tensor:
-    """Flat fp32 gradient (p,) of (1/K) sum_t f(image, t, eps(noise_seed, index, t))."""
-    params = [p for _, p in model.featurized_parameters()]
+def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
+                    noise_seed: int, labels=None) -> torch.Tensor:
+    """(B, p) fp32: row b is the flat gradient of (1/K) sum_t f(images[b], t, eps(noise_seed, indices[b], t)).
+
+    One vectorized pass (torch.func: vmap of grad) instead of a backward per sample; each sample's K
+    noised copies go through the network together.
+    """
+    params = {name: p.detach() for name, p in model.featurized_parameters()}
     t = torch.tensor(list(timesteps))
-    latent = model.latents(image[None])
-    x0 = latent.expand(len(t), *latent.shape[1:])
-    eps = noise_batch([(noise_seed, index, int(s)) for s in t], x0.shape[1:])
-    cond = model.conditioning(None if label is None else torch.tensor([label] * len(t)))
-    pred = model.eps(model.scheduler.add_noise(x0, eps, t), t, cond)
-    value = model_output(function, pred, eps, t, model.scheduler).mean()
-    grads = torch.autograd.grad(value, params)
-    return torch.cat([g.reshape(-1) for g in grads]).float()
+    x0 = model.latents(images)
+    eps = noise_batch([(noise_seed, int(i), int(s)) for i in indices for s in t], x0.shape[1:])
+    eps = eps.reshape(len(x0), len(t), *x0.shape[1:]).to(x0.dtype)
+    cond = model.conditioning(None if labels is None else torch.as_tensor(labels))
+
+    def value(params, x0, eps, cond):
+        x_t = model.scheduler.add_noise(x0.expand(len(t), *x0.shape), eps, t)
+        cond = None if cond is None else cond.expand(len(t), *cond.shape)
+        pred = model.eps_with(params, x_t, t, cond)
+        return model_output(function, pred, eps, t, model.scheduler).mean()
+
+    grads = torch.func.vmap(torch.func.grad(value), in_dims=(None, 0, 0, None if cond is None else 0))(
+        params, x0, eps, cond)
+    return torch.cat([grads[name].reshape(len(x0), -1) for name in params], dim=1).float()
 
 
 def gradient_dim(model: DiffusionModel) -> int:
@@ -45,9 +56,8 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
     model.train(False)
     for start in range(0, len(images), batch_size):
         stop = min(len(images), start + batch_size)
-        grads = torch.stack([
-            sample_gradient(model, torch.from_numpy(images[i]), i, function, timesteps, noise_seed)
-            for i in range(start, stop)])
+        grads = batch_gradients(model, torch.from_numpy(images[start:stop]), range(start, stop), function,
+                                timesteps, noise_seed)
         yield start, projector.project(grads, model_id=0).float().numpy()
 
 

@@ -29,6 +29,10 @@ class DiffusionModel:
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def eps_with(self, params: dict, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """`eps` with the featurized parameters replaced by `params` (name -> tensor), for torch.func."""
+        raise NotImplementedError
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         raise NotImplementedError
 
@@ -85,6 +89,9 @@ class PixelDDPM(DiffusionModel):
 
     def eps(self, x_t, t, cond=None):
         return self.unet(x_t, t).sample
+
+    def eps_with(self, params, x_t, t, cond=None):
+        return torch.func.functional_call(self.unet, params, (x_t, t)).sample
 
     def trainable_parameters(self):
         return [p for p in self.unet.parameters() if p.requires_grad]

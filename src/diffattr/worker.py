@@ -53,11 +53,25 @@ def run_script(path, input, output, params, wildcards, threads, log, resources=N
 
 
 class Named(list):
-    """A picklable stand-in for Snakemake's named lists: items by position and by name."""
+    """A picklable stand-in for Snakemake's named lists: items by position, by attribute and by key
+    (`get`, `keys`, `items`, `dict(named)`), as the scripts use them."""
 
-    def __init__(self, items, names):
+    def __init__(self, items, names: dict):
         super().__init__(items)
         self.__dict__.update(names)
+        self._names = tuple(names)
+
+    def __getitem__(self, key):
+        return self.__dict__[key] if isinstance(key, str) else super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self.__dict__[key] if key in self._names else default
+
+    def keys(self):
+        return list(self._names)
+
+    def items(self):
+        return [(name, self.__dict__[name]) for name in self._names]
 
 
 def _plain(value):
