@@ -1,0 +1,64 @@
+"""Every preset's DAG: `snakemake -n results/lds_<preset>.csv` plans the jobs its settings imply."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import UNet2DModel
+
+from diffattr.config import experiment
+
+from dry_run import job_counts
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
+    """Job counts written out from the settings: one model per (subset, seed), one feature store per
+    (function, K, k, split of train/val/gen), one score and LDS per (function, K, k, query split)."""
+    models = int(spec["subsets"]["m"]) * len(spec["subsets"]["train_seeds"])
+    feature_sets = (len(spec["featurize"]["functions"]) * len(spec["featurize"]["timesteps"])
+                    * len(spec["featurize"]["proj_dims"]))
+    jobs = {"dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
+            "ground_truth": models, "featurize": 3 * feature_sets, "score": 2 * feature_sets,
+            "lds": 2 * feature_sets, "table": 1}
+    return {**jobs, "download_cifar10": 1} if downloads else jobs
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The workflow's files without results/, and a stand-in CelebA folder for the celeba preset."""
+    root = tmp_path_factory.mktemp("presets")
+    for name in ("Snakefile", "config.yaml", "rules", "workflow", "profiles"):
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, root / name)
+    (root / "data" / "celeba" / "img_align_celeba").mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("preset", ["cifar2", "cifar10", "celeba", "default", "tiny"])
+def test_dry_run_plans_every_job_of_the_preset(workdir, preset):
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "-n",
+                             f"results/lds_{preset}.csv"], cwd=workdir, text=True, capture_output=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    spec = experiment(CONFIG, preset)
+    downloads = spec["dataset"]["source"] == "cifar10" and spec["dataset"].get("path") is None
+    assert job_counts(result.stdout) == expected_jobs(spec, downloads)
+
+
+def test_cifar2_is_the_papers_setup():
+    """The numbers the paper's CIFAR-2 table rests on (protocol): 1 + 64 x 3 models, 27 lambdas."""
+    spec = experiment(CONFIG, "cifar2")
+    assert expected_jobs(spec, False)["train_lds"] == 192
+    assert spec["dataset"]["classes"] == ["automobile", "horse"]
+    assert (spec["dataset"]["n_train"], spec["dataset"]["n_val"]) == (5000, 1000)
+    assert spec["ground_truth"]["timesteps"] == 1000 and len(spec["ground_truth"]["noise_seeds"]) == 3
+    assert spec["generate"]["n"] == 1000 and spec["featurize"]["proj_dims"] == [32768]
+    assert spec["score"]["lambda_exponents"] == [-2, 6]
+    with torch.device("meta"):
+        unet = UNet2DModel(**spec["model"]["unet"])
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7
