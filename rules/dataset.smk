@@ -2,10 +2,11 @@ CIFAR10_ARCHIVE = "data/downloads/cifar-10-python.tar.gz"
 
 
 def dataset_spec(wildcards):
-    """The experiment's dataset settings; for CIFAR-10 with `path: null`, the downloaded archive."""
+    """The experiment's dataset settings. A CIFAR-10 preset with `path: null` reads the top-level
+    `cifar10_path` (a local copy for every CIFAR preset), else the downloaded official archive."""
     spec = dict(settings(wildcards)["dataset"])
     if spec["source"] == "cifar10" and spec.get("path") is None:
-        spec["path"] = CIFAR10_ARCHIVE
+        spec["path"] = config.get("cifar10_path") or CIFAR10_ARCHIVE
     return spec
 
 

@@ -40,14 +40,26 @@ def workdir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("preset", ["cifar2", "cifar10", "celeba", "default", "tiny"])
-def test_dry_run_plans_every_job_of_the_preset(workdir, preset):
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "-n",
-                             f"results/lds_{preset}.csv"], cwd=workdir, text=True, capture_output=True)
+def dry_run(workdir, *args) -> str:
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "-n", *args],
+                            cwd=workdir, text=True, capture_output=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("preset", ["cifar2", "cifar10", "celeba", "cifar2-mini", "default", "tiny"])
+def test_dry_run_plans_every_job_of_the_preset(workdir, preset):
     spec = experiment(CONFIG, preset)
     downloads = spec["dataset"]["source"] == "cifar10" and spec["dataset"].get("path") is None
-    assert job_counts(result.stdout) == expected_jobs(spec, downloads)
+    assert job_counts(dry_run(workdir, f"results/lds_{preset}.csv")) == expected_jobs(spec, downloads)
+
+
+def test_local_cifar10_copy_replaces_the_download(workdir):
+    local = workdir / "cifar-copy.tar.gz"
+    local.write_bytes(b"stand-in: a dry run reads no data")
+    out = dry_run(workdir, "results/lds_cifar2.csv", "--config", f"cifar10_path={local}")
+    assert job_counts(out) == expected_jobs(experiment(CONFIG, "cifar2"), downloads=False)
+    assert str(local) in out  # the local copy is the dataset job's input
 
 
 def test_cifar2_is_the_papers_setup():
