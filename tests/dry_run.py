@@ -1,5 +1,17 @@
-"""Reading Snakemake's dry-run output, shared by the workflow and SLURM tests."""
+"""Helpers shared by the tests that run Snakemake: a copy of the workflow, the dry-run job table."""
 import re
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_workflow(root: Path) -> Path:
+    """The workflow's files (not results/ or logs/) copied into `root`."""
+    for name in ("Snakefile", "config.yaml", "rules", "workflow", "profiles"):
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, root / name)
+    return root
 
 
 def job_counts(stdout: str) -> dict[str, int]:

@@ -1,8 +1,6 @@
 """Every preset's DAG: `snakemake -n results/lds_<preset>.csv` plans the jobs its settings imply."""
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +9,8 @@ from diffusers import UNet2DModel
 
 from diffattr.config import experiment
 
-from dry_run import job_counts
+from dry_run import REPO, copy_workflow, job_counts
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 
 
@@ -32,10 +29,7 @@ def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """The workflow's files without results/, and a stand-in CelebA folder for the celeba preset."""
-    root = tmp_path_factory.mktemp("presets")
-    for name in ("Snakefile", "config.yaml", "rules", "workflow", "profiles"):
-        source = REPO / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, root / name)
+    root = copy_workflow(tmp_path_factory.mktemp("presets"))
     (root / "data" / "celeba" / "img_align_celeba").mkdir(parents=True)
     return root
 

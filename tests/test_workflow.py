@@ -1,10 +1,8 @@
 """End to end: the whole DAG on the `tiny` experiment, then what a rerun does after a deletion."""
 import math
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,9 +11,8 @@ import yaml
 from diffattr.config import experiment
 from diffattr.score import lambda_grid
 
-from dry_run import job_counts
+from dry_run import REPO, copy_workflow, job_counts
 
-REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TARGET = "results/lds_tiny.csv"
 EVERYTHING = ("--config", "experiment=tiny")  # rule all: the table and every intermediate output
@@ -39,10 +36,7 @@ def planned_jobs(workdir, *args) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A copy of the workflow (not of results/) with the tiny experiment built once."""
-    root = tmp_path_factory.mktemp("workflow")
-    for name in ("Snakefile", "config.yaml", "rules", "workflow", "profiles"):
-        source = REPO / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, root / name)
+    root = copy_workflow(tmp_path_factory.mktemp("workflow"))
     snakemake(root, *EVERYTHING)
     return root
 

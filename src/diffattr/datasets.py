@@ -34,7 +34,7 @@ from urllib.request import urlopen
 
 import numpy as np
 
-from .storage import atomic_output
+from .storage import atomic_output, file_digest
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -99,11 +99,7 @@ class SplitSource:
 # ---------------------------------------------------------------- checksums and download
 
 def md5sum(path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def fetch_cifar10(dest, url: str = CIFAR10_URL, expected_md5: str = CIFAR10_MD5,

@@ -59,12 +59,17 @@ def read_member(path, name: str) -> tuple[np.ndarray, dict]:
     return group[name][...], {**group.attrs, **group[name].attrs}
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256(path) -> str:
+    return file_digest(path, "sha256")
 
 
 def array_sha256(data: np.ndarray) -> str:
