@@ -1,4 +1,5 @@
 # Shared helpers: experiment settings, path builders and the warm-worker script runner.
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,20 @@ wildcard_constraints:
     function=r"[a-z0-9.]+",
     K=r"\d+",
     k=r"\d+",
+
+
+def local_gpu_jobs() -> int:
+    """The `gpu` resource of a GPU rule's job: 1 when jobs on this machine compute on an NVIDIA GPU,
+    so that with the workflow profile's `resources: gpu=1` they take turns on it instead of running
+    side by side out of its memory; 0 otherwise (CPU jobs run in parallel). Checked without importing
+    torch, since every SLURM job parses this file again; the SLURM profile sets `gpu` itself."""
+    if str(config.get("device", "auto")) == "cpu" or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return 0
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return int(gpus.is_dir() and any(gpus.iterdir()))
+
+
+GPU_JOB = local_gpu_jobs()
 
 
 def settings(wildcards):
@@ -70,4 +85,7 @@ def products(experiment):
 
 
 def run(script, input, output, params, wildcards, threads, log):
-    run_script(SCRIPTS / script, input, output, params, wildcards, threads, log)
+    """Run a workflow script in a warm worker. Its `snakemake.config` holds only `device`: where a job
+    computes is not a param, so moving a run from a CPU to a GPU machine reruns nothing."""
+    run_script(SCRIPTS / script, input, output, params, wildcards, threads, log,
+               config={"device": config.get("device", "auto")})

@@ -11,5 +11,7 @@ rule featurize:
         model=lambda w: settings(w)["model"],
         timesteps=lambda w: select_timesteps(int(w.K), settings(w)["featurize"]["scheme"]),
     threads: 1
+    resources:
+        gpu=GPU_JOB,
     run:
         run("featurize.py", input, output, params, wildcards, threads, log)

@@ -9,5 +9,7 @@ rule generate:
         spec=lambda w: settings(w)["generate"],
         model=lambda w: settings(w)["model"],
     threads: 1
+    resources:
+        gpu=GPU_JOB,
     run:
         run("generate.py", input, output, params, wildcards, threads, log)

@@ -11,5 +11,7 @@ rule ground_truth:
         spec=lambda w: settings(w)["ground_truth"],
         model=lambda w: settings(w)["model"],
     threads: 1
+    resources:
+        gpu=GPU_JOB,
     run:
         run("ground_truth.py", input, output, params, wildcards, threads, log)

@@ -15,6 +15,8 @@ rule train_full:
         subset=None,
         seed=0,
     threads: 1
+    resources:
+        gpu=GPU_JOB,
     run:
         run("train.py", input, output, params, wildcards, threads, log)
 
@@ -32,5 +34,7 @@ rule train_lds:
         subset=lambda w: int(w.model[1:4]),
         seed=lambda w: int(w.model.split("-r")[1]),
     threads: 1
+    resources:
+        gpu=GPU_JOB,
     run:
         run("train.py", input, output, params, wildcards, threads, log)

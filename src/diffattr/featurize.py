@@ -14,6 +14,7 @@ import torch
 import zarr
 
 from .data import load_images
+from .device import device_name
 from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
@@ -29,10 +30,10 @@ def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, functi
     noised copies go through the network together.
     """
     params = {name: p.detach() for name, p in model.featurized_parameters()}
-    t = torch.tensor(list(timesteps))
     x0 = model.latents(images)
-    eps = noise_batch([(noise_seed, int(i), int(s)) for i in indices for s in t], x0.shape[1:])
-    eps = eps.reshape(len(x0), len(t), *x0.shape[1:]).to(x0.dtype)
+    t = torch.tensor(list(timesteps), device=x0.device)
+    eps = noise_batch([(noise_seed, int(i), int(s)) for i in indices for s in timesteps], x0.shape[1:])
+    eps = eps.reshape(len(x0), len(t), *x0.shape[1:]).to(x0.device, x0.dtype)
     cond = model.conditioning(None if labels is None else torch.as_tensor(labels))
 
     def value(params, x0, eps, cond):
@@ -52,26 +53,31 @@ def gradient_dim(model: DiffusionModel) -> int:
 
 def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps, noise_seed: int,
              projector, batch_size: int):
-    """Yield (start, projected features of rows start..start+len) for batches of samples."""
+    """Yield (start, projected features of rows start..start+len) for batches of samples, computed
+    on the model's device."""
     model.train(False)
+    device = next(p.device for _, p in model.featurized_parameters())
     for start in range(0, len(images), batch_size):
         stop = min(len(images), start + batch_size)
-        grads = batch_gradients(model, torch.from_numpy(images[start:stop]), range(start, stop), function,
-                                timesteps, noise_seed)
-        yield start, projector.project(grads, model_id=0).float().numpy()
+        grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
+                                function, timesteps, noise_seed)
+        yield start, projector.project(grads, model_id=0).float().cpu().numpy()
 
 
 def featurize_split(weights_path, model_spec: dict, images_path, function: str, timesteps,
-                    proj_dim: int, spec: dict, out_path) -> None:
-    """Projected features of every image of a split, written in row chunks with their provenance."""
-    model = load_model(model_spec, Path(weights_path).parent)
+                    proj_dim: int, spec: dict, out_path, device: torch.device = torch.device("cpu")) -> None:
+    """Projected features of every image of a split, written in row chunks with their provenance.
+
+    `device` is part of the provenance: a projector's matrix can depend on where it is drawn.
+    """
+    model = load_model(model_spec, Path(weights_path).parent).to(device).for_per_sample_gradients()
     images = load_images(images_path)
     batch_size = int(spec["batch_size"])
     projector, projector_info = make_projector(gradient_dim(model), proj_dim, int(spec["proj_seed"]),
-                                               torch.device("cpu"), batch_size)
+                                               device, batch_size)
     attrs = {"model_sha256": file_sha256(weights_path), "function": function,
              "K": len(timesteps), "timesteps": list(timesteps), "scheme": spec["scheme"],
-             "noise_seed": int(spec["noise_seed"]), "dtype": "float32",
+             "noise_seed": int(spec["noise_seed"]), "dtype": "float32", "device": device_name(device),
              "query_sha256": array_sha256(images), "torch": torch.__version__, **projector_info}
     with atomic_output(out_path) as tmp:
         array = zarr.create_array(tmp, shape=(len(images), proj_dim), dtype="float32",

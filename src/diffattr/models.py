@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor
 
 
 class DiffusionModel:
@@ -40,6 +41,14 @@ class DiffusionModel:
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> "DiffusionModel":
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> "DiffusionModel":
+        """Move the model (and whatever it needs beside its weights) to `device`."""
+        raise NotImplementedError
+
+    def for_per_sample_gradients(self) -> "DiffusionModel":
+        """Make `eps_with` safe under torch.func.vmap (same values, batched per sample)."""
         raise NotImplementedError
 
     def save(self, directory) -> None:
@@ -88,10 +97,10 @@ class PixelDDPM(DiffusionModel):
         return (self.unet.config.in_channels, size, size)
 
     def eps(self, x_t, t, cond=None):
-        return self.unet(x_t, t).sample
+        return self.unet(x_t, t.to(x_t.device)).sample
 
     def eps_with(self, params, x_t, t, cond=None):
-        return torch.func.functional_call(self.unet, params, (x_t, t)).sample
+        return torch.func.functional_call(self.unet, params, (x_t, t.to(x_t.device))).sample
 
     def trainable_parameters(self):
         return [p for p in self.unet.parameters() if p.requires_grad]
@@ -101,6 +110,18 @@ class PixelDDPM(DiffusionModel):
 
     def train(self, mode=True):
         self.unet.train(mode)
+        return self
+
+    def to(self, device):
+        self.unet.to(device)
+        return self
+
+    def for_per_sample_gradients(self):
+        # Fused scaled-dot-product attention has no vmap batching rule (torch falls back to a slow
+        # per-sample loop); diffusers' plain processor is matmuls and a softmax, which vmap batches.
+        for module in self.unet.modules():
+            if isinstance(module, Attention):
+                module.set_processor(AttnProcessor())
         return self
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # Everything that changes a feature's value except the images themselves.
-FEATURE_KEYS = ("model_sha256", "function", "K", "timesteps", "scheme", "noise_seed", "dtype",
+FEATURE_KEYS = ("model_sha256", "function", "K", "timesteps", "scheme", "noise_seed", "dtype", "device",
                 "projector", "proj_dim", "proj_seed", "proj_type", "grad_dim", "block_size", "gpu",
                 "sm_count")
 

@@ -15,11 +15,12 @@ from .models import DiffusionModel, build_model
 
 
 def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None, spec: dict,
-          seed: int) -> pd.DataFrame:
-    """Train in place; deterministic given `seed` on CPU. Returns the loss log (one row per step).
+          seed: int, device: torch.device = torch.device("cpu")) -> pd.DataFrame:
+    """Train in place on `device`; deterministic given `seed` on CPU. Returns the loss log (one row per step).
 
     Batches are drawn epoch by epoch from a seeded permutation; flips, timesteps and noise come from
-    the same generator, dropout from torch's global generator seeded with `seed`.
+    the same CPU generator whatever the device, dropout from torch's global generator seeded with `seed`.
+    The training images are held on the device: no loader is needed for data that fit there.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -30,20 +31,22 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     schedule = get_cosine_schedule_with_warmup(
         optimizer, int(round(float(spec["warmup_fraction"]) * steps)), steps)
     n_timesteps = model.scheduler.config.num_train_timesteps
-    model.train(True)
+    images = images.to(device)
+    labels = None if labels is None else labels.to(device)
+    model.to(device).train(True)
     order, cursor, log = torch.randperm(len(images), generator=gen), 0, []
     for step in range(steps):
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(images), generator=gen), 0
-        index = order[cursor:cursor + batch_size]
+        index = order[cursor:cursor + batch_size].to(device)
         cursor += batch_size
         x0 = images[index]
         if spec.get("hflip", False):
-            flip = torch.rand(len(index), generator=gen) < 0.5
+            flip = (torch.rand(len(index), generator=gen) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         x0 = model.latents(x0)
-        t = torch.randint(0, n_timesteps, (len(index),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, n_timesteps, (len(index),), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = model.scheduler.add_noise(x0, noise, t)
         cond = model.conditioning(labels[index] if labels is not None else None)
         loss = (model.eps(x_t, t, cond) - noise).pow(2).mean()
@@ -57,7 +60,8 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     return pd.DataFrame(log, columns=["step", "loss", "grad_norm", "lr"])
 
 
-def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, weights_path) -> None:
+def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, weights_path,
+                   device: torch.device = torch.device("cpu")) -> None:
     """Train one model (on the whole split, or on LDS subset `subset`) and save it beside `weights_path`.
 
     Files are written to a temporary folder and moved in with the weights last, so an
@@ -71,7 +75,8 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
             raise ValueError(f"{subsets_path}: subset {subset} has no members")
         images = images[np.sort(positions)]
     model = build_model(spec["model"], seed)
-    log = train(model, torch.from_numpy(np.ascontiguousarray(images)), None, spec, seed)
+    log = train(model, torch.from_numpy(np.ascontiguousarray(images)), None, spec, seed, device)
+    model.to(torch.device("cpu"))
     out = Path(weights_path).parent
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:

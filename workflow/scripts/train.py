@@ -1,5 +1,6 @@
 import os
 
+from diffattr.device import resolve_device
 from diffattr.train import train_and_save
 
 # Tests only: DIFFATTR_FAIL_MODEL=s001-r1 makes that LDS model's training fail (README, "Running on SLURM").
@@ -8,4 +9,5 @@ if failing and failing == snakemake.wildcards.get("model"):
     raise RuntimeError(f"DIFFATTR_FAIL_MODEL={failing}: this model's training fails on purpose")
 
 train_and_save(snakemake.input.images, snakemake.input.get("subsets"), snakemake.params.subset,
-               snakemake.params.seed, snakemake.params.spec, snakemake.output.weights)
+               snakemake.params.seed, snakemake.params.spec, snakemake.output.weights,
+               resolve_device(snakemake.config["device"]))
