@@ -4,6 +4,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from diffattr.config import experiment, select_timesteps
+from diffattr.config import feature_sets as config_feature_sets
 from diffattr.worker import run_script
 
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
@@ -61,8 +62,7 @@ def images(split):
 
 def feature_sets(wildcards):
     """(function, K, k) combinations of the experiment's featurization."""
-    spec = settings(wildcards)["featurize"]
-    return [(f, K, k) for f in spec["functions"] for K in spec["timesteps"] for k in spec["proj_dims"]]
+    return config_feature_sets(settings(wildcards)["featurize"])
 
 
 def products(experiment):

@@ -7,7 +7,7 @@ import torch
 import yaml
 from diffusers import UNet2DModel
 
-from diffattr.config import experiment
+from diffattr.config import experiment, feature_sets
 
 from dry_run import REPO, copy_workflow, job_counts
 
@@ -18,8 +18,9 @@ def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     """Job counts written out from the settings: one model per (subset, seed), one feature store per
     (function, K, k, split of train/val/gen), one score and LDS per (function, K, k, query split)."""
     models = int(spec["subsets"]["m"]) * len(spec["subsets"]["train_seeds"])
-    feature_sets = (len(spec["featurize"]["functions"]) * len(spec["featurize"]["timesteps"])
-                    * len(spec["featurize"]["proj_dims"]))
+    grids = [spec["featurize"], *spec["featurize"].get("extra_grids", [])]
+    feature_sets = len({(f, int(K), int(k)) for g in grids
+                        for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]})
     jobs = {"dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
             "ground_truth": models, "featurize": 3 * feature_sets, "score": 2 * feature_sets,
             "lds": 2 * feature_sets, "table": 1}
@@ -64,7 +65,20 @@ def test_cifar2_is_the_papers_setup():
     assert (spec["dataset"]["n_train"], spec["dataset"]["n_val"]) == (5000, 1000)
     assert spec["ground_truth"]["timesteps"] == 1000 and len(spec["ground_truth"]["noise_seeds"]) == 3
     assert spec["generate"]["n"] == 1000 and spec["featurize"]["proj_dims"] == [32768]
+    assert spec["featurize"]["timesteps"] == [10, 100]
+    # Table 1: every model-output function at k = 4096 and K in {10, 100, 1000}, on the same models
+    table1 = spec["featurize"]["extra_grids"][0]
+    assert set(table1["functions"]) == {"simple", "elbo", "square", "avg", "l1", "l2", "linf"}
+    assert (table1["timesteps"], table1["proj_dims"]) == ([10, 100, 1000], [4096])
+    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 21)
     assert spec["score"]["lambda_exponents"] == [-2, 6]
     with torch.device("meta"):
         unet = UNet2DModel(**spec["model"]["unet"])
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7
+
+
+def test_feature_sets_are_the_union_of_the_grids_in_config_order():
+    featurize = {"functions": ["square", "simple"], "timesteps": [10], "proj_dims": [64],
+                 "extra_grids": [{"functions": ["simple", "avg"], "timesteps": [10, 100], "proj_dims": [64]}]}
+    assert feature_sets(featurize) == [("square", 10, 64), ("simple", 10, 64), ("simple", 100, 64),
+                                       ("avg", 10, 64), ("avg", 100, 64)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 
 FUNCTIONS = ("simple", "elbo", "square", "avg", "l1", "l2", "linf")
@@ -51,15 +52,26 @@ def check(settings: dict, name: str) -> None:
             raise ValueError(f"subsets.alpha={subsets['alpha']}: expected a value in (0, 1)")
         if int(subsets["m"]) < 2:
             raise ValueError(f"subsets.m={subsets['m']}: the LDS needs at least 2 subsets")
-        for function in featurize["functions"]:
+        for function, k, _ in feature_sets(featurize):
             parse_function(function)
-        for k in featurize["timesteps"]:
-            select_timesteps(int(k), featurize["scheme"])
+            select_timesteps(k, featurize["scheme"])
         select_timesteps(int(settings["ground_truth"]["timesteps"]), "uniform")
     except KeyError as missing:
         raise KeyError(f"{where}: missing setting {missing}") from None
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+def feature_sets(featurize: dict) -> list[tuple[str, int, int]]:
+    """(function, K, k) of every feature store, in config order: the grid functions x timesteps x
+    proj_dims, then the grid of each entry of `extra_grids` (the paper's function table at k = 4096,
+    say), each combination once."""
+    sets: dict[tuple[str, int, int], None] = {}
+    for grid in [featurize, *featurize.get("extra_grids", [])]:
+        for combination in itertools.product(grid["functions"], grid["timesteps"], grid["proj_dims"]):
+            function, k, dim = combination
+            sets[(str(function), int(k), int(dim))] = None
+    return list(sets)
 
 
 def parse_function(name: str) -> tuple[str, float | None]:
