@@ -132,6 +132,11 @@ def test_every_fault_is_listed_one_per_line():
     ]
 
 
+def test_resolve_all_alone_refuses_a_preset_that_is_not_a_mapping():
+    with pytest.raises(ConfigError, match=r"^experiments\.broken: got \[1\]; expected a mapping$"):
+        resolve_all(edited({"experiments": {"broken": [1]}}))
+
+
 def test_a_fault_is_reported_in_the_preset_that_writes_it():
     """tiny inherits default's settings: a bad value in default is named as default's."""
     with pytest.raises(ConfigError, match=r"^experiments\.default\.train\.lr: got 0;"):

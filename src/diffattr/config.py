@@ -87,7 +87,11 @@ def _chain(presets: dict, name: str) -> list[str]:
     if name not in presets:
         raise ConfigError(undefined_preset("experiment", name, presets))
     chain = [name]
-    while (base := presets[chain[-1]].get("base")) is not None:
+    while True:
+        if not isinstance(presets[chain[-1]], dict):
+            raise ConfigError(f"experiments.{chain[-1]}: got {_show(presets[chain[-1]])}; expected a mapping")
+        if (base := presets[chain[-1]].get("base")) is None:
+            break
         if base not in presets:
             raise ConfigError(undefined_preset(f"experiments.{chain[-1]}.base", base, presets))
         if base in chain:
