@@ -1,14 +1,20 @@
-# Shared helpers: experiment settings, path builders and the warm-worker script runner.
+# Shared helpers: config validation, experiment settings, path builders and the warm-worker runner.
+import copy
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from diffattr.config import experiment, select_timesteps
+from diffattr.config import ConfigError, select_timesteps, undefined_preset, validate_config
 from diffattr.config import feature_sets as config_feature_sets
 from diffattr.worker import run_script
 
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 QUERY_SPLITS = ["val", "gen"]
+
+# The config is checked before any job is planned: the top level against the schema
+# (workflow/schemas/config.schema.yaml) with snakemake.utils.validate, then every preset merged with
+# its `base:` chain. One line per fault: `experiments.<name>.<key>: got <value>; expected <what>`.
+EXPERIMENTS = validate_config(config)
 
 
 wildcard_constraints:
@@ -36,7 +42,10 @@ GPU_JOB = local_gpu_jobs()
 
 
 def settings(wildcards):
-    return experiment(config, wildcards.experiment)
+    """The resolved settings of the target's experiment (a copy: rules may edit it)."""
+    if wildcards.experiment not in EXPERIMENTS:
+        raise ConfigError(undefined_preset("the target's experiment", wildcards.experiment, EXPERIMENTS))
+    return copy.deepcopy(EXPERIMENTS[wildcards.experiment])
 
 
 def lds_models(wildcards):

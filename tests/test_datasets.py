@@ -1,5 +1,7 @@
 """Dataset acquisition and readers: CIFAR-10 in every layout, ImageFolder, CelebA, downloads."""
 import hashlib
+import re
+import shutil
 import io
 import pickle
 import tarfile
@@ -404,3 +406,170 @@ def test_real_cifar2_from_the_jpeg_archive():
         np.testing.assert_array_equal(got.index, np.r_[n:2 * n, 7 * n:8 * n])
         assert 60 < got.images.mean() < 190 and got.images.std() > 30
         assert len(np.unique(got.images.reshape(2 * n, -1)[:, :64], axis=0)) > 0.99 * 2 * n
+
+
+# ---------------------------------------------------------------- corrupt inputs, one table
+
+def _cut(path: Path, out: Path, keep: float = 0.5) -> Path:
+    out.write_bytes(path.read_bytes()[: int(len(path.read_bytes()) * keep)])
+    return out
+
+
+def _png(path: Path, width: int = 32, height: int = 32):
+    Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8)).save(path)
+
+
+def _tree(root: Path, fake, edit=None) -> Path:
+    tree = write_image_folder(root / "tree", fake)
+    if edit:
+        edit(tree)
+    return tree
+
+
+def _cifar_splits(path, tmp_path):
+    build_splits({"source": "cifar10", "path": str(path), "classes": None, "n_train": 10, "n_val": 10,
+                  "split_seed": 0}, outputs(tmp_path))
+
+
+def _folder_splits(path, tmp_path):
+    build_splits({"source": "image_folder", "path": str(path), "n_train": 10, "n_val": 10, "split_seed": 0},
+                 outputs(tmp_path))
+
+
+def _celeba(tmp_path, edit):
+    """A CelebA folder of 32x32 faces, partitions 0,0,0,1,2,2, edited by `edit(root)`."""
+    root = tmp_path / "celeba"
+    (root / "img_align_celeba").mkdir(parents=True)
+    for i in range(6):
+        _png(root / "img_align_celeba" / f"{i + 1:06d}.jpg")
+    (root / "list_eval_partition.txt").write_text(
+        "".join(f"{i + 1:06d}.jpg {p}\n" for i, p in enumerate([0, 0, 0, 1, 2, 2])))
+    edit(root)
+    return root
+
+
+def _celeba_splits(root, tmp_path):
+    build_splits({"source": "celeba", "path": str(root), "crop": 20, "image_size": 8, "n_train": 3,
+                  "n_val": 2, "split_seed": 0}, outputs(tmp_path))
+
+
+def corrupt_input(case: str, tmp_path: Path, fake):
+    """(a call that reads the corrupt input, the exception type, the exact start of its message)."""
+    if case == "truncated official tarball":
+        good = python_tarball(tmp_path / "good.tar.gz", fake)
+        path = _cut(good, tmp_path / "cifar-10-python.tar.gz")
+        return (lambda: load_cifar10(path, expected_md5=md5(good)), ChecksumError,
+                f"{path}: md5 {md5(path)}, expected {md5(good)}: the file is corrupt, truncated")
+    if case == "tarball with the wrong md5":
+        path = python_tarball(tmp_path / "cifar-10-python.tar.gz", fake)
+        return (lambda: load_cifar10(path), ChecksumError,
+                f"{path}: md5 {md5(path)}, expected {datasets.CIFAR10_MD5}: the file is corrupt")
+    if case == "corrupt extracted batch":
+        folder = tmp_path / datasets.CIFAR10_FOLDER
+        digests = write_batches(folder, fake)
+        _cut(folder / "test_batch", folder / "test_batch", 0.9)
+        return (lambda: load_cifar10(folder, batch_md5=digests), ChecksumError,
+                f"{folder / 'test_batch'}: md5 {md5(folder / 'test_batch')}, expected {digests['test_batch']}")
+    if case == "missing extracted batch":
+        folder = tmp_path / datasets.CIFAR10_FOLDER
+        digests = write_batches(folder, fake)
+        (folder / "data_batch_4").unlink()
+        return lambda: load_cifar10(folder, batch_md5=digests), FileNotFoundError, f"{folder}: no data_batch_4"
+    if case == "truncated ImageFolder .tar.gz":
+        path = _cut(pack(_tree(tmp_path, fake), tmp_path / "c.tar.gz"), tmp_path / "cut.tar.gz")
+        return (lambda: _cifar_splits(path, tmp_path), ValueError,
+                f"{path}: corrupt or truncated archive (")
+    if case == "truncated ImageFolder .zip":
+        path = _cut(pack(_tree(tmp_path, fake), tmp_path / "c.zip"), tmp_path / "cut.zip")
+        return (lambda: _cifar_splits(path, tmp_path), ValueError,
+                f"{path}: not a folder nor a readable .tar, .tar.gz/.tgz or .zip archive (truncated, "
+                "corrupt or another format)")
+    if case == "empty archive":
+        path = tmp_path / "cifar.tar.gz"
+        path.write_bytes(b"")
+        return lambda: _cifar_splits(path, tmp_path), ValueError, f"{path}: not a folder nor a readable"
+    if case in ("ImageFolder missing a class", "ImageFolder class folder without images"):
+        def edit(tree):
+            shutil.rmtree(tree / "test" / "frog")
+            if case.endswith("without images"):
+                (tree / "test" / "frog").mkdir()
+                (tree / "test" / "frog" / "readme.txt").write_text("no images")
+        tree = _tree(tmp_path, fake, edit)
+        return (lambda: _cifar_splits(tree, tmp_path), FileNotFoundError,
+                f"{tree / 'test' / 'frog'}: no such class folder, or no images in it; a CIFAR-10 ImageFolder "
+                "needs test/<class>/ for every class used (missing: frog)")
+    if case == "ImageFolder class missing from one split":
+        tree = _tree(tmp_path, fake, lambda tree: shutil.rmtree(tree / "test" / "frog"))
+        return (lambda: _folder_splits(tree, tmp_path), FileNotFoundError,
+                f"{tree}: train/ and test/ hold different class folders (only in train: frog; only in test: "
+                "none); add the missing folders or list the classes to use in dataset.classes")
+    if case == "unreadable image":
+        tree = _tree(tmp_path, fake, lambda tree: (tree / "train" / "cat" / "0001.png").write_bytes(b"junk"))
+        return (lambda: _cifar_splits(tree, tmp_path), ValueError,
+                f"{tree / 'train' / 'cat' / '0001.png'}: unreadable image (not a format PIL can decode)")
+    if case == "truncated image":
+        def edit(tree):
+            _cut(tree / "test" / "dog" / "0000.png", tree / "test" / "dog" / "0000.png")
+        tree = _tree(tmp_path, fake, edit)
+        return (lambda: _cifar_splits(tree, tmp_path), ValueError,
+                f"{tree / 'test' / 'dog' / '0000.png'}: unreadable image (")
+    if case == "unreadable image in a zip":
+        tree = _tree(tmp_path, fake, lambda tree: (tree / "train" / "cat" / "0001.png").write_bytes(b"junk"))
+        path = pack(tree, tmp_path / "c.zip", top="cifar")
+        return (lambda: _cifar_splits(path, tmp_path), ValueError,
+                f"{path} (member cifar/train/cat/0001.png): unreadable image (not a format PIL can decode)")
+    if case == "mis-sized image":
+        tree = _tree(tmp_path, fake, lambda tree: _png(tree / "train" / "ship" / "0002.png", 24, 20))
+        return (lambda: _cifar_splits(tree, tmp_path), ValueError,
+                f"{tree / 'train' / 'ship' / '0002.png'}: 24x20 pixels; expected 32x32, or set image_size "
+                "to resize every image")
+    if case == "mis-sized image, any ImageFolder":
+        # three images: whichever is decoded first, the message names the odd one and a 32x32 one
+        root = tmp_path / "tree"
+        for split in ("train", "test"):
+            (root / split / "a").mkdir(parents=True)
+            _png(root / split / "a" / "0.png")
+            _png(root / split / "a" / "1.png")
+            _png(root / split / "a" / "2.png", *((24, 20) if split == "train" else (32, 32)))
+        odd = root / "train" / "a" / "2.png"
+        return (lambda: build_splits({"source": "image_folder", "path": str(root), "n_train": 3, "n_val": 3,
+                                      "split_seed": 0}, outputs(tmp_path)),
+                ValueError, re.compile(rf"^({re.escape(str(odd))}: 24x20 pixels, but {re.escape(str(root))}/"
+                                       rf"train/a/[01]\.png has 32x32|{re.escape(str(root))}/train/a/[01]\.png: "
+                                       rf"32x32 pixels, but {re.escape(str(odd))} has 24x20)"))
+    if case == "CelebA image missing":
+        root = _celeba(tmp_path, lambda root: (root / "img_align_celeba" / "000005.jpg").unlink())
+        return (lambda: _celeba_splits(root, tmp_path), FileNotFoundError,
+                f"{root / 'img_align_celeba' / '000005.jpg'}: listed in list_eval_partition.txt but missing")
+    if case == "CelebA unreadable image":
+        root = _celeba(tmp_path, lambda root: (root / "img_align_celeba" / "000002.jpg").write_bytes(b""))
+        return (lambda: _celeba_splits(root, tmp_path), ValueError,
+                f"{root / 'img_align_celeba' / '000002.jpg'}: unreadable image (not a format PIL can decode)")
+    if case == "CelebA partition line":
+        root = _celeba(tmp_path, lambda root: (root / "list_eval_partition.txt").write_text(
+            "000001.jpg 0\n000002.jpg 0\n000003.jpg train\n"))
+        return (lambda: _celeba_splits(root, tmp_path), ValueError,
+                f"{root / 'list_eval_partition.txt'}:3: expected '<file> <0|1|2>', got '000003.jpg train'")
+    raise AssertionError(case)
+
+
+CORRUPT_INPUTS = ["truncated official tarball", "tarball with the wrong md5", "corrupt extracted batch",
+                  "missing extracted batch", "truncated ImageFolder .tar.gz", "truncated ImageFolder .zip",
+                  "empty archive", "ImageFolder missing a class", "ImageFolder class folder without images",
+                  "ImageFolder class missing from one split", "unreadable image", "truncated image",
+                  "unreadable image in a zip", "mis-sized image", "mis-sized image, any ImageFolder",
+                  "CelebA image missing", "CelebA unreadable image", "CelebA partition line"]
+
+
+@pytest.mark.parametrize("case", CORRUPT_INPUTS)
+def test_corrupt_input_is_named_and_nothing_is_written(case, fake, tmp_path, monkeypatch):
+    call, error_type, message = corrupt_input(case, tmp_path, fake)
+    if isinstance(error_type, type) and issubclass(error_type, ChecksumError):
+        monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled before the md5 matched"))
+    with pytest.raises(error_type) as error:
+        call()
+    if isinstance(message, re.Pattern):
+        assert message.match(str(error.value)), str(error.value)
+    else:
+        assert str(error.value).startswith(message), str(error.value)
+    assert not (tmp_path / "out").exists()

@@ -1,12 +1,36 @@
-"""Experiment settings: presets in config.yaml, resolved through `base:` inheritance."""
+"""Experiment settings: presets in config.yaml, resolved through `base:` inheritance and validated.
+
+Every preset, once merged with its `base:` chain, is checked against the JSON schema
+`workflow/schemas/config.schema.yaml` (`$defs/experiment`) and by `check` for the rules a schema
+cannot state. Every fault becomes one line `experiments.<name>.<key>: got <value>; expected <what>`.
+"""
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import itertools
+import importlib.util
+import json
+import math
 import re
+from pathlib import Path
+
+import yaml
 
 FUNCTIONS = ("simple", "elbo", "square", "avg", "l1", "l2", "linf")
+FUNCTION_EXPECTED = (f"one of {', '.join(FUNCTIONS)} or interp<eta> with eta in [0, 1] "
+                     "(e.g. interp0.25)")
 _INTERP = re.compile(r"^interp(\d*\.?\d+)$")
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Multiple of which trak's CudaProjector (fast_jl) needs its projection dimension to be.
+CUDA_PROJ_MULTIPLE = 512
+# The images each source gives when dataset.image_size is not set, as (side, channels).
+SOURCE_IMAGES = {"sklearn_digits": (8, 1), "cifar10": (32, 3), "celeba": (64, 3), "image_folder": (None, 3)}
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message has one line per fault."""
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -20,46 +44,262 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def experiment(config: dict, name: str) -> dict:
-    """The settings of experiment `name`, with its `base:` chain merged in."""
-    presets = config.get("experiments", {})
-    if name not in presets:
-        raise KeyError(
-            f"experiment '{name}' is not defined under 'experiments' in the config; "
-            f"defined: {', '.join(sorted(presets))}"
-        )
-    chain, seen = [], set()
-    while name is not None:
-        if name in seen:
-            raise ValueError(f"experiments.{name}.base: inheritance cycle through {sorted(seen)}")
-        if name not in presets:
-            raise KeyError(f"experiments.{chain[-1]}.base names '{name}', which is not defined")
-        seen.add(name)
-        chain.append(name)
-        name = presets[name].get("base")
-    settings: dict = {}
-    for preset in reversed(chain):
-        settings = deep_merge(settings, {k: v for k, v in presets[preset].items() if k != "base"})
-    check(settings, chain[0])
+    """The settings of experiment `name`, with its `base:` chain merged in, validated."""
+    settings = _merged(config.get("experiments") or {}, name)
+    validate_experiment(settings, name, config.get("device", "auto"))
     return settings
 
 
-def check(settings: dict, name: str) -> None:
-    """Catch the settings that would only fail deep inside a job, before any job starts."""
-    where = f"experiments.{name}"
+def validate_config(config: dict) -> dict[str, dict]:
+    """Check the whole config before any job runs: the top level with `snakemake.utils.validate`
+    (which also fills in the top level's defaults, such as device: auto), then `resolve_all`."""
+    import jsonschema
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
     try:
-        subsets, featurize = settings["subsets"], settings["featurize"]
-        if not 0 < float(subsets["alpha"]) < 1:
-            raise ValueError(f"subsets.alpha={subsets['alpha']}: expected a value in (0, 1)")
-        if int(subsets["m"]) < 2:
-            raise ValueError(f"subsets.m={subsets['m']}: the LDS needs at least 2 subsets")
-        for function, k, _ in feature_sets(featurize):
-            parse_function(function)
-            select_timesteps(k, featurize["scheme"])
-        select_timesteps(int(settings["ground_truth"]["timesteps"]), "uniform")
-    except KeyError as missing:
-        raise KeyError(f"{where}: missing setting {missing}") from None
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+        validate(config, str(SCHEMA))
+    except WorkflowError as error:
+        cause = error.__context__  # validate raises while handling jsonschema's error
+        if not isinstance(cause, jsonschema.ValidationError):
+            raise
+        raise ConfigError("\n".join(schema_error_lines(cause))) from None
+    return resolve_all(config)
+
+
+def resolve_all(config: dict) -> dict[str, dict]:
+    """Every preset resolved and validated (bases before the presets that inherit from them, so that
+    a fault is reported where it is written), and the selected `experiment` known to exist."""
+    presets = config.get("experiments") or {}
+    chains = {name: _chain(presets, name) for name in presets}
+    resolved = {name: experiment(config, name) for name in sorted(presets, key=lambda n: len(chains[n]))}
+    if config.get("experiment") not in presets:
+        raise ConfigError(undefined_preset("experiment", config.get("experiment"), presets))
+    return {name: resolved[name] for name in presets}
+
+
+def undefined_preset(where: str, value, presets) -> str:
+    return (f"{where}: got {_show(value)}; expected one of the presets under experiments: "
+            f"{', '.join(presets)}")
+
+
+def _chain(presets: dict, name: str) -> list[str]:
+    """[name, its base, the base's base, ...]."""
+    if name not in presets:
+        raise ConfigError(undefined_preset("experiment", name, presets))
+    chain = [name]
+    while True:
+        if not isinstance(presets[chain[-1]], dict):
+            raise ConfigError(f"experiments.{chain[-1]}: got {_show(presets[chain[-1]])}; expected a mapping")
+        if (base := presets[chain[-1]].get("base")) is None:
+            break
+        if base not in presets:
+            raise ConfigError(undefined_preset(f"experiments.{chain[-1]}.base", base, presets))
+        if base in chain:
+            cycle = " -> ".join([*chain[chain.index(base):], base])
+            raise ConfigError(f"experiments.{chain[-1]}.base: got {_show(base)}; expected a chain of "
+                              f"bases that ends, not the cycle {cycle}")
+        chain.append(base)
+    return chain
+
+
+def _merged(presets: dict, name: str) -> dict:
+    settings: dict = {}
+    for preset in reversed(_chain(presets, name)):
+        own = {k: v for k, v in presets[preset].items() if k != "base"}
+        settings = deep_merge(settings, coerce(own, schema()["$defs"]["experiment"]))
+    return settings
+
+
+def coerce(value, schema: dict):
+    """`value` with the text the schema does not allow read as YAML: `--config` hands nested values
+    over as strings ('6', '0.5', '[64]'), and YAML reads 1e-4 (no decimal point) as text."""
+    if isinstance(value, dict):
+        extra = schema.get("additionalProperties")
+        default = extra if isinstance(extra, dict) else {}
+        return {k: coerce(v, schema.get("properties", {}).get(k, default)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [coerce(v, schema.get("items", {})) for v in value]
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(value, str) or not types or "string" in types:
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and "number" in types:
+            parsed = float(parsed)
+    except (yaml.YAMLError, ValueError):
+        return value
+    kinds = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None),
+             "array": list, "object": dict}
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        return value
+    return coerce(parsed, schema) if any(isinstance(parsed, kinds[t]) for t in types) else value
+
+
+# ---------------------------------------------------------------- the schema
+
+@functools.lru_cache(maxsize=1)
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def _experiment_validator():
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator({"$ref": "#/$defs/experiment", "$defs": schema()["$defs"]})
+
+
+def validate_experiment(settings: dict, name: str, device: str = "auto") -> None:
+    """Raise ConfigError listing every fault of a resolved preset, one line each."""
+    where = f"experiments.{name}"
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: got {_show(settings)}; expected a mapping of settings")
+    errors = sorted(_experiment_validator().iter_errors(settings), key=lambda e: list(map(str, e.path)))
+    lines = [line for error in errors for line in schema_error_lines(error, where)]
+    if lines:
+        raise ConfigError("\n".join(dict.fromkeys(lines)))
+    check(settings, name, device)
+
+
+def schema_error_lines(error, prefix: str = "") -> list[str]:
+    """One `key: got value; expected what` line per fault of a jsonschema ValidationError."""
+    path = _key(prefix, error.absolute_path)
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return [f"{_key(path, [k])}: got no value; expected {expected(error.schema['properties'].get(k, {}))}"
+                for k in missing]
+    if error.validator == "additionalProperties":
+        known = list(error.schema.get("properties", {}))
+        lines = []
+        for key in (k for k in error.instance if k not in known):
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            lines.append(f"{_key(path, [key])}: got {_show(error.instance[key])}; expected no such "
+                         f"key{hint}: {path.rsplit('.', 1)[-1] or 'the top level'} takes {', '.join(known)}")
+        return lines
+    return [f"{path}: got {_show(error.instance)}; expected {expected(error.schema)}"]
+
+
+def expected(schema: dict) -> str:
+    """What a schema allows, in words: 'an integer >= 1', 'a number in (0, 1)', 'one of a, b'."""
+    if "enum" in schema:
+        return "one of " + ", ".join(_show(v) for v in schema["enum"])
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    words = []
+    for kind in types:
+        if kind in ("integer", "number"):
+            words.append(f"{'an integer' if kind == 'integer' else 'a number'}{_bounds(schema)}")
+        elif kind == "array":
+            size = schema.get("minItems"), schema.get("maxItems")
+            text = (f"a list of {size[0]}" if size[0] is not None and size[0] == size[1]
+                    else "a non-empty list" if size[0] == 1 else "a list")
+            if "items" in schema:
+                text += f" of ({expected(schema['items'])})"
+            words.append(text + (" without repeats" if schema.get("uniqueItems") else ""))
+        elif kind == "string":
+            words.append("a string" + (f" matching {schema['pattern']}" if "pattern" in schema else ""))
+        else:
+            words.append({"boolean": "true or false", "object": "a mapping", "null": "null"}[kind])
+    return " or ".join(words) or "a valid value"
+
+
+def _bounds(schema: dict) -> str:
+    low = ("[", schema["minimum"]) if "minimum" in schema else ("(", schema.get("exclusiveMinimum"))
+    high = ("]", schema["maximum"]) if "maximum" in schema else (")", schema.get("exclusiveMaximum"))
+    if low[1] is not None and high[1] is not None:
+        return f" in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low[1] is not None:
+        return f" {'>=' if low[0] == '[' else '>'} {low[1]}"
+    if high[1] is not None:
+        return f" {'<=' if high[0] == ']' else '<'} {high[1]}"
+    return ""
+
+
+def _key(prefix: str, path) -> str:
+    out = prefix
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
+    return out
+
+
+def _show(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------- what a schema cannot say
+
+def cuda_projector_possible(device: str) -> bool:
+    """Whether features may be projected by trak's CudaProjector: fast_jl installed, device not cpu."""
+    return device != "cpu" and importlib.util.find_spec("fast_jl") is not None
+
+
+def check(settings: dict, name: str, device: str = "auto") -> None:
+    """The rules between keys that the schema cannot state; one line per fault."""
+    where = f"experiments.{name}"
+    faults = []
+    model, featurize = settings["model"], settings["featurize"]
+    T = int((model.get("scheduler") or {}).get("num_train_timesteps", 1000))
+    within_T = f"at most T = {T} (model.scheduler.num_train_timesteps)"
+    grids = {"featurize": featurize, **{f"featurize.extra_grids[{j}]": grid
+                                        for j, grid in enumerate(featurize.get("extra_grids", []))}}
+    for key, grid in grids.items():
+        for i, function in enumerate(grid["functions"]):
+            try:
+                parse_function(function)
+            except ValueError:
+                faults.append(f"{key}.functions[{i}]: got {_show(function)}; expected {FUNCTION_EXPECTED}")
+        for i, k in enumerate(grid["timesteps"]):
+            if k > T:
+                faults.append(f"{key}.timesteps[{i}]: got K = {k}; expected K {within_T}")
+    for key in ("ground_truth.timesteps", "generate.steps"):
+        section, leaf = key.split(".")
+        if settings[section][leaf] > T:
+            faults.append(f"{key}: got {settings[section][leaf]}; expected {within_T}")
+    if cuda_projector_possible(device):
+        for key, i, k in ((key, i, k) for key, grid in grids.items() for i, k in enumerate(grid["proj_dims"])):
+            if k % CUDA_PROJ_MULTIPLE:
+                faults.append(
+                    f"{key}.proj_dims[{i}]: got {k}; expected a multiple of {CUDA_PROJ_MULTIPLE}, "
+                    f"which trak's CudaProjector (fast_jl, used on device {device!r}) needs; "
+                    "or set device: cpu (BasicProjector takes any positive integer)")
+    low, high = settings["score"]["lambda_exponents"]
+    if low > high:
+        faults.append(f"score.lambda_exponents: got {_show([low, high])}; expected [low, high] with low <= high")
+    if "heldout" in settings["lds"]["lambda_rules"] and settings["subsets"]["m"] < 4:
+        faults.append(f"subsets.m: got {settings['subsets']['m']}; expected at least 4 for the heldout "
+                      "lambda rule (it selects on half of the subsets and reports on the other half)")
+    faults += _check_unet(settings["dataset"], model["unet"])
+    if faults:
+        raise ConfigError("\n".join(f"{where}.{fault}" for fault in faults))
+
+
+def _check_unet(dataset: dict, unet: dict) -> list[str]:
+    """The UNet fits the images: side, channels, one block type per level, GroupNorm groups."""
+    faults = []
+    side, channels = SOURCE_IMAGES[dataset["source"]]
+    side = dataset.get("image_size") or side
+    if side is not None and unet["sample_size"] != side:
+        faults.append(f"model.unet.sample_size: got {unet['sample_size']}; expected {side}, the side of "
+                      f"the dataset's images (dataset.image_size)")
+    for key in ("in_channels", "out_channels"):
+        if key in unet and unet[key] != channels:
+            faults.append(f"model.unet.{key}: got {unet[key]}; expected {channels}, the channels of "
+                          f"{dataset['source']} images")
+    levels = unet.get("block_out_channels")
+    if levels is not None:
+        for key in ("down_block_types", "up_block_types"):
+            if key in unet and len(unet[key]) != len(levels):
+                faults.append(f"model.unet.{key}: got {len(unet[key])} blocks; expected {len(levels)}, "
+                              "one per entry of model.unet.block_out_channels")
+        groups = unet.get("norm_num_groups", 32)
+        if any(c % groups for c in levels):
+            faults.append(f"model.unet.norm_num_groups: got {groups}; expected a divisor of every entry "
+                          f"of model.unet.block_out_channels {_show(levels)}")
+    return faults
 
 
 def feature_sets(featurize: dict) -> list[tuple[str, int, int]]:
@@ -68,8 +308,7 @@ def feature_sets(featurize: dict) -> list[tuple[str, int, int]]:
     say), each combination once."""
     sets: dict[tuple[str, int, int], None] = {}
     for grid in [featurize, *featurize.get("extra_grids", [])]:
-        for combination in itertools.product(grid["functions"], grid["timesteps"], grid["proj_dims"]):
-            function, k, dim = combination
+        for function, k, dim in itertools.product(grid["functions"], grid["timesteps"], grid["proj_dims"]):
             sets[(str(function), int(k), int(dim))] = None
     return list(sets)
 
@@ -81,10 +320,7 @@ def parse_function(name: str) -> tuple[str, float | None]:
     match = _INTERP.match(name)
     if match and 0.0 <= float(match.group(1)) <= 1.0:
         return "interp", float(match.group(1))
-    raise ValueError(
-        f"unknown model-output function '{name}': expected one of {', '.join(FUNCTIONS)} "
-        "or interp<eta> with eta in [0, 1] (e.g. interp0.25)"
-    )
+    raise ValueError(f"unknown model-output function '{name}': expected {FUNCTION_EXPECTED}")
 
 
 def select_timesteps(k: int, scheme: str, num_train_timesteps: int = 1000) -> list[int]:

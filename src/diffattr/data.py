@@ -108,8 +108,16 @@ def open_partitioned(spec: dict) -> dict:
                 raise ValueError("dataset.classes: CelebA has no classes (expected null)")
             return {split: datasets.open_celeba(path, split, crop, size) for split in ("train", "test")}
         if source == "image_folder":
-            return {split: datasets.open_image_folder(path, split, classes, crop, size)
-                    for split in ("train", "test")}
+            parts = {split: datasets.open_image_folder(path, split, classes, crop, size)
+                     for split in ("train", "test")}
+            if parts["train"].classes != parts["test"].classes:  # labels would mean different classes
+                only = {split: sorted(set(parts[split].classes) - set(parts[other].classes))
+                        for split, other in (("train", "test"), ("test", "train"))}
+                raise FileNotFoundError(
+                    f"{path}: train/ and test/ hold different class folders (only in train: "
+                    f"{', '.join(only['train']) or 'none'}; only in test: {', '.join(only['test']) or 'none'}); "
+                    "add the missing folders or list the classes to use in dataset.classes")
+            return parts
     raise ValueError(f"dataset.source: '{source}' has no train/test partition "
                      f"(expected one of {', '.join(PARTITIONED_SOURCES)})")
 
@@ -172,11 +180,13 @@ def _build_partitioned(spec: dict, out: dict) -> None:
     chosen = {split: stratified_sample(parts[part].labels, int(spec[key]), int(spec["split_seed"]),
                                        f"dataset.{key} (from the {len(parts[part])} {part} images)")
               for split, (part, key) in PARTITION.items()}  # every count checked before writing
+    # every image decoded before anything is written: a bad file leaves no split behind
+    images = {split: to_float(parts[part].read(chosen[split])) for split, (part, _) in PARTITION.items()}
     for split, (part, _) in PARTITION.items():
         source, positions = parts[part], chosen[split]
         attrs = {"split": split, "source": spec["source"], "source_split": part,
                  "classes": list(source.classes), "range": [-1.0, 1.0]}
-        _write_split(out, split, to_float(source.read(positions)), attrs,
+        _write_split(out, split, images.pop(split), attrs,
                      {"original_index": source.index[positions], "label": source.labels[positions],
                       "source_split": part})
 

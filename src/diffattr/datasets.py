@@ -139,7 +139,8 @@ def _archive_kind(path: Path) -> str:
         return "zip"
     if tarfile.is_tarfile(path):
         return "tar"
-    raise ValueError(f"{path}: not a folder nor a .tar, .tar.gz/.tgz or .zip archive")
+    raise ValueError(f"{path}: not a folder nor a readable .tar, .tar.gz/.tgz or .zip archive "
+                     "(truncated, corrupt or another format)")
 
 
 def _normalize(name: str) -> str | None:
@@ -208,6 +209,10 @@ class Tree:
         stat = self.path.stat()
         return _archive_names(str(self.path), stat.st_size, stat.st_mtime_ns)
 
+    def where(self, name: str) -> str:
+        """A file of the tree as error messages name it."""
+        return str(self.path / name) if self.kind == "dir" else f"{self.path} (member {name})"
+
     def read(self, names: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         """(name, bytes) of each file in `names`; a tar archive yields them in archive order."""
         wanted = set(names)
@@ -251,18 +256,32 @@ def _fit(image, crop: int | None, size: int | None):
     return image
 
 
-def _decode(items: Iterable[tuple[int, str, bytes]], n: int, crop=None, size=None) -> np.ndarray:
-    """Decode (position, name, bytes) items to RGB into one preallocated uint8 array (n, H, W, 3)."""
+def _decode(items: Iterable[tuple[int, str, bytes]], n: int, crop=None, size=None,
+            expect: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode (position, file, bytes) items to RGB into one preallocated uint8 array (n, H, W, 3).
+
+    Every image must decode and come out at one size: `expect` (width, height) when given, else the
+    first image's. Errors name the file.
+    """
     from PIL import Image
 
-    out = None
+    out, first = None, None
     for position, name, blob in items:
-        with Image.open(io.BytesIO(blob)) as image:
-            pixels = np.asarray(_fit(image.convert("RGB"), crop, size))
+        try:
+            with Image.open(io.BytesIO(blob)) as image:
+                pixels = np.asarray(_fit(image.convert("RGB"), crop, size))
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"{name}: unreadable image (not a format PIL can decode)") from None
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for cut or corrupt files
+            raise ValueError(f"{name}: unreadable image ({error})") from None
+        shape = pixels.shape[1::-1]  # (width, height)
+        if expect is not None and shape != expect:
+            raise ValueError(f"{name}: {shape[0]}x{shape[1]} pixels; expected {expect[0]}x{expect[1]}, "
+                             "or set image_size to resize every image")
         if out is None:
-            out = np.empty((n, *pixels.shape), dtype=np.uint8)
+            out, first = np.empty((n, *pixels.shape), dtype=np.uint8), name
         elif pixels.shape != out.shape[1:]:
-            raise ValueError(f"{name}: {pixels.shape[1]}x{pixels.shape[0]} pixels, other images "
+            raise ValueError(f"{name}: {shape[0]}x{shape[1]} pixels, but {first} has "
                              f"{out.shape[2]}x{out.shape[1]}; set image_size to resize them all")
         out[position] = pixels
     return np.empty((0, 0, 0, 3), dtype=np.uint8) if out is None else out
@@ -331,8 +350,8 @@ def open_image_folder(path, split: str, classes=None, crop: int | None = None,
     return _image_folder(tree, split, _class_files(tree, split), classes, crop, size)
 
 
-def _image_folder(tree: Tree, split: str, files: dict[str, list[str]], classes, crop, size
-                  ) -> SplitSource:
+def _image_folder(tree: Tree, split: str, files: dict[str, list[str]], classes, crop, size,
+                  expect: tuple[int, int] | None = None) -> SplitSource:
     if not files:
         raise FileNotFoundError(f"{tree.path}: no images under '{split}/<class>/'")
     classes = _check_classes(classes, list(files), f"{tree.path} ({split})")
@@ -346,8 +365,8 @@ def _image_folder(tree: Tree, split: str, files: dict[str, list[str]], classes, 
         where = {}
         for i, p in enumerate(positions):
             where.setdefault(names[p], []).append(i)
-        items = ((i, name, blob) for name, blob in tree.read(where) for i in where[name])
-        return _decode(items, len(positions), crop, size)
+        items = ((i, tree.where(name), blob) for name, blob in tree.read(where) for i in where[name])
+        return _decode(items, len(positions), crop, size, expect)
 
     return SplitSource(labels, index, classes, read)
 
@@ -383,7 +402,7 @@ def _batch_folder(path: Path) -> Path | None:
     return None
 
 
-def cifar10_layout(path, expected_md5: str | None = CIFAR10_MD5) -> str:
+def cifar10_layout(path, expected_md5: str = CIFAR10_MD5) -> str:
     """'tarball', 'batches' (extracted folder) or 'image_folder' (tree or archive), from what `path` is.
 
     A file is the official tarball when its md5 matches; another archive holding python batches
@@ -394,30 +413,29 @@ def cifar10_layout(path, expected_md5: str | None = CIFAR10_MD5) -> str:
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
         return "batches" if _batch_folder(path) else "image_folder"
-    actual = md5sum(path) if expected_md5 is not None else None
-    if actual == expected_md5 and expected_md5 is not None:
+    actual = md5sum(path)
+    if actual == expected_md5:
         return "tarball"
     try:
         names = Tree(path)._members()
     except (ValueError, OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
-        if expected_md5 is not None and "cifar-10-python" in path.name:
+        if "cifar-10-python" in path.name:
             raise ChecksumError(path, expected_md5, actual) from None
-        raise ValueError(f"{path}: not a readable archive ({error})") from None
+        message = str(error)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     if any(posixpath.basename(n) in CIFAR10_BATCH_MD5 for n in names):
-        if expected_md5 is None:
-            return "tarball"
         raise ChecksumError(path, expected_md5, actual)
     return "image_folder"
 
 
-def open_cifar10(path, classes=None, size: int | None = None, expected_md5: str | None = CIFAR10_MD5,
-                 batch_md5: dict | None = CIFAR10_BATCH_MD5) -> dict[str, SplitSource]:
+def open_cifar10(path, classes=None, size: int | None = None, expected_md5: str = CIFAR10_MD5,
+                 batch_md5: dict = CIFAR10_BATCH_MD5) -> dict[str, SplitSource]:
     """CIFAR-10's train and test splits from a local source (see `cifar10_layout`).
 
     `classes`: a subset of CIFAR10_CLASSES; labels are positions in it (default: all ten, in the
     canonical order). `size`: resize (bilinear) to size x size. The tarball's md5 (`expected_md5`)
-    and each extracted batch's md5 (`batch_md5`) are checked before anything is unpickled; None
-    skips the check.
+    and each extracted batch's md5 (`batch_md5`) are checked before anything is unpickled, always.
+    An ImageFolder copy needs `<split>/<class>/` for each class used, images 32x32 unless `size`.
     """
     path = Path(path)
     layout = cifar10_layout(path, expected_md5)
@@ -429,7 +447,12 @@ def open_cifar10(path, classes=None, size: int | None = None, expected_md5: str 
             if unknown := sorted(set(files) - set(CIFAR10_CLASSES)):
                 raise ValueError(f"{path} ({split}): class folders {unknown} are not CIFAR-10 classes "
                                  f"({', '.join(CIFAR10_CLASSES)})")
-            sources[split] = _image_folder(tree, split, files, classes, None, size)
+            if missing := [c for c in classes if c not in files]:
+                raise FileNotFoundError(f"{tree.where(f'{split}/{missing[0]}/')}: no such class folder, or no "
+                                        f"images in it; a CIFAR-10 ImageFolder needs {split}/<class>/ for "
+                                        f"every class used (missing: {', '.join(missing)})")
+            sources[split] = _image_folder(tree, split, files, classes, None, size,
+                                           (32, 32) if size is None else None)
         return sources
 
     classes = _check_classes(classes, CIFAR10_CLASSES, "CIFAR-10")
@@ -449,10 +472,9 @@ def open_cifar10(path, classes=None, size: int | None = None, expected_md5: str 
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder}: no {name}")
             blobs[name] = (folder / name).read_bytes()
-            if batch_md5 is not None:
-                actual = hashlib.md5(blobs[name]).hexdigest()
-                if actual != batch_md5[name]:
-                    raise ChecksumError(folder / name, batch_md5[name], actual)
+            actual = hashlib.md5(blobs[name]).hexdigest()
+            if actual != batch_md5[name]:
+                raise ChecksumError(folder / name, batch_md5[name], actual)
     data = {split: _batches(blobs.__getitem__, names) for split, names in CIFAR10_BATCHES.items()}
     del blobs
 
@@ -467,8 +489,8 @@ def open_cifar10(path, classes=None, size: int | None = None, expected_md5: str 
     return sources
 
 
-def load_cifar10(path, classes=None, size: int | None = None, expected_md5: str | None = CIFAR10_MD5,
-                 batch_md5: dict | None = CIFAR10_BATCH_MD5) -> dict[str, Split]:
+def load_cifar10(path, classes=None, size: int | None = None, expected_md5: str = CIFAR10_MD5,
+                 batch_md5: dict = CIFAR10_BATCH_MD5) -> dict[str, Split]:
     """{"train": Split, "test": Split} of CIFAR-10 from a local source (see `open_cifar10`)."""
     sources = open_cifar10(path, classes, size, expected_md5, batch_md5)
     return {split: source.load() for split, source in sources.items()}
@@ -517,11 +539,18 @@ def open_celeba(root, split: str = "train", crop: int | None = 140,
                 names.append(name)
 
     def read(positions: np.ndarray) -> np.ndarray:
-        items = ((i, names[p], (images / names[p]).read_bytes()) for i, p in enumerate(positions))
+        items = ((i, str(images / names[p]), _read_file(images / names[p])) for i, p in enumerate(positions))
         return _decode(items, len(positions), crop, size)
 
     return SplitSource(np.zeros(len(names), dtype=np.int64), np.arange(len(names), dtype=np.int64),
                        ("face",), read)
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: listed in list_eval_partition.txt but missing") from None
 
 
 def load_celeba(root, split: str = "train", crop: int | None = 140, size: int | None = 64) -> Split:

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .provenance import ProvenanceError, require_same
+from .provenance import (GROUND_TRUTH_KEYS, REQUIRED_GROUND_TRUTH_KEYS, ProvenanceError, require_finite,
+                         require_present, require_same)
 from .storage import atomic_output, file_sha256, read_array, read_member
 
 RULES = ("oracle", "heldout")
@@ -109,20 +110,34 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return num / den
 
 
-def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int) -> tuple[np.ndarray, dict]:
+def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int,
+                        subsets_sha256: str | None = None) -> tuple[np.ndarray, dict]:
     """(m, M) truth: each subset's query losses averaged over its training seeds.
 
     `truth_paths` maps model names s<subset>-r<seed> to ground-truth stores. Returns the matrix and the
-    provenance shared by every store (query hash, timesteps, noise seeds), checked to agree.
+    provenance shared by every store (query hash, timesteps, noise seeds), checked to agree. A store
+    that records its model's subsets table (`subsets_sha256`) or `subset` must match the table in use
+    and its model's name.
     """
     per_subset: dict[int, list[np.ndarray]] = {}
-    first = None
+    first, models = None, {}
     for name, path in truth_paths.items():
         losses, attrs = read_member(path, split)
-        shared = ("query_sha256", "timesteps", "noise_seeds", "function")
+        require_present(REQUIRED_GROUND_TRUTH_KEYS, (f"{path} ({split})", attrs), "diffattr's ground_truth")
         if first is None:
             first = (str(path), attrs)
-        require_same(shared, first, (str(path), attrs))
+        require_same(GROUND_TRUTH_KEYS, first, (str(path), attrs))
+        if attrs["model_sha256"] in models:
+            raise ProvenanceError(f"{path} and {models[attrs['model_sha256']]} hold the ground truth of the "
+                                  f"same model (model_sha256 {attrs['model_sha256']}), not of {name}'s own")
+        models[attrs["model_sha256"]] = path
+        if subsets_sha256 is not None and attrs.get("subsets_sha256") not in (None, subsets_sha256):
+            raise ProvenanceError(f"{path}: its model was trained on another subsets table "
+                                  f"(subsets_sha256 {attrs['subsets_sha256']}, table in use {subsets_sha256})")
+        if attrs.get("subset") not in (None, int(name[1:4])):
+            raise ProvenanceError(f"{path}: the ground truth of a model trained on subset {attrs['subset']}, "
+                                  f"given as {name}'s")
+        require_finite(f"{path} ({split})", losses)
         per_subset.setdefault(int(name[1:4]), []).append(losses)
     missing = sorted(set(range(n_subsets)) - set(per_subset))
     if missing:
@@ -131,14 +146,23 @@ def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int) -> tuple[
 
 
 def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spec: dict, out_path) -> None:
-    """One row per lambda rule: the chosen lambda, the LDS and its bootstrap interval."""
+    """One row per lambda rule: the chosen lambda, the LDS and its bootstrap interval.
+
+    Refused: scores made with another subsets table than `subsets_path`, and ground truth computed on
+    another query set, with other timesteps or noise seeds between models, or for other subsets.
+    """
     preds, attrs = read_array(predictions_path)
-    if attrs["subsets_sha256"] != file_sha256(subsets_path):
-        raise ProvenanceError(f"{predictions_path} was scored with another subsets table than {subsets_path}")
-    truth, truth_attrs = ground_truth_matrix(truth_paths, split, preds.shape[2])
+    require_present(("lambdas", "query_sha256", "subsets_sha256", "function", "K", "proj_dim"),
+                    (str(predictions_path), attrs), "diffattr's score")
+    table_sha256 = file_sha256(subsets_path)
+    if attrs["subsets_sha256"] != table_sha256:
+        raise ProvenanceError(f"{predictions_path} was scored with another subsets table than {subsets_path} "
+                              f"(subsets_sha256 {attrs['subsets_sha256']} vs {table_sha256})")
+    truth, truth_attrs = ground_truth_matrix(truth_paths, split, preds.shape[2], table_sha256)
     if truth_attrs["query_sha256"] != attrs["query_sha256"]:
-        raise ProvenanceError(f"{predictions_path} and the ground truth were computed on different "
-                              f"'{split}' query sets")
+        raise ProvenanceError(f"{predictions_path} and the ground truth ({next(iter(truth_paths.values()))}) "
+                              f"were computed on different '{split}' query sets (query_sha256 "
+                              f"{attrs['query_sha256']} vs {truth_attrs['query_sha256']})")
     rows = []
     for rule in spec["lambda_rules"]:
         result = select_lambda(preds, truth, attrs["lambdas"], rule, int(spec["heldout_seed"]),

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .provenance import FEATURE_KEYS, require_same
+from .provenance import (FEATURE_KEYS, REQUIRED_FEATURE_KEYS, ProvenanceError, require_finite,
+                         require_present, require_same)
 from .storage import file_sha256, read_array, write_array
 from .subsets import membership_matrix
 
@@ -62,12 +63,27 @@ def _check_features(x: np.ndarray, xq: np.ndarray) -> None:
         raise ValueError(f"train features have k={x.shape[1]} columns but query features have k={xq.shape[1]}")
 
 
+def read_features(path) -> tuple[np.ndarray, dict]:
+    """A feature store, refused unless it records its provenance and holds finite (n, proj_dim) rows."""
+    features, attrs = read_array(path)
+    require_present(REQUIRED_FEATURE_KEYS, (str(path), attrs), "diffattr's featurize")
+    if features.ndim != 2 or features.shape[1] != attrs["proj_dim"]:
+        raise ProvenanceError(f"{path}: features of shape {features.shape}, but its proj_dim is "
+                              f"{attrs['proj_dim']}")
+    require_finite(str(path), features)
+    return features, attrs
+
+
 def score_split(train_path, query_path, subsets_path, spec: dict, out_path) -> None:
     """Subset predictions g_j(z) for every lambda of the grid (L, m, M), with provenance."""
-    train, train_attrs = read_array(train_path)
-    query, query_attrs = read_array(query_path)
+    train, train_attrs = read_features(train_path)
+    query, query_attrs = read_features(query_path)
     require_same(FEATURE_KEYS, (str(train_path), train_attrs), (str(query_path), query_attrs))
-    masks = membership_matrix(pd.read_csv(subsets_path), len(train))
+    table = pd.read_csv(subsets_path)
+    if len(table) and table["train_position"].max() >= len(train):
+        raise ProvenanceError(f"{subsets_path} names train position {table['train_position'].max()}, but "
+                              f"{train_path} has features of {len(train)} train images")
+    masks = membership_matrix(table, len(train))
     low, high = spec["lambda_exponents"]
     lambdas = lambda_grid(range(int(low), int(high) + 1))
     preds = subset_predictions(train, query, masks, lambdas)

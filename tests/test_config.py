@@ -1,0 +1,220 @@
+"""Config validation: every malformed config gives one line naming the key, the value and what was
+expected, before any job runs; the shipped presets and `--config` overrides pass."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from diffattr import config as cfg
+from diffattr.config import ConfigError, deep_merge, experiment, resolve_all, schema, validate_config
+
+from dry_run import REPO, copy_workflow
+
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+PRESETS = ", ".join(CONFIG["experiments"])
+WITHIN_T = "expected K at most T = 1000 (model.scheduler.num_train_timesteps)"
+
+
+def edited(change: dict) -> dict:
+    """config.yaml with `change` deep-merged in."""
+    return deep_merge(CONFIG, change)
+
+
+def tiny(**sections) -> dict:
+    return {"experiments": {"tiny": sections}}
+
+
+# (id, change to config.yaml, the exact message)
+MALFORMED = [
+    ("alpha above 1", tiny(subsets={"alpha": 1.5}),
+     "experiments.tiny.subsets.alpha: got 1.5; expected a number in (0, 1)"),
+    ("alpha at 0", tiny(subsets={"alpha": 0}),
+     "experiments.tiny.subsets.alpha: got 0; expected a number in (0, 1)"),
+    ("wrong type", {"experiments": {"default": {"train": {"batch_size": "big"}}}},
+     'experiments.default.train.batch_size: got "big"; expected an integer >= 1'),
+    ("bool for an integer", tiny(subsets={"m": True}),
+     "experiments.tiny.subsets.m: got true; expected an integer >= 2"),
+    ("negative step count", tiny(train={"lds_steps": -5}),
+     "experiments.tiny.train.lds_steps: got -5; expected an integer >= 1"),
+    ("zero generation steps", tiny(generate={"steps": 0}),
+     "experiments.tiny.generate.steps: got 0; expected an integer >= 1"),
+    ("negative seed in a list", tiny(subsets={"train_seeds": [0, -1]}),
+     "experiments.tiny.subsets.train_seeds[1]: got -1; expected an integer >= 0"),
+    ("repeated seeds", tiny(ground_truth={"noise_seeds": [0, 0]}),
+     "experiments.tiny.ground_truth.noise_seeds: got [0, 0]; expected a non-empty list of "
+     "(an integer >= 0) without repeats"),
+    ("K larger than T", tiny(featurize={"timesteps": [4, 2000]}),
+     f"experiments.tiny.featurize.timesteps[1]: got K = 2000; {WITHIN_T}"),
+    ("K larger than the scheduler's T", tiny(model={"scheduler": {"num_train_timesteps": 100}},
+                                             ground_truth={"timesteps": 10}, featurize={"timesteps": [200]}),
+     "experiments.tiny.featurize.timesteps[0]: got K = 200; expected K at most T = 100 "
+     "(model.scheduler.num_train_timesteps)"),
+    ("ground-truth timesteps larger than T", tiny(ground_truth={"timesteps": 1001}),
+     "experiments.tiny.ground_truth.timesteps: got 1001; expected at most T = 1000 "
+     "(model.scheduler.num_train_timesteps)"),
+    ("unknown function", tiny(featurize={"functions": ["simple", "sqaure"]}),
+     'experiments.tiny.featurize.functions[1]: got "sqaure"; expected one of simple, elbo, square, avg, '
+     "l1, l2, linf or interp<eta> with eta in [0, 1] (e.g. interp0.25)"),
+    ("K beyond T in an extra grid",
+     tiny(featurize={"extra_grids": [{"functions": ["avg"], "timesteps": [10, 1001], "proj_dims": [64]}]}),
+     "experiments.tiny.featurize.extra_grids[0].timesteps[1]: got K = 1001; expected K at most T = 1000 "
+     "(model.scheduler.num_train_timesteps)"),
+    ("extra grid without dims", tiny(featurize={"extra_grids": [{"functions": ["avg"], "timesteps": [10]}]}),
+     "experiments.tiny.featurize.extra_grids[0].proj_dims: got no value; expected a non-empty list of "
+     "(an integer >= 1) without repeats"),
+    ("interp beyond 1", tiny(featurize={"functions": ["interp1.5"]}),
+     'experiments.tiny.featurize.functions[0]: got "interp1.5"; expected one of simple, elbo, square, '
+     "avg, l1, l2, linf or interp<eta> with eta in [0, 1] (e.g. interp0.25)"),
+    ("unknown scheme", tiny(featurize={"scheme": "linear"}),
+     'experiments.tiny.featurize.scheme: got "linear"; expected one of "uniform", "cumulative"'),
+    ("unknown dtype", tiny(ground_truth={"dtype": "fp16"}),
+     'experiments.tiny.ground_truth.dtype: got "fp16"; expected one of "fp32", "tf32", "bf16"'),
+    ("unknown lambda rule", tiny(lds={"lambda_rules": ["oracle", "best"]}),
+     'experiments.tiny.lds.lambda_rules[1]: got "best"; expected one of "oracle", "heldout"'),
+    ("unknown source", tiny(dataset={"source": "mnist"}),
+     'experiments.tiny.dataset.source: got "mnist"; expected one of "sklearn_digits", "cifar10", '
+     '"celeba", "image_folder"'),
+    ("misspelt key", tiny(train={"ful_steps": 40}),
+     "experiments.tiny.train.ful_steps: got 40; expected no such key (did you mean full_steps?): train "
+     "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, full_steps, "
+     "lds_steps, checkpoint_every"),
+    ("misspelt section", tiny(featurise={"batch_size": 8}),
+     'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
+     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds"),
+    ("betas of three", tiny(train={"betas": [0.9, 0.99, 0.999]}),
+     "experiments.tiny.train.betas: got [0.9, 0.99, 0.999]; expected a list of 2 of (a number in [0, 1))"),
+    ("lambda exponents reversed", tiny(score={"lambda_exponents": [6, -2]}),
+     "experiments.tiny.score.lambda_exponents: got [6, -2]; expected [low, high] with low <= high"),
+    ("heldout with 3 subsets", tiny(subsets={"m": 3}),
+     "experiments.tiny.subsets.m: got 3; expected at least 4 for the heldout lambda rule (it selects on "
+     "half of the subsets and reports on the other half)"),
+    ("UNet size not the images'", tiny(model={"unet": {"sample_size": 16}}),
+     "experiments.tiny.model.unet.sample_size: got 16; expected 8, the side of the dataset's images "
+     "(dataset.image_size)"),
+    ("RGB UNet on digits", tiny(model={"unet": {"in_channels": 3}}),
+     "experiments.tiny.model.unet.in_channels: got 3; expected 1, the channels of sklearn_digits images"),
+    ("block types per level", tiny(model={"unet": {"down_block_types": ["DownBlock2D"]}}),
+     "experiments.tiny.model.unet.down_block_types: got 1 blocks; expected 2, one per entry of "
+     "model.unet.block_out_channels"),
+    ("GroupNorm groups", tiny(model={"unet": {"block_out_channels": [8, 12], "norm_num_groups": 8}}),
+     "experiments.tiny.model.unet.norm_num_groups: got 8; expected a divisor of every entry of "
+     "model.unet.block_out_channels [8, 12]"),
+    ("unknown preset", {"experiment": "tinny"},
+     f'experiment: got "tinny"; expected one of the presets under experiments: {PRESETS}'),
+    ("unknown base", tiny(base="defualt"),
+     f'experiments.tiny.base: got "defualt"; expected one of the presets under experiments: {PRESETS}'),
+    ("base cycle", {"experiments": {"default": {"base": "tiny"}}},
+     'experiments.tiny.base: got "default"; expected a chain of bases that ends, not the cycle '
+     "default -> tiny -> default"),
+    ("incomplete preset", {"experiments": {"bare": {k: v for k, v in CONFIG["experiments"]["default"].items()
+                                                    if k != "lds"}}},
+     "experiments.bare.lds: got no value; expected a mapping"),
+    ("top-level typo", {"experimnt": "tiny"},
+     'experimnt: got "tiny"; expected no such key (did you mean experiment?): the top level takes '
+     "experiment, cifar10_path, device, experiments"),
+    ("unknown device", {"device": "gpu"},
+     'device: got "gpu"; expected a string matching ^(auto|cpu|cuda(:[0-9]+)?)$'),
+    ("cifar10_path not a path", {"cifar10_path": 5},
+     "cifar10_path: got 5; expected a string or null"),
+    ("preset not a mapping", {"experiments": {"broken": 5}},
+     "experiments.broken: got 5; expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("change, message", [case[1:] for case in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_malformed_config_gives_one_line(change, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(edited(change))
+    assert str(error.value) == message
+
+
+def test_every_fault_is_listed_one_per_line():
+    with pytest.raises(ConfigError) as error:
+        resolve_all(edited(tiny(subsets={"alpha": 2}, train={"lr": -1})))
+    assert str(error.value).splitlines() == [
+        "experiments.tiny.subsets.alpha: got 2; expected a number in (0, 1)",
+        "experiments.tiny.train.lr: got -1; expected a number > 0",
+    ]
+
+
+def test_resolve_all_alone_refuses_a_preset_that_is_not_a_mapping():
+    with pytest.raises(ConfigError, match=r"^experiments\.broken: got \[1\]; expected a mapping$"):
+        resolve_all(edited({"experiments": {"broken": [1]}}))
+
+
+def test_a_fault_is_reported_in_the_preset_that_writes_it():
+    """tiny inherits default's settings: a bad value in default is named as default's."""
+    with pytest.raises(ConfigError, match=r"^experiments\.default\.train\.lr: got 0;"):
+        resolve_all(edited({"experiments": {"default": {"train": {"lr": 0}}}}))
+
+
+def test_proj_dim_must_suit_the_cuda_projector(monkeypatch):
+    config = edited({"device": "cuda"})
+    monkeypatch.setattr(cfg, "cuda_projector_possible", lambda device: device != "cpu")
+    with pytest.raises(ConfigError) as error:
+        experiment(config, "tiny")
+    assert str(error.value) == (
+        "experiments.tiny.featurize.proj_dims[0]: got 64; expected a multiple of 512, which trak's "
+        "CudaProjector (fast_jl, used on device 'cuda') needs; or set device: cpu (BasicProjector takes "
+        "any positive integer)")
+    assert experiment({**config, "device": "cpu"}, "tiny")["featurize"]["proj_dims"] == [64]
+    assert experiment(config, "default")["featurize"]["proj_dims"] == [512]
+
+
+def test_shipped_presets_and_new_optional_keys_pass():
+    resolved = validate_config(copy.deepcopy(CONFIG))
+    assert list(resolved) == list(CONFIG["experiments"])
+    assert resolved["tiny"]["featurize"]["proj_dims"] == [64] and "base" not in resolved["tiny"]
+    extra = tiny(train={"checkpoint_every": 50}, generate={"dtype": "tf32"}, ground_truth={"dtype": "bf16"},
+                 featurize={"extra_grids": [{"functions": ["avg"], "timesteps": [2], "proj_dims": [32]}]})
+    config = edited({**extra, "device": "cuda:1"})
+    resolved = validate_config(config)["tiny"]
+    assert resolved["train"]["checkpoint_every"] == 50 and resolved["ground_truth"]["dtype"] == "bf16"
+    assert resolved["featurize"]["extra_grids"][0]["functions"] == ["avg"]
+
+
+def test_command_line_text_is_read_as_yaml():
+    """`--config` hands nested values over as text; YAML reads 1e-4 as text too."""
+    config = edited(tiny(subsets={"m": "6", "alpha": "0.4"}, train={"lr": "1e-4", "hflip": "false"},
+                         featurize={"proj_dims": "[64, 128]"}, dataset={"classes": ["0", "1"]}))
+    spec = resolve_all(config)["tiny"]
+    assert spec["subsets"]["m"] == 6 and spec["subsets"]["alpha"] == 0.4
+    assert spec["train"]["lr"] == 1e-4 and spec["train"]["hflip"] is False
+    assert spec["featurize"]["proj_dims"] == [64, 128]
+    assert spec["dataset"]["classes"] == ["0", "1"]  # class names stay text
+    with pytest.raises(ConfigError, match=r'^experiments\.tiny\.subsets\.m: got "6\.5"; expected an integer >= 2$'):
+        resolve_all(edited(tiny(subsets={"m": "6.5"})))
+    with pytest.raises(ConfigError, match=r'^experiments\.tiny\.train\.lr: got "nan"; expected a number > 0$'):
+        resolve_all(edited(tiny(train={"lr": "nan"})))
+
+
+def test_every_schema_property_is_described():
+    missing = []
+
+    def walk(node, path):
+        for key, sub in (node.get("properties") or {}).items():
+            if "description" not in sub:
+                missing.append(f"{path}.{key}")
+            walk(sub, f"{path}.{key}")
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}.*")
+
+    walk(schema(), "")
+    walk(schema()["$defs"]["experiment"], "experiment")
+    assert missing == []
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--config", "device=gpu"], 'device: got "gpu"; expected a string matching'),
+    (["--config", 'experiments={"tiny": {"featurize": {"timesteps": [2000]}}}'],
+     f"experiments.tiny.featurize.timesteps[0]: got K = 2000; {WITHIN_T}"),
+])
+def test_snakemake_stops_before_any_job(tmp_path, args, line):
+    root = copy_workflow(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "-n", *args],
+                            cwd=root, text=True, capture_output=True)
+    assert result.returncode != 0
+    assert line in result.stderr + result.stdout
+    assert "Building DAG of jobs" not in result.stderr + result.stdout
