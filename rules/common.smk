@@ -48,6 +48,11 @@ def settings(wildcards):
     return copy.deepcopy(EXPERIMENTS[wildcards.experiment])
 
 
+def num_train_timesteps(wildcards) -> int:
+    """T of the experiment's DDPM scheduler (the protocol's 1000 unless model.scheduler says otherwise)."""
+    return int((settings(wildcards)["model"].get("scheduler") or {}).get("num_train_timesteps", 1000))
+
+
 def lds_models(wildcards):
     """Model names s<subset>-r<training seed>, one per (subset, seed)."""
     spec = settings(wildcards)["subsets"]

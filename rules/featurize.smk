@@ -9,7 +9,8 @@ rule featurize:
     params:
         spec=lambda w: settings(w)["featurize"],
         model=lambda w: settings(w)["model"],
-        timesteps=lambda w: select_timesteps(int(w.K), settings(w)["featurize"]["scheme"]),
+        timesteps=lambda w: select_timesteps(int(w.K), settings(w)["featurize"]["scheme"],
+                                             num_train_timesteps(w)),
     threads: 1
     resources:
         gpu=GPU_JOB,
