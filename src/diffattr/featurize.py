@@ -19,7 +19,7 @@ from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
 from .project import make_projector
-from .storage import array_sha256, atomic_output, file_sha256
+from .storage import ResumableOutput, array_sha256, file_sha256
 
 
 def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
@@ -52,12 +52,12 @@ def gradient_dim(model: DiffusionModel) -> int:
 
 
 def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps, noise_seed: int,
-             projector, batch_size: int):
-    """Yield (start, projected features of rows start..start+len) for batches of samples, computed
-    on the model's device."""
+             projector, batch_size: int, starts=None):
+    """Yield (start, projected features of rows start..start+len) for batches of samples (only those
+    beginning at `starts`, when given), computed on the model's device."""
     model.train(False)
     device = next(p.device for _, p in model.featurized_parameters())
-    for start in range(0, len(images), batch_size):
+    for start in range(0, len(images), batch_size) if starts is None else starts:
         stop = min(len(images), start + batch_size)
         grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
                                 function, timesteps, noise_seed)
@@ -66,7 +66,8 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
 
 def featurize_split(weights_path, model_spec: dict, images_path, function: str, timesteps,
                     proj_dim: int, spec: dict, out_path, device: torch.device = torch.device("cpu")) -> None:
-    """Projected features of every image of a split, written in row chunks with their provenance.
+    """Projected features of every image of a split, written in row chunks with their provenance;
+    a rerun after a kill computes only the chunks not yet written (storage.ResumableOutput).
 
     `device` is part of the provenance: a projector's matrix can depend on where it is drawn.
     """
@@ -79,10 +80,19 @@ def featurize_split(weights_path, model_spec: dict, images_path, function: str, 
              "K": len(timesteps), "timesteps": list(timesteps), "scheme": spec["scheme"],
              "noise_seed": int(spec["noise_seed"]), "dtype": "float32", "device": device_name(device),
              "query_sha256": array_sha256(images), "torch": torch.__version__, **projector_info}
-    with atomic_output(out_path) as tmp:
-        array = zarr.create_array(tmp, shape=(len(images), proj_dim), dtype="float32",
-                                  chunks=(batch_size, proj_dim))
+
+    def create(path):
+        array = zarr.create_array(path, shape=(len(images), proj_dim), dtype="float32",
+                                   chunks=(batch_size, proj_dim))
         array.attrs.update(attrs)
-        for start, rows in features(model, images, function, timesteps, int(spec["noise_seed"]),
-                                    projector, batch_size):
-            array[start:start + len(rows)] = rows
+
+    # resumable: one chunk of `batch_size` rows per batch, recorded done once written
+    output = ResumableOutput(out_path, {**attrs, "rows": len(images), "chunk_rows": batch_size}, create)
+    array = zarr.open_array(output.partial, mode="r+")
+    chunks = {str(start // batch_size): start for start in range(0, len(images), batch_size)}
+    todo = [chunks[key] for key in output.todo(chunks)]
+    for start, rows in features(model, images, function, timesteps, int(spec["noise_seed"]),
+                                projector, batch_size, starts=todo):
+        array[start:start + len(rows)] = rows
+        output.mark_done(str(start // batch_size))
+    output.commit(chunks)

@@ -13,19 +13,25 @@ from .data import load_images
 from .device import device_name, precision
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
-from .storage import array_sha256, atomic_output, file_sha256
+from .storage import ResumableOutput, array_sha256, file_sha256
+
+# Resumable pieces per query split: a kill loses at most about 1/CHUNKS_PER_SPLIT of a split's work.
+CHUNKS_PER_SPLIT = 16
 
 
 @torch.no_grad()
 def loss_simple(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds,
-                batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32") -> np.ndarray:
-    """(n,) float64: mean over (t, seed) of mean_pixels (eps_theta(x_t, t) - eps)^2.
+                batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32",
+                rows: range | None = None) -> np.ndarray:
+    """(n,) float64: mean over (t, seed) of mean_pixels (eps_theta(x_t, t) - eps)^2, for the queries
+    in `rows` (default all).
 
     The noise of (query, t, seed) comes from `noise.gaussian`, so batching never changes it. The
     UNet runs in precision `dtype` (`diffattr.device.precision`); the loss is taken in fp32.
     """
     model.to(device).train(False)
-    triples = list(itertools.product(noise_seeds, range(len(images)), timesteps))
+    rows = range(len(images)) if rows is None else rows
+    triples = list(itertools.product(noise_seeds, rows, timesteps))
     totals = np.zeros(len(images), dtype=np.float64)
     for start in range(0, len(triples), batch_size):
         chunk = triples[start:start + batch_size]
@@ -36,26 +42,44 @@ def loss_simple(model: DiffusionModel, images: np.ndarray, timesteps, noise_seed
         with precision(dtype, device):
             pred = model.eps(model.scheduler.add_noise(x0, eps, t), t, model.conditioning(None)).float()
         np.add.at(totals, index, (pred - eps).pow(2).flatten(1).mean(1).double().cpu().numpy())
-    return totals / (len(timesteps) * len(noise_seeds))
+    return totals[rows.start:rows.stop:rows.step] / (len(timesteps) * len(noise_seeds))
+
+
+def chunk_rows(n: int, per_row: int, batch_size: int) -> int:
+    """Queries per resumable chunk: about 1/CHUNKS_PER_SPLIT of the split, and at least one full batch
+    of (query, t, seed) triples."""
+    return max(1, -(-n // CHUNKS_PER_SPLIT), -(-batch_size // per_row))
 
 
 def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: dict, out_path,
                      device: torch.device = torch.device("cpu")) -> None:
-    """One store per model: an array of per-query losses for each query split."""
+    """One store per model: an array of per-query losses for each query split, written in chunks of
+    queries; a rerun after a kill computes only the chunks not yet written (storage.ResumableOutput)."""
     model = load_model(model_spec, Path(weights_path).parent)
     timesteps = select_timesteps(int(spec["timesteps"]), "uniform", model.scheduler.config.num_train_timesteps)
-    dtype = spec.get("dtype", "fp32")
+    seeds, batch_size, dtype = list(spec["noise_seeds"]), int(spec["batch_size"]), spec.get("dtype", "fp32")
     attrs = {"model_sha256": file_sha256(weights_path), "timesteps": timesteps,
-             "noise_seeds": list(spec["noise_seeds"]), "function": "simple", "dtype": dtype,
-             "device": device_name(device)}
-    with atomic_output(out_path) as tmp:
-        group = zarr.open_group(tmp, mode="w")
-        group.attrs.update(attrs)
-        for split, path in query_paths.items():
-            images = load_images(path)
-            losses = loss_simple(model, images, timesteps, spec["noise_seeds"], int(spec["batch_size"]),
-                                 device, dtype)
-            array = group.create_array(split, shape=losses.shape, dtype=losses.dtype)
-            array[...] = losses
-            array.attrs["query_sha256"] = array_sha256(images)
+             "noise_seeds": seeds, "function": "simple", "dtype": dtype, "device": device_name(device)}
+    queries = {split: load_images(path) for split, path in query_paths.items()}
+    size = {split: chunk_rows(len(images), len(timesteps) * len(seeds), batch_size)
+            for split, images in queries.items()}
+    identity = {**attrs, "splits": {split: {"query_sha256": array_sha256(images), "rows": len(images),
+                                            "chunk_rows": size[split]} for split, images in queries.items()}}
 
+    def create(path):
+        group = zarr.open_group(path, mode="w")
+        group.attrs.update(attrs)
+        for split, images in queries.items():
+            array = group.create_array(split, shape=(len(images),), dtype="float64", chunks=(size[split],))
+            array.attrs["query_sha256"] = identity["splits"][split]["query_sha256"]
+
+    output = ResumableOutput(out_path, identity, create)
+    group = zarr.open_group(output.partial, mode="r+")
+    chunks = {f"{split}.{start // size[split]}": (split, range(start, min(len(images), start + size[split])))
+              for split, images in queries.items() for start in range(0, len(images), size[split])}
+    for key in output.todo(chunks):
+        split, rows = chunks[key]
+        group[split][rows.start:rows.stop] = loss_simple(model, queries[split], timesteps, seeds, batch_size,
+                                                         device, dtype, rows)
+        output.mark_done(key)
+    output.commit(chunks)

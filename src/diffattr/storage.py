@@ -1,8 +1,9 @@
-"""Atomic outputs and zarr stores with their provenance attributes."""
+"""Atomic and resumable outputs, and zarr stores with their provenance attributes."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -78,3 +79,63 @@ def array_sha256(data: np.ndarray) -> str:
     digest = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
     digest.update(data.tobytes())
     return digest.hexdigest()
+
+
+class ResumableOutput:
+    """A store written chunk by chunk under the stable hidden name `.NAME.partial`, so that a rerun
+    after a kill (even kill -9) computes only the chunks not yet recorded done.
+
+    The partial holds `_resume/identity.json` (what it was computed from: weights digest, settings,
+    shapes) and one empty marker per finished chunk under `_resume/done/`, created only after the
+    chunk's data is written. A partial whose identity differs from the rerun's, or that has none
+    (killed while being created), is discarded. `commit` removes `_resume` and renames the partial
+    onto the output, so the finished store is byte for byte what an uninterrupted run writes.
+    Snakemake deletes a job's declared outputs before rerunning it; the hidden partial is not one.
+    """
+
+    def __init__(self, path, identity: dict, create, log=print):
+        """`create(partial_path)` makes the empty store; `identity` must be JSON-serializable."""
+        self.path = Path(path)
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self._resume = self.partial / "_resume"
+        self._done = self._resume / "done"
+        identity = json.dumps(identity, sort_keys=True)
+        record = self._resume / "identity.json"
+        if self.partial.exists() and not (record.exists() and record.read_text() == identity):
+            reason = "it was computed from other inputs or settings" if record.exists() else "it has no identity record"
+            log(f"{self.path}: discarding the partial output {self.partial}: {reason}")
+            _remove(self.partial)
+        if not self.partial.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.partial.with_name(f"{self.partial.name}.new")  # one writer per output
+            _remove(staging)
+            create(staging)
+            (staging / "_resume" / "done").mkdir(parents=True)
+            (staging / "_resume" / "identity.json").write_text(identity)
+            os.replace(staging, self.partial)
+        self.log = log
+
+    def done(self, key: str) -> bool:
+        return (self._done / key).exists()
+
+    def mark_done(self, key: str) -> None:
+        (self._done / key).touch()
+
+    def todo(self, keys) -> list:
+        """The keys still to compute; says in the log how many were already done."""
+        keys = list(keys)
+        todo = [key for key in keys if not self.done(key)]
+        if len(todo) < len(keys):
+            self.log(f"{self.path}: resuming, {len(keys) - len(todo)} of {len(keys)} chunks already done "
+                     f"in {self.partial}")
+        return todo
+
+    def commit(self, keys) -> None:
+        """Rename the partial onto the output, once every chunk in `keys` is recorded done."""
+        missing = [key for key in keys if not self.done(key)]
+        if missing:
+            raise RuntimeError(f"{self.partial}: chunks {missing} were never written; not renaming it "
+                               f"onto {self.path}")
+        shutil.rmtree(self._resume)
+        _remove(self.path)
+        os.replace(self.partial, self.path)

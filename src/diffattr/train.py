@@ -1,7 +1,10 @@
 """Training a diffusion model on a set of images with the protocol's recipe (L_Simple, AdamW, cosine)."""
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import random
 import tempfile
 from pathlib import Path
 
@@ -12,16 +15,30 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from .data import load_images
 from .models import DiffusionModel, build_model
+from .storage import array_sha256
+
+
+def checkpoint_every(spec: dict) -> int:
+    value = spec.get("checkpoint_every", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"train.checkpoint_every={value!r}: expected an integer >= 0 "
+                         "(training steps between checkpoints; 0 turns them off)")
+    return value
 
 
 def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None, spec: dict,
-          seed: int, device: torch.device = torch.device("cpu")) -> pd.DataFrame:
+          seed: int, device: torch.device = torch.device("cpu"), checkpoint=None) -> pd.DataFrame:
     """Train in place on `device`; deterministic given `seed` on CPU. Returns the loss log (one row per step).
 
     Batches are drawn epoch by epoch from a seeded permutation; flips, timesteps and noise come from
     the same CPU generator whatever the device, dropout from torch's global generator seeded with `seed`.
     The training images are held on the device: no loader is needed for data that fit there.
+    With a `checkpoint` path, the state is saved there every `spec["checkpoint_every"]` steps and
+    training resumes from it when it holds this very training (same settings, seed, images, initial
+    weights and device type): the result is bitwise that of an uninterrupted run on CPU. The caller
+    deletes the checkpoint once the final weights are stored.
     """
+    every = checkpoint_every(spec)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     steps, batch_size = int(spec["steps"]), int(spec["batch_size"])
@@ -35,7 +52,14 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     labels = None if labels is None else labels.to(device)
     model.to(device).train(True)
     order, cursor, log = torch.randperm(len(images), generator=gen), 0, []
-    for step in range(steps):
+    first = 0
+    if checkpoint is not None:
+        identity = _identity(model, images, labels, spec, seed, torch.device(device))
+        state = _load_checkpoint(Path(checkpoint), identity)
+        if state is not None:
+            first, order, cursor, log = _restore(state, params, optimizer, schedule, gen)
+            print(f"{checkpoint}: resuming from step {first} of {steps}", flush=True)
+    for step in range(first, steps):
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(images), generator=gen), 0
         index = order[cursor:cursor + batch_size].to(device)
@@ -56,8 +80,79 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         optimizer.step()
         schedule.step()
         log.append((step, loss.item(), float(grad_norm), schedule.get_last_lr()[0]))
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:
+            _save_checkpoint(Path(checkpoint), {
+                "identity": identity, "step": step + 1, "order": order, "cursor": cursor, "log": log,
+                "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "gen": gen.get_state(), **_global_rng_states()})
     model.train(False)
     return pd.DataFrame(log, columns=["step", "loss", "grad_norm", "lr"])
+
+
+def _identity(model: DiffusionModel, images, labels, spec: dict, seed: int, device: torch.device) -> str:
+    """What a training is a function of: a checkpoint of any other training is never resumed."""
+    initial = torch.cat([p.detach().flatten().cpu().float() for p in model.trainable_parameters()])
+    return json.dumps({
+        "spec": {key: value for key, value in spec.items() if key != "checkpoint_every"}, "seed": seed,
+        "images": array_sha256(images.detach().cpu().numpy()),
+        "labels": None if labels is None else array_sha256(labels.detach().cpu().numpy()),
+        "initial_weights": array_sha256(initial.numpy()), "torch": torch.__version__, "device": device.type,
+    }, sort_keys=True, default=str)
+
+
+def _global_rng_states() -> dict:
+    return {"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write under a temporary name, then rename: a kill leaves the previous checkpoint intact."""
+    staging = path.with_name(f"{path.name}.new")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, staging)
+    os.replace(staging, path)
+
+
+def _load_checkpoint(path: Path, identity: str) -> dict | None:
+    """The checkpoint at `path` if it belongs to this training; a stale one is removed."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        reason = f"it cannot be read ({error})"
+    else:
+        if state.get("identity") == identity:
+            return state
+        reason = "it belongs to other settings, seed, images or initial weights"
+    print(f"{path}: discarding the checkpoint: {reason}", flush=True)
+    path.unlink()
+    return None
+
+
+def _restore(state: dict, params, optimizer, schedule, gen) -> tuple:
+    """Put a checkpoint's weights, optimizer, schedule and random states back; return
+    (next step, epoch permutation, cursor in it, loss log)."""
+    with torch.no_grad():
+        for param, saved in zip(params, state["params"], strict=True):
+            param.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["order"], state["cursor"], list(state["log"])
+
+
+def checkpoint_path(weights_path) -> Path:
+    """Where the training of `weights_path` keeps its checkpoint: a hidden sibling of the model
+    folder (results/<exp>/models/lds/.s001-r1.ckpt), which Snakemake does not delete on a rerun."""
+    folder = Path(weights_path).parent
+    return folder.with_name(f".{folder.name}.ckpt")
 
 
 def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, weights_path,
@@ -65,7 +160,8 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
     """Train one model (on the whole split, or on LDS subset `subset`) and save it beside `weights_path`.
 
     Files are written to a temporary folder and moved in with the weights last, so an
-    interrupted job never leaves weights that look finished.
+    interrupted job never leaves weights that look finished. A rerun after a kill resumes from the
+    last checkpoint (`checkpoint_path`), which is deleted once the weights are in place.
     """
     images = load_images(images_path)
     if subsets_path is not None:
@@ -75,7 +171,8 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
             raise ValueError(f"{subsets_path}: subset {subset} has no members")
         images = images[np.sort(positions)]
     model = build_model(spec["model"], seed)
-    log = train(model, torch.from_numpy(np.ascontiguousarray(images)), None, spec, seed, device)
+    checkpoint = checkpoint_path(weights_path)
+    log = train(model, torch.from_numpy(np.ascontiguousarray(images)), None, spec, seed, device, checkpoint)
     model.to(torch.device("cpu"))
     out = Path(weights_path).parent
     out.mkdir(parents=True, exist_ok=True)
@@ -85,3 +182,4 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
         log.to_csv(staging / "train_log.csv", index=False)
         for name in sorted(os.listdir(staging), key=lambda name: name == Path(weights_path).name):
             os.replace(staging / name, out / name)
+    checkpoint.unlink(missing_ok=True)
