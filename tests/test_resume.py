@@ -4,12 +4,22 @@ finished chunks, each ending bitwise equal (on CPU) to an uninterrupted run.
 The unit tests interrupt a job by raising from inside it; the kill tests (marker `resume`, part of
 the default run) kill -9 a Snakemake run of the `tiny` experiment at a random point and rerun it.
 """
+import contextlib
 import copy
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from diffattr import featurize, ground_truth, storage
 from diffattr import train as training
@@ -17,6 +27,7 @@ from diffattr.models import build_model
 from diffattr.storage import write_array
 
 from conftest import TINY_SPEC
+from dry_run import copy_workflow
 
 SHAPE = (1, 8, 8)
 MODEL_SPEC = {**copy.deepcopy(TINY_SPEC), "unet": {**TINY_SPEC["unet"], "dropout": 0.1}}  # global RNG matters
@@ -220,3 +231,126 @@ def test_ground_truth_resumes_from_its_finished_chunks(stored, tmp_path, monkeyp
         expected = ground_truth.loss_simple(model, rows, timesteps, [0, 1], 1000)
         np.testing.assert_allclose(got, expected, rtol=1e-6)
         assert attrs["query_sha256"] == storage.array_sha256(rows) and attrs["timesteps"] == timesteps
+
+
+# ---------------------------------------------------------------- kill tests: kill -9 a Snakemake run
+
+KILLTEST = {  # the tiny experiment with jobs long enough to be killed mid-way
+    "base": "tiny",
+    "train": {"lds_steps": 250, "checkpoint_every": 10},
+    "featurize": {"functions": ["simple"], "timesteps": [100], "batch_size": 2},
+    "ground_truth": {"timesteps": 1000, "noise_seeds": [0, 1], "batch_size": 500},
+}
+E = "results/killtest"
+TRAINED = f"{E}/models/lds/s001-r1"
+FEATURES = f"{E}/features/simple_K100_k64/train.zarr"
+TRUTH = f"{E}/ground_truth/s000-r0.zarr"  # its model, s000-r0, is not the one the training test kills
+
+
+def snakemake(workdir, *args):
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir,
+                            text=True, capture_output=True)
+    assert result.returncode == 0, f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def output_tree(path):
+    """An output's files: a folder's (less Snakemake's timestamp file), or a model folder's."""
+    return {name: data for name, data in tree(path).items() if name != ".snakemake_timestamp"}
+
+
+@pytest.fixture(scope="module")
+def killtest(tmp_path_factory):
+    """A copy of the workflow with the `killtest` preset, its three outputs built uninterrupted."""
+    root = copy_workflow(tmp_path_factory.mktemp("killtest"))
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["experiments"]["killtest"] = KILLTEST
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(root, f"{TRAINED}/diffusion_pytorch_model.safetensors", FEATURES, TRUTH)
+    return root, {path: output_tree(root / path) for path in (TRAINED, FEATURES, TRUTH)}
+
+
+def kill_at_random_point(workdir, target, progress, most):
+    """Run Snakemake on `target`, wait until `progress()` (checkpoints or chunks written so far)
+    reaches a random count in [1, most], wait a random fraction of a second more, then kill -9 the
+    whole process group: Snakemake, its forkserver and the job's worker."""
+    rng = random.Random()
+    count, delay = rng.randint(1, most), rng.uniform(0, 0.2)
+    print(f"killing {target} after {count} checkpoints/chunks and {delay:.3f} s")
+    log = open(workdir / "killed.out", "w")
+    process = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", target], cwd=workdir,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while progress() < count:
+        assert process.poll() is None, f"{target} ended before it was killed:\n{(workdir / 'killed.out').read_text()}"
+        assert time.monotonic() < deadline, f"no progress on {target}"
+        time.sleep(0.01)
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    log.close()
+
+
+def resume_and_compare(workdir, reference, output, job_log, pattern):
+    """After the kill: unlock, rerun, check the log says it resumed (N > 0), compare bitwise."""
+    snakemake(workdir, "--unlock")
+    snakemake(workdir, output if output != TRAINED else f"{TRAINED}/diffusion_pytorch_model.safetensors")
+    said = re.findall(pattern, (workdir / job_log).read_text())
+    assert said and int(said[-1]) > 0, f"{job_log} does not say it resumed:\n{(workdir / job_log).read_text()}"
+    assert output_tree(workdir / output) == reference[output]
+    return int(said[-1])
+
+
+@pytest.mark.resume
+def test_killed_training_resumes_to_the_same_weights(killtest):
+    workdir, reference = killtest
+    shutil.rmtree(workdir / TRAINED)
+    checkpoint = workdir / f"{E}/models/lds/.s001-r1.ckpt"
+    seen = set()
+
+    def checkpoints():
+        with contextlib.suppress(FileNotFoundError):
+            stat = checkpoint.stat()
+            seen.add((stat.st_ino, stat.st_mtime_ns))
+        return len(seen)
+
+    kill_at_random_point(workdir, f"{TRAINED}/diffusion_pytorch_model.safetensors", checkpoints, 5)
+    assert not (workdir / TRAINED / "diffusion_pytorch_model.safetensors").exists()
+    assert checkpoint.exists()
+    step = resume_and_compare(workdir, reference, TRAINED, "logs/killtest/train/s001-r1.log",
+                              r"resuming from step (\d+) of 250")
+    assert step % 10 == 0
+    assert not checkpoint.exists()
+
+
+def chunks_done(partial):
+    def count():
+        with contextlib.suppress(FileNotFoundError):
+            return len(os.listdir(partial / "_resume" / "done"))
+        return 0
+
+    return count
+
+
+@pytest.mark.resume
+def test_killed_featurization_resumes_to_the_same_store(killtest):
+    workdir, reference = killtest
+    shutil.rmtree(workdir / FEATURES)
+    partial = workdir / FEATURES.replace("train.zarr", ".train.zarr.partial")
+    kill_at_random_point(workdir, FEATURES, chunks_done(partial), 10)
+    assert not (workdir / FEATURES).exists() and partial.is_dir()
+    resume_and_compare(workdir, reference, FEATURES, "logs/killtest/featurize/simple_K100_k64_train.log",
+                       r"resuming, (\d+) of 30 chunks already done")
+    assert not partial.exists()
+
+
+@pytest.mark.resume
+def test_killed_ground_truth_resumes_to_the_same_store(killtest):
+    workdir, reference = killtest
+    shutil.rmtree(workdir / TRUTH)
+    partial = workdir / TRUTH.replace("s000-r0.zarr", ".s000-r0.zarr.partial")
+    kill_at_random_point(workdir, TRUTH, chunks_done(partial), 8)
+    assert not (workdir / TRUTH).exists() and partial.is_dir()
+    resume_and_compare(workdir, reference, TRUTH, "logs/killtest/ground_truth/s000-r0.log",
+                       r"resuming, (\d+) of 20 chunks already done")
+    assert not partial.exists()
