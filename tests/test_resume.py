@@ -233,6 +233,16 @@ def test_ground_truth_resumes_from_its_finished_chunks(stored, tmp_path, monkeyp
         assert attrs["query_sha256"] == storage.array_sha256(rows) and attrs["timesteps"] == timesteps
 
 
+def test_atomic_output_removes_what_a_killed_writer_left(tmp_path, images):
+    leftover = tmp_path / ".val.zarr.tmp-4000000"  # a writer killed with kill -9 leaves this
+    (leftover / "c").mkdir(parents=True)
+    other = tmp_path / ".val.zarr2.tmp-4000000"  # another output's: kept
+    other.mkdir()
+    write_array(tmp_path / "val.zarr", images, {})
+    assert not leftover.exists() and other.exists()
+    np.testing.assert_array_equal(storage.read_array(tmp_path / "val.zarr")[0], images)
+
+
 # ---------------------------------------------------------------- kill tests: kill -9 a Snakemake run
 
 KILLTEST = {  # the tiny experiment with jobs long enough to be killed mid-way

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -23,12 +24,14 @@ def _remove(path: Path) -> None:
 def atomic_output(path):
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
-    A killed job thus leaves a hidden `.name.tmp-PID`, never a plausible-looking output.
+    A killed job thus leaves a hidden `.name.tmp-PID`, never a plausible-looking output; the next
+    writer of `path` removes such leftovers (one job writes a given output at a time).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        _remove(stale)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     try:
         yield tmp
     except BaseException:
