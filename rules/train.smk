@@ -1,6 +1,16 @@
 def train_spec(wildcards, steps_key):
+    """What a model is a function of. `checkpoint_every` is left out (passed by `run_train`): a
+    param change reruns the job, and changing how often checkpoints are saved must not retrain."""
     spec = settings(wildcards)
-    return {**spec["train"], "steps": spec["train"][steps_key], "model": spec["model"]}
+    train = {key: value for key, value in spec["train"].items() if key != "checkpoint_every"}
+    return {**train, "steps": spec["train"][steps_key], "model": spec["model"]}
+
+
+def run_train(input, output, params, wildcards, threads, log):
+    """`run`, with the checkpoint interval beside the device in the script's `snakemake.config`."""
+    every = settings(wildcards)["train"].get("checkpoint_every", 0)
+    run_script(SCRIPTS / "train.py", input, output, params, wildcards, threads, log,
+               config={"device": config.get("device", "auto"), "checkpoint_every": every})
 
 
 rule train_full:
@@ -18,7 +28,7 @@ rule train_full:
     resources:
         gpu=GPU_JOB,
     run:
-        run("train.py", input, output, params, wildcards, threads, log)
+        run_train(input, output, params, wildcards, threads, log)
 
 
 rule train_lds:
@@ -37,4 +47,4 @@ rule train_lds:
     resources:
         gpu=GPU_JOB,
     run:
-        run("train.py", input, output, params, wildcards, threads, log)
+        run_train(input, output, params, wildcards, threads, log)

@@ -27,7 +27,7 @@ from diffattr.models import build_model
 from diffattr.storage import write_array
 
 from conftest import TINY_SPEC
-from dry_run import copy_workflow
+from dry_run import copy_workflow, job_counts
 
 SHAPE = (1, 8, 8)
 MODEL_SPEC = {**copy.deepcopy(TINY_SPEC), "unet": {**TINY_SPEC["unet"], "dropout": 0.1}}  # global RNG matters
@@ -331,6 +331,12 @@ def test_killed_training_resumes_to_the_same_weights(killtest):
                               r"resuming from step (\d+) of 250")
     assert step % 10 == 0
     assert not checkpoint.exists()
+    # how often checkpoints are saved is not a setting the model depends on: changing it retrains nothing
+    config = workdir / "config.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["experiments"]["killtest"]["train"]["checkpoint_every"] = 7
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    assert job_counts(snakemake(workdir, "-n", f"{TRAINED}/diffusion_pytorch_model.safetensors").stdout) == {}
 
 
 def chunks_done(partial):

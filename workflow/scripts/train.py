@@ -8,6 +8,7 @@ failing = os.environ.get("DIFFATTR_FAIL_MODEL")
 if failing and failing == snakemake.wildcards.get("model"):
     raise RuntimeError(f"DIFFATTR_FAIL_MODEL={failing}: this model's training fails on purpose")
 
+spec = {**snakemake.params.spec, "checkpoint_every": snakemake.config["checkpoint_every"]}
 train_and_save(snakemake.input.images, snakemake.input.get("subsets"), snakemake.params.subset,
-               snakemake.params.seed, snakemake.params.spec, snakemake.output.weights,
+               snakemake.params.seed, spec, snakemake.output.weights,
                resolve_device(snakemake.config["device"]))
