@@ -105,7 +105,8 @@ class ResumableOutput:
         identity = json.dumps(identity, sort_keys=True)
         record = self._resume / "identity.json"
         if self.partial.exists() and not (record.exists() and record.read_text() == identity):
-            reason = "it was computed from other inputs or settings" if record.exists() else "it has no identity record"
+            reason = ("it was computed from other inputs or settings" if record.exists()
+                      else "it has no identity record")
             log(f"{self.path}: discarding the partial output {self.partial}: {reason}")
             _remove(self.partial)
         if not self.partial.exists():

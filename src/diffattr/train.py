@@ -83,7 +83,7 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:
             _save_checkpoint(Path(checkpoint), {
                 "identity": identity, "step": step + 1, "order": order, "cursor": cursor, "log": log,
-                "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+                "params": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "gen": gen.get_state(), **_global_rng_states()})
     model.train(False)
     return pd.DataFrame(log, columns=["step", "loss", "grad_norm", "lr"])
@@ -133,7 +133,8 @@ def _load_checkpoint(path: Path, identity: str) -> dict | None:
 
 def _restore(state: dict, params, optimizer, schedule, gen) -> tuple:
     """Put a checkpoint's weights, optimizer, schedule and random states back; return
-    (next step, epoch permutation, cursor in it, loss log)."""
+    (next step, epoch permutation, cursor in it, loss log). Only trainable parameters are saved: the
+    rest of the model is its seeded initial state, which the identity already pins."""
     with torch.no_grad():
         for param, saved in zip(params, state["params"], strict=True):
             param.copy_(saved)
