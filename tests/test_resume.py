@@ -272,10 +272,12 @@ def output_tree(path):
 
 @pytest.fixture(scope="module")
 def killtest(tmp_path_factory):
-    """A copy of the workflow with the `killtest` preset, its three outputs built uninterrupted."""
+    """A copy of the workflow with the `killtest` preset, its three outputs built uninterrupted on
+    the CPU (where resuming is bitwise)."""
     root = copy_workflow(tmp_path_factory.mktemp("killtest"))
     config = yaml.safe_load((root / "config.yaml").read_text())
     config["experiments"]["killtest"] = KILLTEST
+    config["device"] = "cpu"
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     snakemake(root, f"{TRAINED}/diffusion_pytorch_model.safetensors", FEATURES, TRUTH)
     return root, {path: output_tree(root / path) for path in (TRAINED, FEATURES, TRUTH)}
