@@ -64,6 +64,7 @@ def model_files(directory):
         "weights": f"{directory}/diffusion_pytorch_model.safetensors",
         "config": f"{directory}/config.json",
         "loss_log": f"{directory}/train_log.csv",
+        "training": f"{directory}/training.json",
     }
 
 

@@ -1,6 +1,7 @@
 rule ground_truth:
     input:
         weights="results/{experiment}/models/lds/{model}/diffusion_pytorch_model.safetensors",
+        training="results/{experiment}/models/lds/{model}/training.json",
         val=images("val"),
         gen=images("gen"),
     output:

@@ -268,3 +268,35 @@ def test_ground_truth_written_for_another_query_set_is_refused(make_tiny_model, 
                                               r"combined; they differ in query_sha256: "):
         lds_table(predictions, subsets_csv, paths, "val", LDS_SPEC, tmp_path / "lds.csv")
     assert not (tmp_path / "lds.csv").exists()
+
+
+def test_ground_truth_records_what_its_model_was_trained_on(tiny_spec, subsets_csv, tmp_path):
+    """Training writes training.json beside the weights; the ground truth copies it, and the LDS
+    refuses a store whose model was trained on another subsets table, subset or seed."""
+    from diffattr.lds import ground_truth_matrix
+    from diffattr.train import train_and_save
+
+    rng = np.random.default_rng(1)
+    write_array(tmp_path / "train.zarr", rng.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32), {})
+    write_array(tmp_path / "val.zarr", rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32), {})
+    train = {"batch_size": 4, "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_clip": 1.0,
+             "warmup_fraction": 0.0, "steps": 2, "model": tiny_spec}
+    truth = {}
+    for name in ("s000-r0", "s001-r0"):
+        weights = tmp_path / name / "diffusion_pytorch_model.safetensors"
+        train_and_save(tmp_path / "train.zarr", subsets_csv, int(name[1:4]), 0, train, weights)
+        truth[name] = tmp_path / f"{name}.zarr"
+        compute_and_save(weights, tiny_spec, {"val": tmp_path / "val.zarr"},
+                         {"timesteps": 2, "noise_seeds": [0], "batch_size": 8}, truth[name])
+    attrs = read_array(truth["s001-r0"] / "val")[1] | dict(zarr.open_group(truth["s001-r0"], mode="r").attrs)
+    assert (attrs["subset"], attrs["train_seed"], attrs["subsets_sha256"]) == (1, 0, file_sha256(subsets_csv))
+
+    table = file_sha256(subsets_csv)
+    ground_truth_matrix(truth, "val", 2, table)  # as trained: accepted
+    with pytest.raises(ProvenanceError, match="its model was trained on another subsets table"):
+        ground_truth_matrix(truth, "val", 2, "0" * 64)
+    swapped = {"s000-r0": truth["s001-r0"], "s001-r0": truth["s000-r0"]}
+    with pytest.raises(ProvenanceError, match="trained on subset 1, given as s000-r0's"):
+        ground_truth_matrix(swapped, "val", 2, table)
+    with pytest.raises(ProvenanceError, match="trained with seed 0, given as s000-r1's"):
+        ground_truth_matrix({"s000-r1": truth["s000-r0"], "s001-r0": truth["s001-r0"]}, "val", 2, table)

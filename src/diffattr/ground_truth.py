@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from .device import device_name, precision
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
 from .storage import ResumableOutput, array_sha256, file_sha256
+from .train import TRAINING_RECORD
 
 # Resumable pieces per query split: a kill loses at most about 1/CHUNKS_PER_SPLIT of a split's work.
 CHUNKS_PER_SPLIT = 16
@@ -45,6 +47,16 @@ def loss_simple(model: DiffusionModel, images: np.ndarray, timesteps, noise_seed
     return totals[rows.start:rows.stop:rows.step] / (len(timesteps) * len(noise_seeds))
 
 
+def training_record(weights_path) -> dict:
+    """The subsets table, subset and seed a model was trained on (train.TRAINING_RECORD), which the
+    LDS checks against the table in use; {} for a model saved without one."""
+    path = Path(weights_path).parent / TRAINING_RECORD
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    return {key: record[key] for key in ("subsets_sha256", "subset", "train_seed")}
+
+
 def chunk_rows(n: int, per_row: int, batch_size: int) -> int:
     """Queries per resumable chunk: about 1/CHUNKS_PER_SPLIT of the split, and at least one full batch
     of (query, t, seed) triples."""
@@ -59,7 +71,8 @@ def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: di
     timesteps = select_timesteps(int(spec["timesteps"]), "uniform", model.scheduler.config.num_train_timesteps)
     seeds, batch_size, dtype = list(spec["noise_seeds"]), int(spec["batch_size"]), spec.get("dtype", "fp32")
     attrs = {"model_sha256": file_sha256(weights_path), "timesteps": timesteps,
-             "noise_seeds": seeds, "function": "simple", "dtype": dtype, "device": device_name(device)}
+             "noise_seeds": seeds, "function": "simple", "dtype": dtype, "device": device_name(device),
+             **training_record(weights_path)}
     queries = {split: load_images(path) for split, path in query_paths.items()}
     size = {split: chunk_rows(len(images), len(timesteps) * len(seeds), batch_size)
             for split, images in queries.items()}

@@ -137,6 +137,9 @@ def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int,
         if attrs.get("subset") not in (None, int(name[1:4])):
             raise ProvenanceError(f"{path}: the ground truth of a model trained on subset {attrs['subset']}, "
                                   f"given as {name}'s")
+        if attrs.get("train_seed") not in (None, int(name.split("-r")[1])):
+            raise ProvenanceError(f"{path}: the ground truth of a model trained with seed {attrs['train_seed']}, "
+                                  f"given as {name}'s")
         require_finite(f"{path} ({split})", losses)
         per_subset.setdefault(int(name[1:4]), []).append(losses)
     missing = sorted(set(range(n_subsets)) - set(per_subset))

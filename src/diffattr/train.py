@@ -15,7 +15,9 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from .data import load_images
 from .models import DiffusionModel, build_model
-from .storage import array_sha256
+from .storage import array_sha256, file_sha256
+
+TRAINING_RECORD = "training.json"  # beside the weights: the training images, subset and seed
 
 
 def checkpoint_every(spec: dict) -> int:
@@ -158,7 +160,8 @@ def checkpoint_path(weights_path) -> Path:
 
 def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, weights_path,
                    device: torch.device = torch.device("cpu")) -> None:
-    """Train one model (on the whole split, or on LDS subset `subset`) and save it beside `weights_path`.
+    """Train one model (on the whole split, or on LDS subset `subset`) and save it beside `weights_path`,
+    with a record of what it was trained on (TRAINING_RECORD).
 
     Files are written to a temporary folder and moved in with the weights last, so an
     interrupted job never leaves weights that look finished. A rerun after a kill resumes from the
@@ -171,6 +174,9 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
         if len(positions) == 0:
             raise ValueError(f"{subsets_path}: subset {subset} has no members")
         images = images[np.sort(positions)]
+    # what the model was trained on, for the provenance of its ground truth (ground_truth.py)
+    record = {"images_sha256": array_sha256(images), "subset": subset, "train_seed": int(seed),
+              "subsets_sha256": None if subsets_path is None else file_sha256(subsets_path)}
     model = build_model(spec["model"], seed)
     checkpoint = checkpoint_path(weights_path)
     log = train(model, torch.from_numpy(np.ascontiguousarray(images)), None, spec, seed, device, checkpoint)
@@ -181,6 +187,7 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
         staging = Path(staging)
         model.save(staging)
         log.to_csv(staging / "train_log.csv", index=False)
+        (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         for name in sorted(os.listdir(staging), key=lambda name: name == Path(weights_path).name):
             os.replace(staging / name, out / name)
     checkpoint.unlink(missing_ok=True)
