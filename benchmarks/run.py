@@ -1,0 +1,40 @@
+"""Run every engine's benchmark and print one table: `python benchmarks/run.py [--full] [engine ...]`.
+
+Tiny sizes by default (seconds; checks that ours and the reference give the same outputs); --full
+gives the sizes recorded in benchmarks/README.md. Exits 1 when an output differs beyond its tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+import bench_featurize
+import bench_project
+import bench_score
+from harness import table
+
+ENGINES = {"featurize": bench_featurize, "project": bench_project, "score": bench_score}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="full sizes (minutes) instead of tiny ones")
+    parser.add_argument("engines", nargs="*", choices=[[], *ENGINES], default=[], metavar="engine",
+                        help=f"some of {', '.join(ENGINES)} (default: all)")
+    args = parser.parse_args(argv)
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads, {'full' if args.full else 'tiny'} sizes", flush=True)
+    rows = []
+    for name in args.engines or ENGINES:
+        new = ENGINES[name].run(args.full)
+        print("\n".join(table(new).splitlines()[2:]), flush=True)
+        rows += new
+    print(table(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
