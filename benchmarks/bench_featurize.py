@@ -15,7 +15,7 @@ from presets import preset_model
 
 NOISE_SEED, FUNCTION, TOL = 0, "square", 1e-5
 # (preset, samples, K, repeats): the default model at its featurize batch size; a few cifar2 samples
-FULL = [("default", 50, 10, 3), ("cifar2", 2, 10, 1)]
+FULL = [("default", 50, 10, 5), ("cifar2", 2, 10, 3)]
 TINY = [("tiny", 3, 4, 1)]
 
 
