@@ -12,12 +12,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
 
 def preset_model(name: str, seed: int = 0):
-    """The preset's model in eval mode, with plain attention (the fused one has no vmap rule)."""
-    from diffusers.models.attention_processor import AttnProcessor
-
+    """The preset's model in eval mode, set up for vmap as featurize sets it, and the preset's settings."""
     settings = experiment(yaml.safe_load(CONFIG.read_text()), name)
-    model = build_model(settings["model"], seed)
-    for module in model.unet.modules():
-        if hasattr(module, "set_processor"):
-            module.set_processor(AttnProcessor())
+    model = build_model(settings["model"], seed).for_per_sample_gradients()
     return model.train(False), settings
