@@ -22,9 +22,11 @@ ENGINES = {"featurize": bench_featurize, "project": bench_project, "score": benc
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="full sizes (minutes) instead of tiny ones")
-    parser.add_argument("engines", nargs="*", choices=[[], *ENGINES], default=[], metavar="engine",
-                        help=f"some of {', '.join(ENGINES)} (default: all)")
+    parser.add_argument("engines", nargs="*", metavar="engine", help=f"some of {', '.join(ENGINES)} (default: all)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"unknown engine {', '.join(unknown)}: expected some of {', '.join(ENGINES)}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, {'full' if args.full else 'tiny'} sizes", flush=True)
     rows = []
