@@ -360,25 +360,16 @@ def chunks_done(partial):
 
 
 @pytest.mark.resume
-def test_killed_featurization_resumes_to_the_same_store(killtest):
+@pytest.mark.parametrize("output, most, job_log, pattern", [
+    (FEATURES, 10, "logs/killtest/featurize/simple_K100_k64_train.log", r"resuming, (\d+) of 30 chunks already done"),
+    (TRUTH, 8, "logs/killtest/ground_truth/s000-r0.log", r"resuming, (\d+) of 20 chunks already done"),
+], ids=["featurization", "ground_truth"])
+def test_killed_chunked_job_resumes_to_the_same_store(killtest, output, most, job_log, pattern):
     workdir, reference = killtest
-    shutil.rmtree(workdir / FEATURES)
-    partial = workdir / FEATURES.replace("train.zarr", ".train.zarr.partial")
-    written = kill_at_random_point(workdir, FEATURES, chunks_done(partial), 10)
-    assert not (workdir / FEATURES).exists() and partial.is_dir()
-    resume_and_compare(workdir, reference, FEATURES, FEATURES,
-                       "logs/killtest/featurize/simple_K100_k64_train.log",
-                       r"resuming, (\d+) of 30 chunks already done", written)
-    assert not partial.exists()
-
-
-@pytest.mark.resume
-def test_killed_ground_truth_resumes_to_the_same_store(killtest):
-    workdir, reference = killtest
-    shutil.rmtree(workdir / TRUTH)
-    partial = workdir / TRUTH.replace("s000-r0.zarr", ".s000-r0.zarr.partial")
-    written = kill_at_random_point(workdir, TRUTH, chunks_done(partial), 8)
-    assert not (workdir / TRUTH).exists() and partial.is_dir()
-    resume_and_compare(workdir, reference, TRUTH, TRUTH, "logs/killtest/ground_truth/s000-r0.log",
-                       r"resuming, (\d+) of 20 chunks already done", written)
+    shutil.rmtree(workdir / output)
+    store = workdir / output
+    partial = store.with_name(f".{store.name}.partial")
+    written = kill_at_random_point(workdir, output, chunks_done(partial), most)
+    assert not store.exists() and partial.is_dir()
+    resume_and_compare(workdir, reference, output, output, job_log, pattern, written)
     assert not partial.exists()
