@@ -141,6 +141,9 @@ def coerce(value, schema: dict):
 
 @functools.lru_cache(maxsize=1)
 def schema() -> dict:
+    if not SCHEMA.is_file():
+        raise FileNotFoundError(f"{SCHEMA}: the config schema is missing; diffattr reads it from the "
+                                "repository it was installed from, so install with `pip install -e .` there")
     return yaml.safe_load(SCHEMA.read_text())
 
 
