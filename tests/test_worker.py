@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 import subprocess
 import sys
+import threading
 
 import pytest
 from snakemake.iocontainers import InputFiles, Log, OutputFiles, Params, Wildcards
@@ -83,3 +84,26 @@ def test_failing_script_raises_and_names_its_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"fails.py exited with code 3; see .*job.log"):
         run_script(script, InputFiles([]), OutputFiles([]), Params([]), Wildcards([]), 1,
                    named(Log, {"log": str(log)}))
+
+
+def test_jobs_started_side_by_side_all_report_success(tmp_path):
+    """Snakemake runs jobs in threads: each thread's start polls the other threads' children, and a
+    child's exit code can be read only once, so an unguarded poll made successful jobs report 255
+    (about 1 in 40 here before the fix)."""
+    script = tmp_path / "short.py"
+    script.write_text("import time\ntime.sleep(0.001)\n")
+    failures = []
+
+    def jobs():
+        for _ in range(30):
+            try:
+                run_script(script, [], [], [], {}, 1, [])
+            except RuntimeError as error:
+                failures.append(str(error))
+
+    threads = [threading.Thread(target=jobs) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

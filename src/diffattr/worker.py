@@ -46,10 +46,22 @@ def run_script(path, input, output, params, wildcards, threads, log, resources=N
     process = _forkserver().Process(target=_child, args=(str(path), job))
     with _lock, _bare_main():
         process.start()
+        _unlist(process)
     process.join()
     if process.exitcode != 0:
         where = f"; see {log[0]}" if len(log) else ""
         raise RuntimeError(f"{os.path.basename(path)} exited with code {process.exitcode}{where}")
+
+
+def _unlist(process) -> None:
+    """Make this thread the only one that polls `process`.
+
+    Every `Process.start` polls all the children multiprocessing lists (`_cleanup`). A forkserver
+    child's exit code is 4 bytes read once from a pipe, so when another job thread's start polls it
+    while this thread's `join` does too, the second reader finds the pipe empty and multiprocessing
+    reports exit code 255 for a job that succeeded (seen with a few jobs side by side).
+    """
+    multiprocessing.process._children.discard(process)
 
 
 class Named(list):
