@@ -29,7 +29,9 @@ def report(table: pd.DataFrame, experiment: str) -> str:
                        + ("" if pd.isna(r["lambda"]) else f" (lambda {r['lambda']:g})"), axis=1)
     keys = table[["method", "function", "timesteps", "proj_dim"]].map(_text)
     wide = keys.assign(cell=cell, column=table.split + ", " + table.lambda_rule).pivot_table(
-        index=list(keys.columns), columns="column", values="cell", aggfunc="first", sort=False).reset_index()
+        index=list(keys.columns), columns="column", values="cell", aggfunc="first")
+    # rows in the table's order (numeric K and k), not in the order of their text
+    wide = wide.loc[pd.MultiIndex.from_frame(keys.drop_duplicates())].reset_index()
     header = list(wide.columns)
     lines = [f"# LDS of experiment `{experiment}`", "",
              "LDS in percent, 95% bootstrap interval over subsets in brackets, and the chosen lambda.", "",
