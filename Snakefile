@@ -16,6 +16,7 @@ include: "rules/generate.smk"
 include: "rules/ground_truth.smk"
 include: "rules/featurize.smk"
 include: "rules/score.smk"
+include: "rules/baseline.smk"
 include: "rules/lds.smk"
 include: "rules/table.smk"
 

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 from diffattr.config import ConfigError, select_timesteps, undefined_preset, validate_config
 from diffattr.config import feature_sets as config_feature_sets
+from diffattr.config import score_methods
+from diffattr.methods import BASELINES
 from diffattr.worker import run_script
 
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
@@ -25,6 +27,9 @@ wildcard_constraints:
     function=r"[a-z0-9.]+",
     K=r"\d+",
     k=r"\d+",
+    baseline="|".join(BASELINES),
+    # a predictions store: the feature set it was scored on, or a pixel baseline
+    scores=r"[a-z0-9.]+_K\d+_k\d+|" + "|".join(BASELINES),
 
 
 def local_gpu_jobs() -> int:
@@ -80,6 +85,17 @@ def feature_sets(wildcards):
     return config_feature_sets(settings(wildcards)["featurize"])
 
 
+def baselines(wildcards):
+    """The experiment's pixel baselines (score.baselines)."""
+    return score_methods(settings(wildcards)["score"], "baselines")
+
+
+def score_stores(wildcards):
+    """Names of the experiment's predictions stores (results/<exp>/scores/<name>/<split>.zarr): one
+    per feature set, one per pixel baseline."""
+    return [*(f"{f}_K{K}_k{k}" for f, K, k in feature_sets(wildcards)), *baselines(wildcards)]
+
+
 def products(experiment):
     """Every output of an experiment, intermediate ones included.
 
@@ -93,8 +109,8 @@ def products(experiment):
         *(f"results/{experiment}/models/{m}/diffusion_pytorch_model.safetensors" for m in models),
         *(f"results/{experiment}/ground_truth/{m}.zarr" for m in lds_models(w)),
         *(f"results/{experiment}/features/{s}/{split}.zarr" for s in sets for split in ["train", *QUERY_SPLITS]),
-        *(f"results/{experiment}/scores/{s}/{split}.zarr" for s in sets for split in QUERY_SPLITS),
-        *(f"results/{experiment}/lds/{s}_{split}.csv" for s in sets for split in QUERY_SPLITS),
+        *(f"results/{experiment}/scores/{s}/{split}.zarr" for s in score_stores(w) for split in QUERY_SPLITS),
+        *(f"results/{experiment}/lds/{s}_{split}.csv" for s in score_stores(w) for split in QUERY_SPLITS),
         f"results/lds_{experiment}.csv",
     ]
 

@@ -1,7 +1,7 @@
 rule table:
     input:
-        lambda w: [f"results/{w.experiment}/lds/{f}_K{K}_k{k}_{s}.csv"
-                   for f, K, k in feature_sets(w) for s in QUERY_SPLITS],
+        lambda w: [f"results/{w.experiment}/lds/{name}_{s}.csv"
+                   for name in score_stores(w) for s in QUERY_SPLITS],
     output:
         table="results/lds_{experiment}.csv",
         report="results/lds_{experiment}.md",

@@ -218,3 +218,21 @@ def test_snakemake_stops_before_any_job(tmp_path, args, line):
     assert result.returncode != 0
     assert line in result.stderr + result.stdout
     assert "Building DAG of jobs" not in result.stderr + result.stdout
+
+
+def test_score_methods_and_baselines():
+    """The schema lists exactly the methods diffattr computes; a preset without the keys gets all."""
+    from diffattr.methods import BASELINES, FEATURE_METHODS
+
+    keys = schema()["$defs"]["experiment"]["properties"]["score"]["properties"]
+    assert tuple(keys["methods"]["items"]["enum"]) == tuple(keys["methods"]["default"]) == FEATURE_METHODS
+    assert tuple(keys["baselines"]["items"]["enum"]) == tuple(keys["baselines"]["default"]) == BASELINES
+    spec = resolve_all(edited(tiny(score={"methods": ["relative_if"], "baselines": []})))["tiny"]["score"]
+    assert cfg.score_methods(spec, "methods") == ["relative_if"] and cfg.score_methods(spec, "baselines") == []
+    default = experiment(CONFIG, "default")["score"]
+    assert cfg.score_methods(default, "methods") == ["trak", "gradient_dot", "gradient_cos", "relative_if",
+                                                     "renormalized_if"]
+    assert cfg.score_methods(default, "baselines") == ["pixel_dot", "pixel_cos"]
+    with pytest.raises(ConfigError, match=r'^experiments\.tiny\.score\.methods\[1\]: got "tracin"; expected one '
+                                          r'of "trak", "gradient_dot", '):
+        resolve_all(edited(tiny(score={"methods": ["trak", "tracin"]})))

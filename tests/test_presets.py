@@ -16,14 +16,17 @@ CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 
 def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     """Job counts written out from the settings: one model per (subset, seed), one feature store per
-    (function, K, k, split of train/val/gen), one score and LDS per (function, K, k, query split)."""
+    (function, K, k, split of train/val/gen), one score per (function, K, k, query split), one
+    baseline per (pixel baseline, query split) (both pixel baselines unless score.baselines says
+    otherwise), and one LDS per score or baseline."""
     models = int(spec["subsets"]["m"]) * len(spec["subsets"]["train_seeds"])
     grids = [spec["featurize"], *spec["featurize"].get("extra_grids", [])]
     feature_sets = len({(f, int(K), int(k)) for g in grids
                         for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]})
+    baselines = len(spec["score"].get("baselines", ["pixel_dot", "pixel_cos"]))
     jobs = {"dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
             "ground_truth": models, "featurize": 3 * feature_sets, "score": 2 * feature_sets,
-            "lds": 2 * feature_sets, "table": 1}
+            "baseline": 2 * baselines, "lds": 2 * (feature_sets + baselines), "table": 1}
     return {**jobs, "download_cifar10": 1} if downloads else jobs
 
 
@@ -82,3 +85,12 @@ def test_feature_sets_are_the_union_of_the_grids_in_config_order():
                  "extra_grids": [{"functions": ["simple", "avg"], "timesteps": [10, 100], "proj_dims": [64]}]}
     assert feature_sets(featurize) == [("square", 10, 64), ("simple", 10, 64), ("simple", 100, 64),
                                        ("avg", 10, 64), ("avg", 100, 64)]
+
+
+def test_score_baselines_can_be_turned_off(workdir):
+    out = dry_run(workdir, "results/lds_tiny.csv", "--config",
+                  'experiments={"tiny": {"score": {"baselines": []}}}')
+    spec = experiment(CONFIG, "tiny")
+    spec["score"]["baselines"] = []
+    counts = job_counts(out)
+    assert "baseline" not in counts and counts == {k: v for k, v in expected_jobs(spec, False).items() if v}

@@ -9,6 +9,7 @@ from diffattr.config import select_timesteps
 from diffattr.featurize import featurize_split
 from diffattr.ground_truth import compute_and_save
 from diffattr.lds import lds_table, select_lambda
+from diffattr.methods import FEATURE_METHODS, read_predictions, write_predictions
 from diffattr.provenance import FEATURE_KEYS, ProvenanceError
 from diffattr.score import lambda_grid, score_split, subset_predictions
 from diffattr.storage import array_sha256, file_sha256, read_array, write_array
@@ -57,10 +58,13 @@ def test_features_of_two_projector_seeds_are_refused(saved_model, tiny_spec, sub
     assert not out.parent.exists()
 
     score_split(train, query, subsets_csv, SCORE_SPEC, out)  # one seed: accepted, and the right scores
-    preds, attrs = read_array(out)
+    predictions, attrs = read_predictions(out)
+    assert list(predictions) == list(FEATURE_METHODS)  # every method when the spec names none
+    preds, lambdas = predictions["trak"]
     masks = membership_matrix(pd.read_csv(subsets_csv), 12)
     expected = subset_predictions(read_array(train)[0], read_array(query)[0], masks, lambda_grid(range(-1, 2)))
     np.testing.assert_allclose(preds, expected, rtol=1e-10)
+    np.testing.assert_array_equal(lambdas, lambda_grid(range(-1, 2)))
     assert attrs["proj_seed"] == 0 and attrs["subsets_sha256"] == file_sha256(subsets_csv)
 
 
@@ -152,9 +156,9 @@ def lds_inputs(subsets_csv, tmp_path):
     preds = truth[None] + rng.normal(scale=[[[0.1]], [[1.0]], [[3.0]]], size=(3, 3, 4))
     query_sha256 = array_sha256(QUERIES)
     predictions = tmp_path / "scores" / "val.zarr"
-    write_array(predictions, preds, {"lambdas": [0.1, 1.0, 10.0], "query_sha256": query_sha256,
-                                     "subsets_sha256": file_sha256(subsets_csv), "function": "square",
-                                     "K": 10, "proj_dim": 4})
+    write_predictions(predictions, {"trak": (preds, [0.1, 1.0, 10.0])},
+                      {"query_sha256": query_sha256, "subsets_sha256": file_sha256(subsets_csv),
+                       "function": "square", "K": 10, "proj_dim": 4})
     paths = {}
     for name in MODELS:
         j, r = int(name[1:4]), int(name[-1])
@@ -173,8 +177,8 @@ def run_lds(lds_inputs, subsets_csv, tmp_path):
 
 def test_consistent_scores_and_ground_truth_give_the_lds(lds_inputs, subsets_csv, tmp_path):
     predictions, _, truth = lds_inputs
-    preds, attrs = read_array(predictions)
-    expected = select_lambda(preds, truth, attrs["lambdas"], "oracle", 0, 0.9, 50)
+    preds, lambdas = read_predictions(predictions)[0]["trak"]
+    expected = select_lambda(preds, truth, lambdas, "oracle", 0, 0.9, 50)
     row = run_lds(lds_inputs, subsets_csv, tmp_path).iloc[0]
     assert row["lambda"] == expected["lambda_"] == 0.1 and row["lds"] == pytest.approx(expected["lds"])
 
@@ -218,8 +222,7 @@ def test_ground_truth_that_does_not_belong_is_refused(case, lds_inputs, subsets_
         message = (f"{predictions} and the ground truth ({first}) were computed on different 'val' query "
                    f"sets (query_sha256 {array_sha256(QUERIES)} vs {other_queries})")
     elif case == "scores' subsets table":
-        preds, attrs = read_array(predictions)
-        write_array(predictions, preds, {**attrs, "subsets_sha256": OTHER_TABLE})
+        zarr.open_group(predictions, mode="r+").attrs["subsets_sha256"] = OTHER_TABLE
         message = (f"{predictions} was scored with another subsets table than {subsets_csv} "
                    f"(subsets_sha256 {OTHER_TABLE} vs {table})")
     elif case == "ground truth's subsets table":
@@ -261,8 +264,8 @@ def test_ground_truth_written_for_another_query_set_is_refused(make_tiny_model, 
         compute_and_save(tmp_path / "models" / name / "diffusion_pytorch_model.safetensors", tiny_spec,
                          {"val": images}, gt_spec, paths[name])
     predictions = tmp_path / "scores.zarr"
-    write_array(predictions, np.zeros((2, 3, 4)), {
-        "lambdas": [0.1, 1.0], "query_sha256": array_sha256(queries["val"]), "function": "square",
+    write_predictions(predictions, {"trak": (np.zeros((2, 3, 4)), [0.1, 1.0])}, {
+        "query_sha256": array_sha256(queries["val"]), "function": "square",
         "subsets_sha256": file_sha256(subsets_csv), "K": 2, "proj_dim": 4})
     with pytest.raises(ProvenanceError, match=rf"^{paths['s000-r0']} and {paths['s002-r1']} cannot be "
                                               r"combined; they differ in query_sha256: "):
@@ -300,3 +303,67 @@ def test_ground_truth_records_what_its_model_was_trained_on(tiny_spec, subsets_c
         ground_truth_matrix(swapped, "val", 2, table)
     with pytest.raises(ProvenanceError, match="trained with seed 0, given as s000-r1's"):
         ground_truth_matrix({"s000-r1": truth["s000-r0"], "s001-r0": truth["s001-r0"]}, "val", 2, table)
+
+
+@pytest.mark.parametrize("case", ["one array", "no provenance", "no function", "unknown method",
+                                  "missing member", "no lambdas"])
+def test_predictions_stores_that_are_not_trusted_are_refused(case, lds_inputs, subsets_csv, tmp_path):
+    """A store of an older layout, or one that lacks what score and baseline always record."""
+    predictions = lds_inputs[0]
+    group = zarr.open_group(predictions, mode="r+")
+    if case == "one array":
+        preds = group["preds/trak"][...]
+        write_array(predictions, preds, {**group.attrs, "lambdas": [0.1, 1.0, 10.0]})
+        message = (f"{predictions} holds one array, not a group of predictions per method: it was written "
+                   "by an older version of diffattr's score; recompute it")
+    elif case == "no provenance":
+        group.attrs.update({"query_sha256": None})
+        message = (f"{predictions} records no query_sha256: it was not written by diffattr's score or "
+                   "baseline (or by an older version); recompute it")
+    elif case == "no function":
+        group.attrs.update({"function": None, "proj_dim": None})
+        message = (f"{predictions} (preds/trak) records no function, proj_dim: it was not written by "
+                   "diffattr's score or baseline (or by an older version); recompute it")
+    elif case == "unknown method":
+        group.attrs.update({"methods": ["trak", "tracin"]})
+        message = (f"{predictions} holds predictions of method 'tracin', which diffattr does not know "
+                   "(known: trak, gradient_dot, gradient_cos, relative_if, renormalized_if, pixel_dot, pixel_cos)")
+    elif case == "missing member":
+        group.attrs.update({"methods": ["trak", "gradient_dot"]})
+        message = f"{predictions} lists method 'gradient_dot' but holds no preds/gradient_dot; recompute it"
+    else:
+        group["preds/trak"].attrs.update({"lambdas": None})
+        message = (f"{predictions} (preds/trak) records no lambdas: it was not written by diffattr's score "
+                   "or baseline (or by an older version); recompute it")
+    with pytest.raises(ProvenanceError) as error:
+        run_lds(lds_inputs, subsets_csv, tmp_path)
+    assert str(error.value) == message
+    assert not (tmp_path / "lds.csv").exists()
+
+
+def test_every_method_of_a_store_gets_its_rows(subsets_csv, tmp_path):
+    """score_split -> lds_table: one row per (method, rule), each the LDS of that method's predictions."""
+    train, query = stores(tmp_path, {"function": "simple"}, {**FEATURE_ATTRS, "function": "simple"})
+    out = tmp_path / "scores.zarr"
+    methods = ["gradient_cos", "trak", "relative_if"]
+    score_split(train, query, subsets_csv, {**SCORE_SPEC, "methods": methods}, out)
+    predictions, _ = read_predictions(out)
+    assert list(predictions) == methods
+    truth = predictions["trak"][0][1] + np.random.default_rng(4).normal(size=(3, 4))
+    paths = {}
+    for name in MODELS:
+        paths[name] = tmp_path / "gt" / f"{name}.zarr"
+        write_truth(paths[name], truth[:, int(name[1:4])], name * 8, FEATURE_ATTRS["query_sha256"])
+    spec = {**LDS_SPEC, "lambda_rules": ["oracle", "heldout"]}
+    lds_table(out, subsets_csv, paths, "val", spec, tmp_path / "lds.csv")
+    rows = pd.read_csv(tmp_path / "lds.csv")
+    assert list(zip(rows.method, rows.lambda_rule)) == [
+        (method, rule) for method in ("Gradient (cos)", "TRAK", "Relative IF") for rule in ("oracle", "heldout")]
+    assert (rows.function == "simple").all() and (rows.proj_dim == 4).all()
+    for row in rows.itertuples():
+        method = methods[row.Index // 2]
+        preds, lambdas = predictions[method]
+        want = select_lambda(preds, truth, lambdas, row.lambda_rule, 0, 0.9, 50)
+        assert row.lds == pytest.approx(want["lds"], rel=1e-12)
+        chosen = rows["lambda"][row.Index]
+        assert np.isnan(chosen) if method == "gradient_cos" else chosen == want["lambda_"]

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from diffattr.score import lambda_grid, scores, subset_predictions
+from diffattr import score
+from diffattr.score import lambda_grid, method_predictions, scores, subset_predictions
 
 
 def explicit_scores(x, xq, lam):
@@ -74,3 +75,90 @@ def test_lambda_grid():
     assert grid[0] == 0.01 and grid[-1] == 5e6
     assert grid[:4] == [0.01, 0.02, 0.05, 0.1]
     assert all(a < b for a, b in zip(grid, grid[1:]))
+
+
+# ---------------------------------------------------------------- the other methods, against dense references
+
+def dense_method_scores(method, x, xq, lam):
+    """The (m, n) score matrix of a method, column by column from a dense inverse and explicit norms."""
+    n, k = x.shape
+    if method in ("gradient_dot", "pixel_dot"):
+        return np.array([[xq[z] @ x[i] for i in range(n)] for z in range(len(xq))])
+    if method in ("gradient_cos", "pixel_cos"):
+        return np.array([[xq[z] @ x[i] / (np.linalg.norm(xq[z]) * np.linalg.norm(x[i])) for i in range(n)]
+                         for z in range(len(xq))])
+    h_inv = np.linalg.inv(x.T @ x + lam * np.eye(k))
+    out = np.zeros((len(xq), n))
+    for i in range(n):
+        column = xq @ h_inv @ x[i]
+        if method == "relative_if":
+            column = column / np.linalg.norm(h_inv @ x[i])
+        elif method == "renormalized_if":
+            column = column / np.linalg.norm(x[i])
+        out[:, i] = column
+    return out
+
+
+def loop_method_predictions(method, x, xq, masks, lambdas):
+    out = np.zeros((len(lambdas), len(xq), len(masks)))
+    for l, lam in enumerate(lambdas):
+        s = dense_method_scores(method, x, xq, lam)
+        for z in range(len(xq)):
+            for j in range(len(masks)):
+                out[l, z, j] = -sum(s[z, i] for i in range(len(x)) if masks[j, i])
+    return out
+
+
+@pytest.mark.parametrize("n,k", [(20, 5), (6, 15)])  # eig of X^T X, then Gram branch
+@pytest.mark.parametrize("method", ["trak", "relative_if", "renormalized_if"])
+@pytest.mark.parametrize("block", [4096, 3])  # RelatIF's norms in one block of rows, or in several
+def test_kernel_methods_match_dense_inverse(method, n, k, block, monkeypatch):
+    monkeypatch.setattr(score, "NORM_BLOCK_ROWS", block)
+    x, xq, masks = data(n, k, seed=2)
+    x *= np.linspace(0.2, 3.0, n)[:, None]  # train rows of different norms: the rescalings matter
+    lambdas = [0.01, 0.5, 20.0, 1e4]
+    got, got_lambdas = method_predictions(method, x, xq, masks, lambdas)
+    assert got_lambdas == lambdas
+    np.testing.assert_allclose(got, loop_method_predictions(method, x, xq, masks, lambdas), rtol=1e-8,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("n,k", [(20, 5), (6, 15)])
+@pytest.mark.parametrize("method", ["gradient_dot", "gradient_cos", "pixel_dot", "pixel_cos"])
+def test_dot_methods_match_loops(method, n, k):
+    x, xq, masks = data(n, k, seed=3)
+    x *= np.linspace(0.2, 3.0, n)[:, None]
+    got, lambdas = method_predictions(method, x, xq, masks, [1.0, 2.0])
+    assert lambdas == [None] and got.shape == (1, len(xq), len(masks))
+    np.testing.assert_allclose(got, loop_method_predictions(method, x, xq, masks, [None]), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_rescaled_methods_differ_from_trak():
+    """Rows of very different norms: dividing by them changes which subsets rank first."""
+    x, xq, masks = data(20, 5, seed=4)
+    x *= np.logspace(-1, 1, 20)[:, None]
+    preds = {m: method_predictions(m, x, xq, masks, [0.1])[0] for m in ("trak", "relative_if", "renormalized_if")}
+    assert not np.allclose(preds["trak"], preds["relative_if"])
+    assert not np.allclose(preds["trak"], preds["renormalized_if"])
+    assert not np.allclose(preds["relative_if"], preds["renormalized_if"])
+
+
+@pytest.mark.parametrize("n,k", [(12, 4), (5, 9)])
+def test_relative_if_zero_train_row_scores_zero(n, k):
+    x, xq, masks = data(n, k, seed=5)
+    x[2] = 0.0
+    for method in ("relative_if", "renormalized_if", "gradient_cos"):
+        got = method_predictions(method, x, xq, masks, [0.3])[0]
+        alone = np.zeros_like(masks)
+        alone[:, 2] = True  # subsets holding only the zero row
+        assert np.all(np.isfinite(got))
+        np.testing.assert_array_equal(method_predictions(method, x, xq, alone, [0.3])[0], 0.0)
+
+
+def test_unknown_method_is_named():
+    x, xq, masks = data(10, 4)
+    with pytest.raises(ValueError, match="'tracin'"):
+        method_predictions("tracin", x, xq, masks, [1.0])
+    with pytest.raises(ValueError, match="renormalize"):
+        subset_predictions(x, xq, masks, [1.0], renormalize="cosine")

@@ -33,7 +33,7 @@ EVERYTHING = ("--config", "experiment=tiny", f"experiments={json.dumps({'tiny': 
 TARGET = "results/lds_tiny.csv"
 FAIL_MODEL = "s001-r0"
 GPU_RULES = {"train_full", "train_lds", "generate", "ground_truth", "featurize"}
-CPU_RULES = {"dataset", "subsets", "score", "lds", "table"}
+CPU_RULES = {"dataset", "subsets", "score", "baseline", "lds", "table"}
 # What tests/slurm_cluster.sh creates, handed to the profile the way a user would.
 SLURM_ENV = {"DIFFATTR_SLURM_ACCOUNT": "diffattr", "DIFFATTR_SLURM_PARTITION": "gpu"}
 
@@ -189,7 +189,8 @@ def test_failed_job_is_retried_with_more_memory_and_its_logs_kept(runs, profile)
 
 def test_rerun_does_only_the_failed_job_and_what_depends_on_it(runs, tiny, profile):
     spec = tiny["featurize"]
-    n_lds = len(spec["functions"]) * len(spec["timesteps"]) * len(spec["proj_dims"]) * 2
+    baselines = tiny["score"].get("baselines", ["pixel_dot", "pixel_cos"])  # one LDS per baseline too
+    n_lds = (len(spec["functions"]) * len(spec["timesteps"]) * len(spec["proj_dims"]) + len(baselines)) * 2
     # The failed model's ground truth shares its allocation with others that waited for it.
     group = profile["group-components"]["ground_truth"]
     assert runs["left"] == {"train_lds": 1, "ground_truth": group, "lds": n_lds, "table": 1, "all": 1}

@@ -49,25 +49,33 @@ def tiny():
 def test_table_has_one_finite_row_per_combination(workdir, tiny):
     table = pd.read_csv(workdir / TARGET)
     spec = tiny["featurize"]
-    expected = {(f, K, k, split, rule) for f in spec["functions"] for K in spec["timesteps"]
-                for k in spec["proj_dims"] for split in ("val", "gen")
-                for rule in tiny["lds"]["lambda_rules"]}
-    got = list(zip(table.function, table.timesteps, table.proj_dim, table.split, table.lambda_rule))
+    splits, rules = ("val", "gen"), tiny["lds"]["lambda_rules"]
+    # every method of the score jobs on each feature set (TRAK on simple, D-TRAK on the others), and the
+    # pixel baselines, which have no function, K or k
+    methods = ["Gradient (dot)", "Gradient (cos)", "Relative IF", "Renormalized IF"]
+    expected = {(name, f, K, k, split, rule)
+                for f in spec["functions"] for K in spec["timesteps"] for k in spec["proj_dims"]
+                for name in [("TRAK" if f == "simple" else "D-TRAK"), *methods]
+                for split in splits for rule in rules}
+    expected |= {(name, "", -1, -1, split, rule) for name in ("Raw pixel (dot)", "Raw pixel (cos)")
+                 for split in splits for rule in rules}
+    keys = table[["function", "timesteps", "proj_dim"]].fillna({"function": "", "timesteps": -1, "proj_dim": -1})
+    got = list(zip(table.method, keys.function, keys.timesteps, keys.proj_dim, table.split, table.lambda_rule))
     assert len(got) == len(set(got)) and set(got) == expected
     assert set(table.experiment) == {"tiny"}
-    assert set(table.method[table.function == "simple"]) == {"TRAK"}
-    assert set(table.method[table.function != "simple"]) == {"D-TRAK"}
     assert table.lds.between(-1, 1).all()
     grid = lambda_grid(range(tiny["score"]["lambda_exponents"][0], tiny["score"]["lambda_exponents"][1] + 1))
-    assert all(any(math.isclose(value, g) for g in grid) for value in table["lambda"])
+    with_lambda = table.method.isin(["TRAK", "D-TRAK", "Relative IF", "Renormalized IF"])
+    assert all(any(math.isclose(value, g) for g in grid) for value in table["lambda"][with_lambda])
+    assert table["lambda"][~with_lambda].isna().all()
     m = tiny["subsets"]["m"]
     assert (table.n_subsets[table.lambda_rule == "oracle"] == m).all()
     assert (table.n_subsets[table.lambda_rule == "heldout"] == m - m // 2).all()
     queries = {"val": tiny["dataset"]["n_val"], "gen": tiny["generate"]["n"]}
     assert all(0 < n <= queries[s] for n, s in zip(table.n_queries, table.split))
     report = (workdir / "results/lds_tiny.md").read_text().splitlines()
-    rows = [line for line in report if line.startswith(("| TRAK", "| D-TRAK"))]
-    assert len(rows) == len(spec["functions"]) * len(spec["timesteps"]) * len(spec["proj_dims"])
+    rows = [line for line in report if line.startswith("| ") and not line.startswith("| method")]
+    assert len(rows) == len({key[:4] for key in expected})  # one line per (method, function, K, k)
     bounded = table.dropna(subset=["ci_low", "ci_high"])
     assert len(bounded) >= len(table) // 2
     assert ((bounded.ci_low <= bounded.lds + 1e-9) & (bounded.lds <= bounded.ci_high + 1e-9)).all()
@@ -82,7 +90,9 @@ def test_deleting_one_model_reruns_only_it_and_its_dependents(workdir, tiny):
     before = pd.read_csv(workdir / TARGET)
     weights = workdir / "results/tiny/models/lds/s001-r1/diffusion_pytorch_model.safetensors"
     weights.unlink()
-    n_lds = len(tiny["featurize"]["functions"]) * 2  # every LDS job reads every model's ground truth
+    # every LDS job reads every model's ground truth: one per (feature set or pixel baseline, query split)
+    baselines = tiny["score"].get("baselines", ["pixel_dot", "pixel_cos"])
+    n_lds = (len(tiny["featurize"]["functions"]) + len(baselines)) * 2
     assert planned_jobs(workdir, *EVERYTHING) == {"train_lds": 1, "ground_truth": 1, "lds": n_lds,
                                                    "table": 1, "all": 1}
     snakemake(workdir, *EVERYTHING)

@@ -316,6 +316,13 @@ def feature_sets(featurize: dict) -> list[tuple[str, int, int]]:
     return list(sets)
 
 
+def score_methods(score: dict, key: str) -> list[str]:
+    """`score.methods` (methods on the gradient features) or `score.baselines` (pixel baselines) of a
+    preset, the schema's default where the preset leaves it out."""
+    default = schema()["$defs"]["experiment"]["properties"]["score"]["properties"][key]["default"]
+    return [str(name) for name in score.get(key, default)]
+
+
 def parse_function(name: str) -> tuple[str, float | None]:
     """'square' -> ('square', None); 'interp0.25' -> ('interp', 0.25)."""
     if name in FUNCTIONS:

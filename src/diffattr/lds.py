@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .methods import label, read_predictions
 from .provenance import (GROUND_TRUTH_KEYS, REQUIRED_GROUND_TRUTH_KEYS, ProvenanceError, require_finite,
                          require_present, require_same)
-from .storage import atomic_output, file_sha256, read_array, read_member
+from .storage import atomic_output, file_sha256, read_member
 
 RULES = ("oracle", "heldout")
 
@@ -149,31 +150,35 @@ def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int,
 
 
 def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spec: dict, out_path) -> None:
-    """One row per lambda rule: the chosen lambda, the LDS and its bootstrap interval.
+    """One row per (method of the store, lambda rule): the chosen lambda (NaN for a method without
+    one), the LDS and its bootstrap interval.
 
     Refused: scores made with another subsets table than `subsets_path`, and ground truth computed on
     another query set, with other timesteps or noise seeds between models, or for other subsets.
     """
-    preds, attrs = read_array(predictions_path)
-    require_present(("lambdas", "query_sha256", "subsets_sha256", "function", "K", "proj_dim"),
-                    (str(predictions_path), attrs), "diffattr's score")
+    predictions, attrs = read_predictions(predictions_path)
     table_sha256 = file_sha256(subsets_path)
     if attrs["subsets_sha256"] != table_sha256:
         raise ProvenanceError(f"{predictions_path} was scored with another subsets table than {subsets_path} "
                               f"(subsets_sha256 {attrs['subsets_sha256']} vs {table_sha256})")
-    truth, truth_attrs = ground_truth_matrix(truth_paths, split, preds.shape[2], table_sha256)
+    n_subsets = {preds.shape[2] for preds, _ in predictions.values()}
+    if len(n_subsets) != 1:
+        raise ProvenanceError(f"{predictions_path} holds predictions for {sorted(n_subsets)} subsets; "
+                              "expected one count for every method")
+    truth, truth_attrs = ground_truth_matrix(truth_paths, split, n_subsets.pop(), table_sha256)
     if truth_attrs["query_sha256"] != attrs["query_sha256"]:
         raise ProvenanceError(f"{predictions_path} and the ground truth ({next(iter(truth_paths.values()))}) "
                               f"were computed on different '{split}' query sets (query_sha256 "
                               f"{attrs['query_sha256']} vs {truth_attrs['query_sha256']})")
     rows = []
-    for rule in spec["lambda_rules"]:
-        result = select_lambda(preds, truth, attrs["lambdas"], rule, int(spec["heldout_seed"]),
-                               float(spec["confidence"]), int(spec["bootstrap_resamples"]))
-        rows.append({"method": "TRAK" if attrs["function"] == "simple" else "D-TRAK",
-                     "function": attrs["function"], "timesteps": attrs["K"], "proj_dim": attrs["proj_dim"],
-                     "split": split, "lambda_rule": rule, "lambda": result["lambda_"],
-                     "lds": result["lds"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
-                     "n_queries": result["n_queries"], "n_subsets": result["n_subsets"]})
+    for method, (preds, lambdas) in predictions.items():
+        for rule in spec["lambda_rules"]:
+            result = select_lambda(preds, truth, lambdas, rule, int(spec["heldout_seed"]),
+                                   float(spec["confidence"]), int(spec["bootstrap_resamples"]))
+            rows.append({"method": label(method, attrs.get("function")), "function": attrs.get("function"),
+                         "timesteps": attrs.get("K"), "proj_dim": attrs.get("proj_dim"),
+                         "split": split, "lambda_rule": rule, "lambda": result["lambda_"],
+                         "lds": result["lds"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
+                         "n_queries": result["n_queries"], "n_subsets": result["n_subsets"]})
     with atomic_output(out_path) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)

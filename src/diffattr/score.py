@@ -1,4 +1,5 @@
-"""TRAK-style attribution scores S(lambda) = Xq (X^T X + lambda I)^{-1} X^T and their subset sums."""
+"""Attribution scores and their subset sums: TRAK-style S(lambda) = Xq (X^T X + lambda I)^{-1} X^T,
+its relative and renormalized variants (train columns rescaled), and kernel-free dot products."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,12 @@ import pandas as pd
 
 from .provenance import (FEATURE_KEYS, REQUIRED_FEATURE_KEYS, ProvenanceError, require_finite,
                          require_present, require_same)
-from .storage import file_sha256, read_array, write_array
+from .methods import FEATURE_METHODS, METHODS, write_predictions
+from .storage import file_sha256, read_array
 from .subsets import membership_matrix
+
+RENORMALIZATIONS = (None, "relative", "renormalized")
+NORM_BLOCK_ROWS = 4096  # train rows per block when computing RelatIF's norms
 
 
 def scores(train: np.ndarray, query: np.ndarray, lam: float) -> np.ndarray:
@@ -19,33 +24,94 @@ def scores(train: np.ndarray, query: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.solve(gram, xq.T).T @ x.T  # gram is symmetric, so (gram^{-1} Xq^T)^T = Xq gram^{-1}
 
 
-def subset_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, lambdas) -> np.ndarray:
-    """Predicted outputs (L, m, M): pred[l, z, j] = -sum_{i in subset j} S(lambda_l)[z, i].
+def subset_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, lambdas,
+                       renormalize: str | None = None) -> np.ndarray:
+    """Predicted outputs (L, m, M): pred[l, z, j] = -sum_{i in subset j} S(lambda_l)[z, i] / w_l(i).
 
     One eigendecomposition serves the whole lambda grid, and the (m, n) score matrix is never
     formed: the masks are applied on the train side first. The k x k matrix X^T X is decomposed
     when k <= n, otherwise the n x n Gram matrix X X^T, using
     (X^T X + lambda I)^{-1} X^T = X^T (X X^T + lambda I)^{-1}.
+
+    `renormalize` rescales each train column: None keeps w = 1 (TRAK), 'relative' divides by
+    w = ||H^{-1} x_i|| with H = X^T X + lambda I (RelatIF), 'renormalized' by w = ||x_i||. A train
+    row with w = 0 scores 0 against every query.
     """
     x = np.asarray(train, dtype=np.float64)
     xq = np.asarray(query, dtype=np.float64)
     _check_features(x, xq)
-    masks = np.asarray(masks)
+    masks = _check_masks(masks, len(x))
     lambdas = np.asarray(lambdas, dtype=np.float64)
     n, k = x.shape
-    if masks.ndim != 2 or masks.shape[1] != n:
-        raise ValueError(f"masks must have shape (M, n={n}), got {masks.shape}")
     if lambdas.ndim != 1 or not np.all(lambdas > 0):
         raise ValueError(f"lambdas must be a 1-D sequence of positive values, got {lambdas}")
+    if renormalize not in RENORMALIZATIONS:
+        raise ValueError(f"renormalize must be one of {RENORMALIZATIONS}, got {renormalize!r}")
     sums = masks.astype(np.float64).T  # (n, M)
     if k <= n:
         e, v = np.linalg.eigh(x.T @ x)
-        left, right = xq @ v, v.T @ (x.T @ sums)
+        left = xq @ v
+
+        def right(weights):  # V^T X^T diag(weights) masks^T
+            return v.T @ (x.T @ (sums * weights[:, None]))
+
+        def coordinates(rows):  # V^T x_i, so that H^{-1} x_i = V diag(1/(e + lambda)) V^T x_i
+            return x[rows] @ v
     else:
         e, u = np.linalg.eigh(x @ x.T)
-        left, right = (xq @ x.T) @ u, u.T @ sums
+        left = (xq @ x.T) @ u
+
+        def right(weights):
+            return u.T @ (sums * weights[:, None])
+
+        def coordinates(rows):  # H^{-1} x_i = X^T U diag(1/(e + lambda)) U^T e_i
+            return u[rows]
     e = np.clip(e, 0.0, None)  # round-off can make a PSD matrix's smallest eigenvalues slightly negative
-    return np.stack([-(left / (e + lam)) @ right for lam in lambdas])
+    row_norms = np.linalg.norm(x, axis=1)
+    if renormalize == "relative":  # w = 0 exactly for a zero row, whatever the round-off in the norms
+        norms = _relative_norms(coordinates, e, k <= n, lambdas, n) * (row_norms > 0)[:, None]
+        return np.stack([-(left / (e + lam)) @ right(_inverse(norms[:, l])) for l, lam in enumerate(lambdas)])
+    fixed = right(np.ones(n) if renormalize is None else _inverse(row_norms))
+    return np.stack([-(left / (e + lam)) @ fixed for lam in lambdas])
+
+
+def _relative_norms(coordinates, e: np.ndarray, primal: bool, lambdas: np.ndarray, n: int) -> np.ndarray:
+    """(n, L): ||H^{-1} x_i|| for every lambda. With c_i = coordinates(i) it is
+    sum_c c_ic^2 / (e_c + lambda)^2 when V diagonalizes X^T X (primal), and
+    sum_c c_ic^2 e_c / (e_c + lambda)^2 in the Gram branch (U^T X X^T U = diag(e)); rows are taken in
+    blocks so that no (n, k) matrix is formed."""
+    scale = (np.ones_like(e) if primal else e)[:, None] / (e[:, None] + lambdas[None, :]) ** 2  # (k', L)
+    squares = np.concatenate([coordinates(slice(start, start + NORM_BLOCK_ROWS)) ** 2 @ scale
+                              for start in range(0, n, NORM_BLOCK_ROWS)])
+    return np.sqrt(squares)
+
+
+def dot_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, cosine: bool = False) -> np.ndarray:
+    """Predicted outputs (1, m, M) of the kernel-free scores S = Xq X^T: pred[0, z, j] =
+    -sum_{i in subset j} S[z, i]; with `cosine`, rows of X and Xq are scaled to unit length first
+    (a zero row scores 0)."""
+    x = np.asarray(train, dtype=np.float64)
+    xq = np.asarray(query, dtype=np.float64)
+    _check_features(x, xq)
+    masks = _check_masks(masks, len(x))
+    if cosine:
+        x = x * _inverse(np.linalg.norm(x, axis=1))[:, None]
+        xq = xq * _inverse(np.linalg.norm(xq, axis=1))[:, None]
+    return -(xq @ (x.T @ masks.astype(np.float64).T))[None]
+
+
+def _inverse(norms: np.ndarray) -> np.ndarray:
+    """1 / norms, and 0 where a norm is 0 (a zero vector contributes nothing)."""
+    out = np.zeros_like(norms)
+    np.divide(1.0, norms, out=out, where=norms > 0)
+    return out
+
+
+def _check_masks(masks, n: int) -> np.ndarray:
+    masks = np.asarray(masks)
+    if masks.ndim != 2 or masks.shape[1] != n:
+        raise ValueError(f"masks must have shape (M, n={n}), got {masks.shape}")
+    return masks
 
 
 def lambda_grid(exponents=range(-2, 7), mantissas=(1, 2, 5)) -> list[float]:
@@ -74,19 +140,41 @@ def read_features(path) -> tuple[np.ndarray, dict]:
     return features, attrs
 
 
+def method_predictions(method: str, train: np.ndarray, query: np.ndarray, masks: np.ndarray,
+                       lambdas) -> tuple[np.ndarray, list]:
+    """(predictions (L, m, M), their lambdas) of one method of `methods.METHODS` on train and query
+    rows (gradient features, or flattened images for the pixel baselines); [None] when the method
+    has no lambda."""
+    kernel = {"trak": None, "relative_if": "relative", "renormalized_if": "renormalized"}
+    if method in kernel:
+        return subset_predictions(train, query, masks, lambdas, kernel[method]), list(lambdas)
+    cosine = {"gradient_dot": False, "gradient_cos": True, "pixel_dot": False, "pixel_cos": True}
+    if method in cosine:
+        return dot_predictions(train, query, masks, cosine[method]), [None]
+    raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
+
+
+def read_masks(subsets_path, n: int, train_path, rows: str = "features of ") -> np.ndarray:
+    """The (M, n) subset membership of the subsets table, refused when it names a train position
+    that `train_path` does not have."""
+    table = pd.read_csv(subsets_path)
+    if len(table) and table["train_position"].max() >= n:
+        raise ProvenanceError(f"{subsets_path} names train position {table['train_position'].max()}, but "
+                              f"{train_path} has {rows}{n} train images")
+    return membership_matrix(table, n)
+
+
 def score_split(train_path, query_path, subsets_path, spec: dict, out_path) -> None:
-    """Subset predictions g_j(z) for every lambda of the grid (L, m, M), with provenance."""
+    """Subset predictions g_j(z) of every method in `spec['methods']` (default all feature methods),
+    each over the lambda grid or at its single point, in one store with their provenance."""
     train, train_attrs = read_features(train_path)
     query, query_attrs = read_features(query_path)
     require_same(FEATURE_KEYS, (str(train_path), train_attrs), (str(query_path), query_attrs))
-    table = pd.read_csv(subsets_path)
-    if len(table) and table["train_position"].max() >= len(train):
-        raise ProvenanceError(f"{subsets_path} names train position {table['train_position'].max()}, but "
-                              f"{train_path} has features of {len(train)} train images")
-    masks = membership_matrix(table, len(train))
+    masks = read_masks(subsets_path, len(train), train_path)
     low, high = spec["lambda_exponents"]
     lambdas = lambda_grid(range(int(low), int(high) + 1))
-    preds = subset_predictions(train, query, masks, lambdas)
+    methods = spec.get("methods", FEATURE_METHODS)
+    predictions = {method: method_predictions(method, train, query, masks, lambdas) for method in methods}
     attrs = {key: train_attrs.get(key) for key in FEATURE_KEYS}
-    write_array(out_path, preds, {**attrs, "lambdas": lambdas, "query_sha256": query_attrs["query_sha256"],
-                                  "subsets_sha256": file_sha256(subsets_path)})
+    write_predictions(out_path, predictions, {**attrs, "query_sha256": query_attrs["query_sha256"],
+                                              "subsets_sha256": file_sha256(subsets_path)})

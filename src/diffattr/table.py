@@ -1,4 +1,5 @@
-"""The experiment's LDS table: every (method, function, K, k, split, lambda rule) row in one CSV."""
+"""The experiment's LDS table: every (method, function, K, k, split, lambda rule) row in one CSV;
+function, K and k are empty for the pixel baselines, lambda for methods without one."""
 from __future__ import annotations
 
 import pandas as pd
@@ -22,15 +23,25 @@ def collect(paths, experiment: str, out_path, report_path) -> pd.DataFrame:
 
 
 def report(table: pd.DataFrame, experiment: str) -> str:
-    """A Markdown summary: LDS (%) with its 95% interval, one column per (split, lambda rule)."""
+    """A Markdown summary: LDS (%) with its 95% interval, one column per (split, lambda rule); a
+    method without lambda or without features shows blanks there."""
     cell = table.apply(lambda r: f"{100 * r.lds:.2f} [{100 * r.ci_low:.2f}, {100 * r.ci_high:.2f}]"
-                       f" (lambda {r['lambda']:g})", axis=1)
-    wide = table.assign(cell=cell, column=table.split + ", " + table.lambda_rule).pivot_table(
-        index=["method", "function", "timesteps", "proj_dim"], columns="column", values="cell",
-        aggfunc="first").reset_index()
+                       + ("" if pd.isna(r["lambda"]) else f" (lambda {r['lambda']:g})"), axis=1)
+    keys = table[["method", "function", "timesteps", "proj_dim"]].map(_text)
+    wide = keys.assign(cell=cell, column=table.split + ", " + table.lambda_rule).pivot_table(
+        index=list(keys.columns), columns="column", values="cell", aggfunc="first")
+    # rows in the table's order (numeric K and k), not in the order of their text
+    wide = wide.loc[pd.MultiIndex.from_frame(keys.drop_duplicates())].reset_index()
     header = list(wide.columns)
     lines = [f"# LDS of experiment `{experiment}`", "",
              "LDS in percent, 95% bootstrap interval over subsets in brackets, and the chosen lambda.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in wide.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def _text(value) -> str:
+    """A table key as text: '' for NaN (a baseline has no function, K or k), 10 for 10.0."""
+    if pd.isna(value):
+        return ""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)

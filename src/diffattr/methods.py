@@ -1,0 +1,89 @@
+"""The attribution methods the table compares, and the store their subset predictions share.
+
+A predictions store (`results/<exp>/scores/<name>/<split>.zarr`) is a zarr group: its attributes
+hold the provenance of what was scored (query_sha256, subsets_sha256, the feature or image hashes)
+and `methods`, the order of its members; member `preds/<method>` is that method's (L, m, M)
+predictions, pred[l, z, j] = -sum_{i in subset j} S_l(z, i), with its grid `lambdas` (one `None`
+for a method without lambda). A new method joins by a `Method` entry here and the code that
+computes its predictions; the lds job reads whatever methods a store lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from .provenance import ProvenanceError, require_present
+from .storage import atomic_output
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str           # the table's `method` column
+    inputs: str          # 'features' (projected gradients) or 'pixels' (the images themselves)
+    uses_lambda: bool    # predictions over the lambda grid, one lambda chosen per rule
+
+
+METHODS = {
+    "trak": Method("TRAK", "features", True),  # "D-TRAK" for any function but simple: see `label`
+    "gradient_dot": Method("Gradient (dot)", "features", False),
+    "gradient_cos": Method("Gradient (cos)", "features", False),
+    "relative_if": Method("Relative IF", "features", True),
+    "renormalized_if": Method("Renormalized IF", "features", True),
+    "pixel_dot": Method("Raw pixel (dot)", "pixels", False),
+    "pixel_cos": Method("Raw pixel (cos)", "pixels", False),
+}
+FEATURE_METHODS = tuple(name for name, method in METHODS.items() if method.inputs == "features")
+BASELINES = tuple(name for name, method in METHODS.items() if method.inputs == "pixels")
+# What every store records, and what each member of a store on gradient features records besides.
+STORE_KEYS = ("methods", "query_sha256", "subsets_sha256")
+FEATURE_STORE_KEYS = ("function", "K", "proj_dim")
+
+
+def label(method: str, function: str | None = None) -> str:
+    """The table's name of a method: kernel scores on `simple` features are TRAK, on others D-TRAK."""
+    if method == "trak" and function != "simple":
+        return "D-TRAK"
+    return METHODS[method].label
+
+
+def write_predictions(path, predictions: dict[str, tuple[np.ndarray, list]], attrs: dict) -> None:
+    """Write {method: (preds (L, m, M), lambdas or [None])} as one group store, atomically."""
+    with atomic_output(path) as tmp:
+        group = zarr.open_group(tmp, mode="w")
+        group.attrs.update({**attrs, "methods": list(predictions)})
+        for method, (preds, lambdas) in predictions.items():
+            if len(lambdas) != len(preds):
+                raise ValueError(f"{method}: {len(preds)} predictions but {len(lambdas)} lambdas")
+            array = group.create_array(f"preds/{method}", shape=preds.shape, dtype=preds.dtype,
+                                       chunks=preds.shape)
+            array[...] = preds
+            array.attrs.update({"method": method, "lambdas": [None if lam is None else float(lam)
+                                                              for lam in lambdas]})
+
+
+def read_predictions(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """({method: (preds, lambdas as floats, NaN for none)}, the store's attributes), refused unless the
+    store records its provenance and every method it lists."""
+    try:
+        group = zarr.open_group(path, mode="r")
+    except zarr.errors.ContainsArrayError:
+        raise ProvenanceError(f"{path} holds one array, not a group of predictions per method: it was "
+                              "written by an older version of diffattr's score; recompute it") from None
+    attrs = dict(group.attrs)
+    require_present(STORE_KEYS, (str(path), attrs), "diffattr's score or baseline")
+    out = {}
+    for method in attrs["methods"]:
+        if method not in METHODS:
+            raise ProvenanceError(f"{path} holds predictions of method {method!r}, which diffattr does not "
+                                  f"know (known: {', '.join(METHODS)})")
+        if f"preds/{method}" not in group:
+            raise ProvenanceError(f"{path} lists method {method!r} but holds no preds/{method}; recompute it")
+        array = group[f"preds/{method}"]
+        keys = ("lambdas", *(FEATURE_STORE_KEYS if METHODS[method].inputs == "features" else ()))
+        require_present(keys, (f"{path} (preds/{method})", {**attrs, **array.attrs}),
+                        "diffattr's score or baseline")
+        lambdas = np.array([np.nan if lam is None else lam for lam in array.attrs["lambdas"]], np.float64)
+        out[method] = array[...], lambdas
+    return out, attrs

@@ -1,0 +1,39 @@
+"""The experiment's table and report, with rows of methods without lambda or without features."""
+import pandas as pd
+
+from diffattr.table import COLUMNS, collect
+
+
+def rows(method, function, K, k, lam, lds):
+    return [{"method": method, "function": function, "timesteps": K, "proj_dim": k, "split": split,
+             "lambda_rule": rule, "lambda": lam, "lds": lds, "ci_low": lds - 0.1, "ci_high": lds + 0.1,
+             "n_queries": 5, "n_subsets": 8} for split in ("val", "gen") for rule in ("oracle", "heldout")]
+
+
+def test_table_and_report_with_baselines(tmp_path):
+    parts = {
+        "simple_K4_k64": rows("TRAK", "simple", 4, 64, 2000.0, 0.2) + rows("Gradient (dot)", "simple", 4, 64,
+                                                                           None, 0.05),
+        "pixel_cos": rows("Raw pixel (cos)", None, None, None, None, -0.03),
+        "simple_K10_k64": rows("TRAK", "simple", 10, 64, 500.0, 0.3),
+    }
+    paths = []
+    for name, part in parts.items():
+        paths.append(tmp_path / f"{name}.csv")
+        pd.DataFrame(part).to_csv(paths[-1], index=False)
+    table = collect(paths, "demo", tmp_path / "lds.csv", tmp_path / "lds.md")
+    written = pd.read_csv(tmp_path / "lds.csv")
+    assert list(written.columns) == COLUMNS and len(written) == 16
+    assert list(written.method[:3]) == ["Gradient (dot)", "Raw pixel (cos)", "TRAK"]  # gen, heldout first
+    pixel = written[written.method == "Raw pixel (cos)"]
+    assert pixel[["function", "timesteps", "proj_dim", "lambda"]].isna().all().all()
+    assert list(written.timesteps[written.method == "TRAK"][:2]) == [4, 10]
+    pd.testing.assert_frame_equal(written, table, check_dtype=False)
+    report = (tmp_path / "lds.md").read_text().splitlines()
+    lines = [line for line in report if line.startswith("| ") and "---" not in line]
+    body = {line.split(" | ")[0]: line for line in lines[::-1]}  # the first line of each method
+    assert body["| Raw pixel (cos)"].startswith("| Raw pixel (cos) |  |  |  | -3.00 [-13.00, 7.00] |")
+    assert "lambda" not in body["| Raw pixel (cos)"] and "nan" not in "\n".join(report)
+    assert "20.00 [10.00, 30.00] (lambda 2000)" in body["| TRAK"]
+    assert body["| TRAK"].startswith("| TRAK | simple | 4 | 64 |")
+    assert lines[-1].startswith("| TRAK | simple | 10 | 64 | 30.00")  # K in numeric order: 4, then 10
