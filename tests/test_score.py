@@ -162,3 +162,18 @@ def test_unknown_method_is_named():
         method_predictions("tracin", x, xq, masks, [1.0])
     with pytest.raises(ValueError, match="renormalize"):
         subset_predictions(x, xq, masks, [1.0], renormalize="cosine")
+
+
+@pytest.mark.parametrize("n,k", [(20, 5), (6, 15)])
+def test_score_split_decomposes_once_for_every_kernel_method(n, k, monkeypatch):
+    """The score job's kernel methods share one eigendecomposition and give what each gives alone."""
+    x, xq, masks = data(n, k)
+    lambdas = [0.1, 2.0]
+    calls = []
+    eigh = np.linalg.eigh
+    monkeypatch.setattr(score.np.linalg, "eigh", lambda a: calls.append(a.shape) or eigh(a))
+    together = score.kernel_predictions(x, xq, masks, lambdas, list(score.KERNEL_METHODS.values()))
+    assert len(calls) == 1
+    for method, renormalize in score.KERNEL_METHODS.items():
+        alone = method_predictions(method, x, xq, masks, lambdas)[0]
+        np.testing.assert_array_equal(together[renormalize], alone)

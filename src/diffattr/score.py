@@ -12,6 +12,8 @@ from .storage import file_sha256, read_array
 from .subsets import membership_matrix
 
 RENORMALIZATIONS = (None, "relative", "renormalized")
+# The methods scored with the kernel (X^T X + lambda I)^-1, and the renormalization of each.
+KERNEL_METHODS = {"trak": None, "relative_if": "relative", "renormalized_if": "renormalized"}
 NORM_BLOCK_ROWS = 4096  # train rows per block when computing RelatIF's norms
 
 
@@ -28,14 +30,21 @@ def subset_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, 
                        renormalize: str | None = None) -> np.ndarray:
     """Predicted outputs (L, m, M): pred[l, z, j] = -sum_{i in subset j} S(lambda_l)[z, i] / w_l(i).
 
-    One eigendecomposition serves the whole lambda grid, and the (m, n) score matrix is never
-    formed: the masks are applied on the train side first. The k x k matrix X^T X is decomposed
-    when k <= n, otherwise the n x n Gram matrix X X^T, using
-    (X^T X + lambda I)^{-1} X^T = X^T (X X^T + lambda I)^{-1}.
-
     `renormalize` rescales each train column: None keeps w = 1 (TRAK), 'relative' divides by
     w = ||H^{-1} x_i|| with H = X^T X + lambda I (RelatIF), 'renormalized' by w = ||x_i||. A train
-    row with w = 0 scores 0 against every query.
+    row with w = 0 scores 0 against every query. See `kernel_predictions`.
+    """
+    return kernel_predictions(train, query, masks, lambdas, (renormalize,))[renormalize]
+
+
+def kernel_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, lambdas,
+                       renormalizations) -> dict:
+    """{renormalization: predictions (L, m, M)} of `subset_predictions`, for several renormalizations.
+
+    One eigendecomposition serves every renormalization and the whole lambda grid, and the (m, n)
+    score matrix is never formed: the masks are applied on the train side first. The k x k matrix
+    X^T X is decomposed when k <= n, otherwise the n x n Gram matrix X X^T, using
+    (X^T X + lambda I)^{-1} X^T = X^T (X X^T + lambda I)^{-1}.
     """
     x = np.asarray(train, dtype=np.float64)
     xq = np.asarray(query, dtype=np.float64)
@@ -45,8 +54,9 @@ def subset_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, 
     n, k = x.shape
     if lambdas.ndim != 1 or not np.all(lambdas > 0):
         raise ValueError(f"lambdas must be a 1-D sequence of positive values, got {lambdas}")
-    if renormalize not in RENORMALIZATIONS:
-        raise ValueError(f"renormalize must be one of {RENORMALIZATIONS}, got {renormalize!r}")
+    for renormalize in renormalizations:
+        if renormalize not in RENORMALIZATIONS:
+            raise ValueError(f"renormalize must be one of {RENORMALIZATIONS}, got {renormalize!r}")
     sums = masks.astype(np.float64).T  # (n, M)
     if k <= n:
         e, v = np.linalg.eigh(x.T @ x)
@@ -68,11 +78,16 @@ def subset_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, 
             return u[rows]
     e = np.clip(e, 0.0, None)  # round-off can make a PSD matrix's smallest eigenvalues slightly negative
     row_norms = np.linalg.norm(x, axis=1)
-    if renormalize == "relative":  # w = 0 exactly for a zero row, whatever the round-off in the norms
-        norms = _relative_norms(coordinates, e, k <= n, lambdas, n) * (row_norms > 0)[:, None]
-        return np.stack([-(left / (e + lam)) @ right(_inverse(norms[:, l])) for l, lam in enumerate(lambdas)])
-    fixed = right(np.ones(n) if renormalize is None else _inverse(row_norms))
-    return np.stack([-(left / (e + lam)) @ fixed for lam in lambdas])
+    out = {}
+    for renormalize in renormalizations:
+        if renormalize == "relative":  # w = 0 exactly for a zero row, whatever the round-off in the norms
+            norms = _relative_norms(coordinates, e, k <= n, lambdas, n) * (row_norms > 0)[:, None]
+            out[renormalize] = np.stack([-(left / (e + lam)) @ right(_inverse(norms[:, l]))
+                                         for l, lam in enumerate(lambdas)])
+        else:
+            fixed = right(np.ones(n) if renormalize is None else _inverse(row_norms))
+            out[renormalize] = np.stack([-(left / (e + lam)) @ fixed for lam in lambdas])
+    return out
 
 
 def _relative_norms(coordinates, e: np.ndarray, primal: bool, lambdas: np.ndarray, n: int) -> np.ndarray:
@@ -145,9 +160,8 @@ def method_predictions(method: str, train: np.ndarray, query: np.ndarray, masks:
     """(predictions (L, m, M), their lambdas) of one method of `methods.METHODS` on train and query
     rows (gradient features, or flattened images for the pixel baselines); [None] when the method
     has no lambda."""
-    kernel = {"trak": None, "relative_if": "relative", "renormalized_if": "renormalized"}
-    if method in kernel:
-        return subset_predictions(train, query, masks, lambdas, kernel[method]), list(lambdas)
+    if method in KERNEL_METHODS:
+        return subset_predictions(train, query, masks, lambdas, KERNEL_METHODS[method]), list(lambdas)
     cosine = {"gradient_dot": False, "gradient_cos": True, "pixel_dot": False, "pixel_cos": True}
     if method in cosine:
         return dot_predictions(train, query, masks, cosine[method]), [None]
@@ -174,7 +188,11 @@ def score_split(train_path, query_path, subsets_path, spec: dict, out_path) -> N
     low, high = spec["lambda_exponents"]
     lambdas = lambda_grid(range(int(low), int(high) + 1))
     methods = spec.get("methods", FEATURE_METHODS)
-    predictions = {method: method_predictions(method, train, query, masks, lambdas) for method in methods}
+    kernel = [method for method in methods if method in KERNEL_METHODS]  # one eigendecomposition for all
+    by_kernel = (kernel_predictions(train, query, masks, lambdas, [KERNEL_METHODS[m] for m in kernel])
+                 if kernel else {})
+    predictions = {method: (by_kernel[KERNEL_METHODS[method]], list(lambdas)) if method in KERNEL_METHODS
+                   else method_predictions(method, train, query, masks, lambdas) for method in methods}
     attrs = {key: train_attrs.get(key) for key in FEATURE_KEYS}
     write_predictions(out_path, predictions, {**attrs, "query_sha256": query_attrs["query_sha256"],
                                               "subsets_sha256": file_sha256(subsets_path)})
