@@ -3,7 +3,7 @@
 # `slurm/` profile without a real cluster. Debian 12 (SLURM 22.05), root, no systemd needed.
 #
 #   tests/slurm_cluster.sh start    install what is missing (apt-get), configure, start, wait until idle
-#   tests/slurm_cluster.sh stop     cancel jobs, stop every daemon, clear the spool and accounting data
+#   tests/slurm_cluster.sh stop     cancel jobs, stop every daemon, clear the spool, accounting data and config
 #   tests/slurm_cluster.sh status   which daemons run, and sinfo (exit 1 when slurmctld is down)
 #
 # The node is this machine at 127.0.0.1 but advertises the size of an A100 node (32 CPUs, 256000 MB,
@@ -251,6 +251,10 @@ stop() {
     fi
     stop_pid "$PID_MUNGE"
     rm -rf "${SPOOL_CTLD:?}"/* "${SPOOL_D:?}"/*
+    # the configuration `start` wrote: left behind, it points SLURM's tools at a controller that is
+    # gone, and each `scontrol` (the SLURM executor plugin calls it when Snakemake loads it) then
+    # waits about 9 s for it
+    rm -f "$ETC/slurm.conf" "$ETC/gres.conf" "$ETC/slurmdbd.conf"
     log "stopped"
 }
 
