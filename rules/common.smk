@@ -115,8 +115,9 @@ def products(experiment):
     ]
 
 
-def run(script, input, output, params, wildcards, threads, log):
-    """Run a workflow script in a warm worker. Its `snakemake.config` holds only `device`: where a job
-    computes is not a param, so moving a run from a CPU to a GPU machine reruns nothing."""
+def run(script, input, output, params, wildcards, threads, log, **settings_not_params):
+    """Run a workflow script in a warm worker. Its `snakemake.config` holds `device` and any
+    `settings_not_params`: how a job runs, not what it computes, so changing them (moving a run from a
+    CPU to a GPU machine, say) reruns nothing."""
     run_script(SCRIPTS / script, input, output, params, wildcards, threads, log,
-               config={"device": config.get("device", "auto")})
+               config={"device": config.get("device", "auto"), **settings_not_params})

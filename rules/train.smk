@@ -1,16 +1,13 @@
 def train_spec(wildcards, steps_key):
-    """What a model is a function of. `checkpoint_every` is left out (passed by `run_train`): a
+    """What a model is a function of. `checkpoint_every` is left out (passed to `run` beside it): a
     param change reruns the job, and changing how often checkpoints are saved must not retrain."""
     spec = settings(wildcards)
     train = {key: value for key, value in spec["train"].items() if key != "checkpoint_every"}
     return {**train, "steps": spec["train"][steps_key], "model": spec["model"]}
 
 
-def run_train(input, output, params, wildcards, threads, log):
-    """`run`, with the checkpoint interval beside the device in the script's `snakemake.config`."""
-    every = settings(wildcards)["train"].get("checkpoint_every", 0)
-    run_script(SCRIPTS / "train.py", input, output, params, wildcards, threads, log,
-               config={"device": config.get("device", "auto"), "checkpoint_every": every})
+def checkpoint_every(wildcards) -> int:
+    return settings(wildcards)["train"].get("checkpoint_every", 0)
 
 
 rule train_full:
@@ -28,7 +25,8 @@ rule train_full:
     resources:
         gpu=GPU_JOB,
     run:
-        run_train(input, output, params, wildcards, threads, log)
+        run("train.py", input, output, params, wildcards, threads, log,
+            checkpoint_every=checkpoint_every(wildcards))
 
 
 rule train_lds:
@@ -47,4 +45,5 @@ rule train_lds:
     resources:
         gpu=GPU_JOB,
     run:
-        run_train(input, output, params, wildcards, threads, log)
+        run("train.py", input, output, params, wildcards, threads, log,
+            checkpoint_every=checkpoint_every(wildcards))
