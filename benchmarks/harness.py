@@ -5,16 +5,25 @@ import statistics
 import time
 
 import numpy as np
+import torch
 
 
 def median_time(fn, repeats: int):
     """(median seconds over `repeats` calls, the last call's result)."""
     times, result = [], None
     for _ in range(repeats):
+        _synchronize()
         start = time.perf_counter()
         result = fn()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a timing holds the computation and not only its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def max_rel_diff(ours, ref) -> float:

@@ -14,7 +14,7 @@ import torch
 import zarr
 
 from .data import load_images
-from .device import device_name
+from .device import device_name, precision
 from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
@@ -59,8 +59,9 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
     device = next(p.device for _, p in model.featurized_parameters())
     for start in range(0, len(images), batch_size) if starts is None else starts:
         stop = min(len(images), start + batch_size)
-        grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
-                                function, timesteps, noise_seed)
+        with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
+            grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
+                                    function, timesteps, noise_seed)
         yield start, projector.project(grads, model_id=0).float().cpu().numpy()
 
 

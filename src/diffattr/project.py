@@ -77,10 +77,12 @@ def make_projector(grad_dim: int, proj_dim: int, seed: int, device: torch.device
     info = {"proj_dim": proj_dim, "proj_seed": seed, "proj_type": "normal", "grad_dim": grad_dim}
     if device.type == "cuda" and importlib.util.find_spec("fast_jl") is not None:
         props = torch.cuda.get_device_properties(device)
-        projector = CudaProjector(grad_dim, proj_dim, seed, ProjectionType.normal, device, max_batch_size)
+        # fast_jl has kernels for 8, 16 and 32 rows at a time (and loops over larger batches)
+        kernel_rows = next((rows for rows in (8, 16) if max_batch_size <= rows), 32)
+        projector = CudaProjector(grad_dim, proj_dim, seed, ProjectionType.normal, device, kernel_rows)
         # fast_jl's matrix depends on the SM count: the GPU kind is part of the projector's identity
         return projector, {**info, "projector": "CudaProjector", "gpu": props.name,
-                           "sm_count": props.multi_processor_count}
+                           "sm_count": props.multi_processor_count, "kernel_rows": kernel_rows}
     block_size = block_columns(grad_dim, proj_dim)
     projector = BlockProjector(grad_dim, proj_dim, seed, block_size, device)
     return projector, {**info, "projector": "BasicProjector", "block_size": block_size}

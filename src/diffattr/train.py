@@ -14,6 +14,7 @@ import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from .data import load_images
+from .device import precision
 from .models import DiffusionModel, build_model
 from .storage import array_sha256, file_sha256
 
@@ -75,9 +76,10 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = model.scheduler.add_noise(x0, noise, t)
         cond = model.conditioning(labels[index] if labels is not None else None)
-        loss = (model.eps(x_t, t, cond) - noise).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
+            loss = (model.eps(x_t, t, cond) - noise).pow(2).mean()
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(spec["grad_clip"]))
         optimizer.step()
         schedule.step()
