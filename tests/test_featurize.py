@@ -97,6 +97,17 @@ def test_batch_gradients_match_per_sample_per_timestep_reference(double_model, i
                                                        NOISE_SEED))
 
 
+@pytest.mark.parametrize("max_pass_items", [2, 5, 6])
+def test_timestep_chunks_match_the_reference(double_model, images, max_pass_items):
+    """A pass of at most `max_pass_items` noised copies: 2 samples -> chunks of 1, 2 and 3 timesteps
+    (the last chunk shorter), weighted by their size."""
+    got = batch_gradients(double_model, torch.from_numpy(images), [INDEX, INDEX + 5], "square", TIMESTEPS,
+                          NOISE_SEED, max_pass_items=max_pass_items)
+    for row, (image, index) in enumerate(zip(images, [INDEX, INDEX + 5])):
+        assert_grad_close(got[row], reference_gradient(double_model, image, index, "square", TIMESTEPS,
+                                                       NOISE_SEED))
+
+
 def test_sample_gradient_depends_on_index_seed_and_timesteps(double_model, images):
     """The noise really is drawn per (seed, index, t): changing any of them changes the gradient."""
     x = images[0]

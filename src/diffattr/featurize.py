@@ -23,12 +23,30 @@ from .storage import ResumableOutput, array_sha256, file_sha256
 
 
 def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
-                    noise_seed: int, labels=None) -> torch.Tensor:
+                    noise_seed: int, labels=None, max_pass_items: int | None = None) -> torch.Tensor:
     """(B, p) fp32: row b is the flat gradient of (1/K) sum_t f(images[b], t, eps(noise_seed, indices[b], t)).
 
     One vectorized pass (torch.func: vmap of grad) instead of a backward per sample; each sample's K
-    noised copies go through the network together.
+    noised copies go through the network together. With `max_pass_items`, the timesteps are split
+    into chunks of at most max(1, max_pass_items // B) so that a pass holds at most that many noised
+    copies (memory at large K), and the chunks' means are combined with weights |chunk| / K.
     """
+    timesteps = list(timesteps)
+    per_pass = len(timesteps) if max_pass_items is None else max(1, max_pass_items // len(images))
+    if per_pass >= len(timesteps):
+        return _pass_gradients(model, images, indices, function, timesteps, noise_seed, labels)
+    total = None
+    for start in range(0, len(timesteps), per_pass):
+        chunk = timesteps[start:start + per_pass]
+        grads = _pass_gradients(model, images, indices, function, chunk, noise_seed, labels)
+        total = grads.mul_(len(chunk) / len(timesteps)) if total is None else \
+            total.add_(grads, alpha=len(chunk) / len(timesteps))
+    return total
+
+
+def _pass_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
+                    noise_seed: int, labels=None) -> torch.Tensor:
+    """`batch_gradients` in one vectorized pass over all B x K noised copies."""
     params = {name: p.detach() for name, p in model.featurized_parameters()}
     x0 = model.latents(images)
     t = torch.tensor(list(timesteps), device=x0.device)
@@ -52,7 +70,7 @@ def gradient_dim(model: DiffusionModel) -> int:
 
 
 def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps, noise_seed: int,
-             projector, batch_size: int, starts=None):
+             projector, batch_size: int, starts=None, max_pass_items: int | None = None):
     """Yield (start, projected features of rows start..start+len) for batches of samples (only those
     beginning at `starts`, when given), computed on the model's device."""
     model.train(False)
@@ -61,12 +79,13 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
         stop = min(len(images), start + batch_size)
         with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
             grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
-                                    function, timesteps, noise_seed)
+                                    function, timesteps, noise_seed, max_pass_items=max_pass_items)
         yield start, projector.project(grads, model_id=0).float().cpu().numpy()
 
 
 def featurize_split(weights_path, model_spec: dict, images_path, function: str, timesteps,
-                    proj_dim: int, spec: dict, out_path, device: torch.device = torch.device("cpu")) -> None:
+                    proj_dim: int, spec: dict, out_path, device: torch.device = torch.device("cpu"),
+                    max_pass_items: int | None = None) -> None:
     """Projected features of every image of a split, written in row chunks with their provenance;
     a rerun after a kill computes only the chunks not yet written (storage.ResumableOutput).
 
@@ -93,7 +112,7 @@ def featurize_split(weights_path, model_spec: dict, images_path, function: str, 
     chunks = {str(start // batch_size): start for start in range(0, len(images), batch_size)}
     todo = [chunks[key] for key in output.todo(chunks)]
     for start, rows in features(model, images, function, timesteps, int(spec["noise_seed"]),
-                                projector, batch_size, starts=todo):
+                                projector, batch_size, starts=todo, max_pass_items=max_pass_items):
         array[start:start + len(rows)] = rows
         output.mark_done(str(start // batch_size))
     output.commit(chunks)
