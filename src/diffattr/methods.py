@@ -21,7 +21,8 @@ from .storage import atomic_output
 @dataclass(frozen=True)
 class Method:
     label: str           # the table's `method` column
-    inputs: str          # 'features' (projected gradients) or 'pixels' (the images themselves)
+    inputs: str          # 'features' (projected gradients), 'pixels' (the images themselves),
+                         # 'ensemble' (features of several retrained models), 'outputs' (their losses)
     uses_lambda: bool    # predictions over the lambda grid, one lambda chosen per rule
 
 
@@ -33,6 +34,10 @@ METHODS = {
     "renormalized_if": Method("Renormalized IF", "features", True),
     "pixel_dot": Method("Raw pixel (dot)", "pixels", False),
     "pixel_cos": Method("Raw pixel (cos)", "pixels", False),
+    # retraining-based (rules/ensemble.smk, rules/retrain.smk); a store records its model count `models`
+    "trak_ens": Method("TRAK ensemble", "ensemble", True),  # "D-TRAK ensemble" off simple, as trak
+    "empirical_if": Method("Empirical IF", "outputs", False),
+    "datamodel": Method("Datamodel", "outputs", False),
 }
 FEATURE_METHODS = tuple(name for name, method in METHODS.items() if method.inputs == "features")
 BASELINES = tuple(name for name, method in METHODS.items() if method.inputs == "pixels")
@@ -41,11 +46,15 @@ STORE_KEYS = ("methods", "query_sha256", "subsets_sha256")
 FEATURE_STORE_KEYS = ("function", "K", "proj_dim")
 
 
-def label(method: str, function: str | None = None) -> str:
-    """The table's name of a method: kernel scores on `simple` features are TRAK, on others D-TRAK."""
-    if method == "trak" and function != "simple":
-        return "D-TRAK"
-    return METHODS[method].label
+def label(method: str, function: str | None = None, models: int | None = None) -> str:
+    """The table's name of a method: kernel scores on `simple` features are TRAK, on others D-TRAK;
+    a retraining-based method names its model count: "D-TRAK ensemble (C=4)", "Datamodel (N=256)"."""
+    name = METHODS[method].label
+    if method in ("trak", "trak_ens") and function != "simple":
+        name = "D-" + name
+    if models is not None:
+        name += f" ({'C' if METHODS[method].inputs == 'ensemble' else 'N'}={int(models)})"
+    return name
 
 
 def write_predictions(path, predictions: dict[str, tuple[np.ndarray, list]], attrs: dict) -> None:
@@ -81,7 +90,7 @@ def read_predictions(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], di
         if f"preds/{method}" not in group:
             raise ProvenanceError(f"{path} lists method {method!r} but holds no preds/{method}; recompute it")
         array = group[f"preds/{method}"]
-        keys = ("lambdas", *(FEATURE_STORE_KEYS if METHODS[method].inputs == "features" else ()))
+        keys = ("lambdas", *(FEATURE_STORE_KEYS if METHODS[method].inputs in ("features", "ensemble") else ()))
         require_present(keys, (f"{path} (preds/{method})", {**attrs, **array.attrs}),
                         "diffattr's score or baseline")
         lambdas = np.array([np.nan if lam is None else lam for lam in array.attrs["lambdas"]], np.float64)
