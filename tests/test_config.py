@@ -82,7 +82,7 @@ MALFORMED = [
      "lds_steps, checkpoint_every"),
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
-     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds"),
+     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, retrain"),
     ("betas of three", tiny(train={"betas": [0.9, 0.99, 0.999]}),
      "experiments.tiny.train.betas: got [0.9, 0.99, 0.999]; expected a list of 2 of (a number in [0, 1))"),
     ("lambda exponents reversed", tiny(score={"lambda_exponents": [6, -2]}),
@@ -101,6 +101,18 @@ MALFORMED = [
     ("GroupNorm groups", tiny(model={"unet": {"block_out_channels": [8, 12], "norm_num_groups": 8}}),
      "experiments.tiny.model.unet.norm_num_groups: got 8; expected a divisor of every entry of "
      "model.unet.block_out_channels [8, 12]"),
+    ("pool subsets drawn with LDS seeds", tiny(retrain={"n_models": [4], "seed": 44}),
+     "experiments.tiny.retrain.seed: got 44; expected a seed whose pool subsets (seeds 44 + 2j, j < 4) "
+     "share none with the LDS subsets' (subsets.seed 42 + 2j, j < 8), e.g. 43; both draw seed 44"),
+    ("too few retrained models", tiny(retrain={"n_models": [2]}),
+     "experiments.tiny.retrain.n_models[0]: got 2; expected an integer in [3, 1000]"),
+    ("unknown retraining method", tiny(retrain={"methods": ["loo"]}),
+     'experiments.tiny.retrain.methods[0]: got "loo"; expected one of "empirical_if", "datamodel"'),
+    ("outputs' timesteps beyond T", tiny(retrain={"n_models": [4], "timesteps": 1001}),
+     "experiments.tiny.retrain.timesteps: got 1001; expected at most T = 1000 "
+     "(model.scheduler.num_train_timesteps)"),
+    ("ridge grid reversed", tiny(retrain={"datamodel_alpha_exponents": [3, -1]}),
+     "experiments.tiny.retrain.datamodel_alpha_exponents: got [3, -1]; expected [low, high] with low <= high"),
     ("unknown preset", {"experiment": "tinny"},
      f'experiment: got "tinny"; expected one of the presets under experiments: {PRESETS}'),
     ("unknown base", tiny(base="defualt"),
@@ -236,3 +248,18 @@ def test_score_methods_and_baselines():
     with pytest.raises(ConfigError, match=r'^experiments\.tiny\.score\.methods\[1\]: got "tracin"; expected one '
                                           r'of "trak", "gradient_dot", '):
         resolve_all(edited(tiny(score={"methods": ["trak", "tracin"]})))
+
+
+def test_retrain_settings_fill_in_defaults_and_size_the_pool():
+    assert cfg.retrain_settings(experiment(CONFIG, "tiny"))["pool"] == 0  # no retrain section: no pool
+    spec = cfg.retrain_settings(experiment(CONFIG, "tiny-retrain"))
+    tiny_spec = experiment(CONFIG, "tiny")
+    assert (spec["pool"], spec["ensembles"], spec["n_models"]) == (4, [1, 2], [4])
+    assert (spec["seed"], spec["train_seed"], spec["alpha"]) == (43, 0, 0.5)
+    assert spec["methods"] == ["empirical_if", "datamodel"] and spec["datamodel_alpha_exponents"] == [-2, 6]
+    assert spec["timesteps"] == tiny_spec["ground_truth"]["timesteps"]
+    assert spec["noise_seeds"] == tiny_spec["ground_truth"]["noise_seeds"]
+    cifar2 = cfg.retrain_settings(experiment(CONFIG, "cifar2"))
+    assert (cifar2["pool"], cifar2["timesteps"], cifar2["noise_seeds"]) == (512, 1000, [0])
+    with_ensembles_only = resolve_all(edited(tiny(retrain={"ensembles": [8, 2]})))["tiny"]
+    assert cfg.retrain_settings(with_ensembles_only)["pool"] == 8

@@ -276,8 +276,43 @@ def check(settings: dict, name: str, device: str = "auto") -> None:
         faults.append(f"subsets.m: got {settings['subsets']['m']}; expected at least 4 for the heldout "
                       "lambda rule (it selects on half of the subsets and reports on the other half)")
     faults += _check_unet(settings["dataset"], model["unet"])
+    faults += _check_retrain(settings, within_T, T)
     if faults:
         raise ConfigError("\n".join(f"{where}.{fault}" for fault in faults))
+
+
+def _check_retrain(settings: dict, within_T: str, T: int) -> list[str]:
+    """The retraining pool: outputs within T, a ridge grid in order, subsets apart from the LDS ones."""
+    if "retrain" not in settings:
+        return []
+    spec, faults = retrain_settings(settings), []
+    if spec["timesteps"] > T:
+        faults.append(f"retrain.timesteps: got {spec['timesteps']}; expected {within_T}")
+    low, high = spec["datamodel_alpha_exponents"]
+    if low > high:
+        faults.append(f"retrain.datamodel_alpha_exponents: got {_show([low, high])}; expected [low, high] "
+                      "with low <= high")
+    lds = settings["subsets"]
+    shared = sorted({lds["seed"] + 2 * j for j in range(lds["m"])}
+                    & {spec["seed"] + 2 * j for j in range(spec["pool"])})
+    if shared:
+        faults.append(f"retrain.seed: got {spec['seed']}; expected a seed whose pool subsets (seeds "
+                      f"{spec['seed']} + 2j, j < {spec['pool']}) share none with the LDS subsets' (subsets.seed "
+                      f"{lds['seed']} + 2j, j < {lds['m']}), e.g. {lds['seed'] + 1}; both draw seed {shared[0]}")
+    return faults
+
+
+def retrain_settings(settings: dict) -> dict:
+    """The preset's `retrain` section with the schema's defaults filled in (timesteps and noise seeds
+    of the outputs default to the ground truth's), plus `pool`: how many models to train, the largest
+    ensemble or model count (0 without retraining-based methods)."""
+    properties = schema()["$defs"]["experiment"]["properties"]["retrain"]["properties"]
+    spec = {key: copy.deepcopy(p["default"]) for key, p in properties.items() if "default" in p}
+    spec.update(copy.deepcopy(settings.get("retrain") or {}))
+    for key in ("timesteps", "noise_seeds"):
+        spec.setdefault(key, copy.deepcopy(settings["ground_truth"][key]))
+    spec["pool"] = max([0, *spec["ensembles"], *spec["n_models"]])
+    return spec
 
 
 def _check_unet(dataset: dict, unet: dict) -> list[str]:
