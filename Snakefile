@@ -17,6 +17,8 @@ include: "rules/ground_truth.smk"
 include: "rules/featurize.smk"
 include: "rules/score.smk"
 include: "rules/baseline.smk"
+include: "rules/retrain.smk"
+include: "rules/ensemble.smk"
 include: "rules/lds.smk"
 include: "rules/table.smk"
 

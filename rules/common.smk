@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from diffattr.config import ConfigError, select_timesteps, undefined_preset, validate_config
 from diffattr.config import feature_sets as config_feature_sets
-from diffattr.config import score_methods
+from diffattr.config import retrain_settings, score_methods
 from diffattr.methods import BASELINES
 from diffattr.worker import run_script
 
@@ -28,8 +28,9 @@ wildcard_constraints:
     K=r"\d+",
     k=r"\d+",
     baseline="|".join(BASELINES),
-    # a predictions store: the feature set it was scored on, or a pixel baseline
-    scores=r"[a-z0-9.]+_K\d+_k\d+|" + "|".join(BASELINES),
+    # a predictions store: the feature set it was scored on (with _ens<C>: by an ensemble of C
+    # retrained models), a pixel baseline, or the retraining pool's first N models (retrain_n<N>)
+    scores=r"[a-z0-9.]+_K\d+_k\d+(_ens\d+)?|retrain_n\d+|" + "|".join(BASELINES),
 
 
 def local_gpu_jobs() -> int:
@@ -92,8 +93,9 @@ def baselines(wildcards):
 
 def score_stores(wildcards):
     """Names of the experiment's predictions stores (results/<exp>/scores/<name>/<split>.zarr): one
-    per feature set, one per pixel baseline."""
-    return [*(f"{f}_K{K}_k{k}" for f, K, k in feature_sets(wildcards)), *baselines(wildcards)]
+    per feature set, one per pixel baseline, and the retraining-based ones (ensemble.smk, retrain.smk)."""
+    return [*(f"{f}_K{K}_k{k}" for f, K, k in feature_sets(wildcards)), *baselines(wildcards),
+            *ensemble_stores(wildcards), *retrain_stores(wildcards)]
 
 
 def products(experiment):
@@ -108,6 +110,7 @@ def products(experiment):
     return [
         *(f"results/{experiment}/models/{m}/diffusion_pytorch_model.safetensors" for m in models),
         *(f"results/{experiment}/ground_truth/{m}.zarr" for m in lds_models(w)),
+        *retrain_products(w),
         *(f"results/{experiment}/features/{s}/{split}.zarr" for s in sets for split in ["train", *QUERY_SPLITS]),
         *(f"results/{experiment}/scores/{s}/{split}.zarr" for s in score_stores(w) for split in QUERY_SPLITS),
         *(f"results/{experiment}/lds/{s}_{split}.csv" for s in score_stores(w) for split in QUERY_SPLITS),

@@ -1,7 +1,25 @@
+def evaluated_model(wildcards) -> str:
+    """The folder of the model a ground truth job evaluates: models/lds/<model> for an LDS model, and
+    models/retrain/<name> for a model of the retraining pool (model wildcard `retrain/<name>`)."""
+    family, _, name = wildcards.model.rpartition("/")
+    return f"results/{wildcards.experiment}/models/{family or 'lds'}/{name}"
+
+
+def ground_truth_spec(wildcards) -> dict:
+    """ground_truth's settings; a pool model's outputs use retrain.timesteps and retrain.noise_seeds."""
+    spec = settings(wildcards)["ground_truth"]
+    if wildcards.model.startswith("retrain/"):
+        retrain = retrain_settings(settings(wildcards))
+        spec.update(timesteps=retrain["timesteps"], noise_seeds=retrain["noise_seeds"])
+    return spec
+
+
+# Each query's L_Simple under a model trained on a subset: the LDS ground truth, and the outputs of
+# the retraining pool's models that Empirical IF and Datamodel fit (rules/retrain.smk).
 rule ground_truth:
     input:
-        weights="results/{experiment}/models/lds/{model}/diffusion_pytorch_model.safetensors",
-        training="results/{experiment}/models/lds/{model}/training.json",
+        weights=lambda w: f"{evaluated_model(w)}/diffusion_pytorch_model.safetensors",
+        training=lambda w: f"{evaluated_model(w)}/training.json",
         val=images("val"),
         gen=images("gen"),
     output:
@@ -9,10 +27,12 @@ rule ground_truth:
     log:
         "logs/{experiment}/ground_truth/{model}.log",
     params:
-        spec=lambda w: settings(w)["ground_truth"],
+        spec=ground_truth_spec,
         model=lambda w: settings(w)["model"],
     threads: 1
     resources:
         gpu=GPU_JOB,
+    wildcard_constraints:
+        model=r"(retrain/)?s\d{3}-r\d+",
     run:
         run("ground_truth.py", input, output, params, wildcards, threads, log)

@@ -7,7 +7,7 @@ import torch
 import yaml
 from diffusers import UNet2DModel
 
-from diffattr.config import experiment, feature_sets
+from diffattr.config import experiment, feature_sets, retrain_settings
 
 from dry_run import REPO, copy_workflow, job_counts
 
@@ -18,7 +18,10 @@ def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     """Job counts written out from the settings: one model per (subset, seed), one feature store per
     (function, K, k, split of train/val/gen), one score per (function, K, k, query split), one
     baseline per (pixel baseline, query split) (both pixel baselines unless score.baselines says
-    otherwise), and one LDS per score or baseline."""
+    otherwise), and one LDS per score or baseline. With `retrain`: a pool of max(ensembles, n_models)
+    models, outputs of the first max(n_models), features of the first max(ensembles) on the featurize
+    grid (extra_grids aside), one ensemble score per (set, C, query split), one Empirical IF /
+    Datamodel store per (N, query split), and their LDS."""
     models = int(spec["subsets"]["m"]) * len(spec["subsets"]["train_seeds"])
     grids = [spec["featurize"], *spec["featurize"].get("extra_grids", [])]
     feature_sets = len({(f, int(K), int(k)) for g in grids
@@ -27,6 +30,17 @@ def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     jobs = {"dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
             "ground_truth": models, "featurize": 3 * feature_sets, "score": 2 * feature_sets,
             "baseline": 2 * baselines, "lds": 2 * (feature_sets + baselines), "table": 1}
+    retrain = retrain_settings(spec)
+    if retrain["pool"]:
+        grid = spec["featurize"]
+        sets = len(grid["functions"]) * len(grid["timesteps"]) * len(grid["proj_dims"])
+        ensembles, counts = retrain["ensembles"], retrain["n_models"]
+        stores = sets * len(ensembles) + len(counts)
+        jobs.update(retrain_subsets=1, train_retrain=retrain["pool"],
+                    ground_truth=models + max([0, *counts]), featurize_retrained=3 * sets * max([0, *ensembles]),
+                    score_ensemble=2 * sets * len(ensembles), retrain_score=2 * len(counts),
+                    lds=jobs["lds"] + 2 * stores)
+        jobs = {rule: count for rule, count in jobs.items() if count}
     return {**jobs, "download_cifar10": 1} if downloads else jobs
 
 
@@ -45,7 +59,7 @@ def dry_run(workdir, *args) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("preset", ["cifar2", "cifar10", "celeba", "cifar2-mini", "default", "tiny"])
+@pytest.mark.parametrize("preset", ["cifar2", "cifar10", "celeba", "cifar2-mini", "default", "tiny", "tiny-retrain"])
 def test_dry_run_plans_every_job_of_the_preset(workdir, preset):
     spec = experiment(CONFIG, preset)
     downloads = spec["dataset"]["source"] == "cifar10" and spec["dataset"].get("path") is None
@@ -75,6 +89,10 @@ def test_cifar2_is_the_papers_setup():
     assert (table1["timesteps"], table1["proj_dims"]) == ([10, 100, 1000], [4096])
     assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 21)
     assert spec["score"]["lambda_exponents"] == [-2, 6]
+    # Tables 7-8: ensembles of 1..8 models, Empirical IF and Datamodel on 64..512, all on 50% subsets
+    retrain = retrain_settings(spec)
+    assert (retrain["ensembles"], retrain["n_models"], retrain["alpha"]) == ([1, 2, 4, 8], [64, 128, 256, 512], 0.5)
+    assert expected_jobs(spec, False)["train_retrain"] == 512
     with torch.device("meta"):
         unet = UNet2DModel(**spec["model"]["unet"])
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 35.7

@@ -1,0 +1,65 @@
+# TRAK / D-TRAK ensembles over C models of the retraining pool (rules/retrain.smk), for each C of
+# retrain.ensembles: each model featurizes every train image and the queries for each feature set of
+# the featurize grid (extra_grids aside), and the ensemble averages the C kernel score matrices.
+
+
+def ensemble_sets(wildcards) -> list[tuple[str, int, int]]:
+    """(function, K, k) of the featurize grid itself: the ensembles' feature sets."""
+    return config_feature_sets({key: value for key, value in settings(wildcards)["featurize"].items()
+                                if key != "extra_grids"})
+
+
+def ensemble_stores(wildcards) -> list[str]:
+    """Predictions stores <function>_K<K>_k<k>_ens<C>, one per feature set and C."""
+    sizes = retrain_settings(settings(wildcards))["ensembles"]
+    return [f"{f}_K{K}_k{k}_ens{c}" for f, K, k in ensemble_sets(wildcards) for c in sizes]
+
+
+def ensemble_features(wildcards) -> list[str]:
+    """Every feature store of the ensembles' models: the largest ensemble's models x sets x splits."""
+    largest = max([0, *retrain_settings(settings(wildcards))["ensembles"]])
+    return [f"results/{wildcards.experiment}/features/retrain/{m}/{f}_K{K}_k{k}/{split}.zarr"
+            for m in pool_models(wildcards, largest) for f, K, k in ensemble_sets(wildcards)
+            for split in ["train", *QUERY_SPLITS]]
+
+
+def member_features(wildcards, split) -> list[str]:
+    """The features of the ensemble's C models on one split, model by model."""
+    return [f"results/{wildcards.experiment}/features/retrain/{m}/{wildcards.function}_K{wildcards.K}"
+            f"_k{wildcards.k}/{split}.zarr" for m in pool_models(wildcards, wildcards.C)]
+
+
+# The featurize rule's job (same params and script) on a pool model instead of the full model.
+rule featurize_retrained:
+    input:
+        weights="results/{experiment}/models/retrain/{model}/diffusion_pytorch_model.safetensors",
+        images=lambda w: images(w.split).format(experiment=w.experiment),
+    output:
+        features=directory("results/{experiment}/features/retrain/{model}/{function}_K{K}_k{k}/{split}.zarr"),
+    log:
+        "logs/{experiment}/featurize/retrain/{model}/{function}_K{K}_k{k}_{split}.log",
+    params:
+        **rules.featurize.params,
+    threads: 1
+    resources:
+        gpu=GPU_JOB,
+    run:
+        run("featurize.py", input, output, params, wildcards, threads, log)
+
+
+rule score_ensemble:
+    input:
+        train=lambda w: member_features(w, "train"),
+        query=lambda w: member_features(w, w.qsplit),
+        subsets="results/{experiment}/subsets.csv",
+    output:
+        predictions=directory("results/{experiment}/scores/{function}_K{K}_k{k}_ens{C}/{qsplit}.zarr"),
+    log:
+        "logs/{experiment}/score/{function}_K{K}_k{k}_ens{C}_{qsplit}.log",
+    params:
+        spec=lambda w: {"lambda_exponents": settings(w)["score"]["lambda_exponents"]},
+    threads: 1
+    wildcard_constraints:
+        C=r"\d+",
+    run:
+        run("ensemble.py", input, output, params, wildcards, threads, log)
