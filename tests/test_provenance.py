@@ -9,7 +9,7 @@ from diffattr.config import select_timesteps
 from diffattr.featurize import featurize_split
 from diffattr.ground_truth import compute_and_save
 from diffattr.lds import lds_table, select_lambda
-from diffattr.methods import FEATURE_METHODS, read_predictions, write_predictions
+from diffattr.methods import FEATURE_METHODS, METHODS, read_predictions, write_predictions
 from diffattr.provenance import FEATURE_KEYS, ProvenanceError
 from diffattr.score import lambda_grid, score_split, subset_predictions
 from diffattr.storage import array_sha256, file_sha256, read_array, write_array
@@ -327,7 +327,9 @@ def test_predictions_stores_that_are_not_trusted_are_refused(case, lds_inputs, s
     elif case == "unknown method":
         group.attrs.update({"methods": ["trak", "tracin"]})
         message = (f"{predictions} holds predictions of method 'tracin', which diffattr does not know "
-                   "(known: trak, gradient_dot, gradient_cos, relative_if, renormalized_if, pixel_dot, pixel_cos)")
+                   f"(known: {', '.join(METHODS)})")
+        assert list(METHODS)[:7] == ["trak", "gradient_dot", "gradient_cos", "relative_if", "renormalized_if",
+                                     "pixel_dot", "pixel_cos"]
     elif case == "missing member":
         group.attrs.update({"methods": ["trak", "gradient_dot"]})
         message = f"{predictions} lists method 'gradient_dot' but holds no preds/gradient_dot; recompute it"
