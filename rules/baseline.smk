@@ -1,9 +1,20 @@
-# Raw-pixel baselines (score.baselines): the flattened train images against one query split's, in a
-# predictions store of the same layout as a score job's (diffattr.methods).
+# Similarity baselines (score.baselines): the train split against one query split, as flattened
+# images (pixel_*) or CLIP image embeddings (clip_*), in a predictions store of the same layout as a
+# score job's (diffattr.methods).
+def baseline_input(split):
+    """What a baseline compares for a split: the images, or their CLIP embeddings."""
+    def paths(w):
+        if METHODS[w.baseline].inputs == "embeddings":
+            return f"results/{w.experiment}/embeddings/clip/{split}.zarr"
+        return images(split).format(experiment=w.experiment)
+
+    return paths
+
+
 rule baseline:
     input:
-        train=images("train"),
-        query=lambda w: images(w.qsplit).format(experiment=w.experiment),
+        train=baseline_input("train"),
+        query=lambda w: baseline_input(w.qsplit)(w),
         subsets="results/{experiment}/subsets.csv",
     output:
         predictions=directory("results/{experiment}/scores/{baseline}/{qsplit}.zarr"),
@@ -12,3 +23,31 @@ rule baseline:
     threads: 1
     run:
         run("baseline.py", input, output, params, wildcards, threads, log)
+
+
+def clip_spec(wildcards):
+    """What the embeddings are a function of (score.clip without its batch size)."""
+    spec = settings(wildcards)["score"].get("clip")
+    if spec is None:
+        raise ConfigError(f"experiments.{wildcards.experiment}.score.clip: got no value; expected a mapping "
+                          "{pretrained, architecture} for the CLIP embeddings")
+    return {key: value for key, value in spec.items() if key != "batch_size"}
+
+
+# One job per split: the CLIP image embeddings that clip_dot and clip_cos compare (diffattr.clip).
+rule embed_clip:
+    input:
+        images=lambda w: images(w.split).format(experiment=w.experiment),
+        pretrained=lambda w: [p] if (p := clip_spec(w).get("pretrained")) else [],  # a model directory
+    output:
+        embeddings=directory("results/{experiment}/embeddings/clip/{split}.zarr"),
+    log:
+        "logs/{experiment}/embed_clip/{split}.log",
+    params:
+        clip=clip_spec,
+    threads: 1
+    resources:
+        gpu=GPU_JOB,
+    run:
+        run("embed_clip.py", input, output, params, wildcards, threads, log,
+            batch_size=int(settings(wildcards)["score"]["clip"].get("batch_size", 64)))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from diffattr.config import ConfigError, select_timesteps, undefined_preset, validate_config
 from diffattr.config import feature_sets as config_feature_sets
 from diffattr.config import retrain_settings, score_methods
-from diffattr.methods import BASELINES
+from diffattr.methods import BASELINES, METHODS
 from diffattr.worker import run_script
 
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
@@ -87,13 +87,20 @@ def feature_sets(wildcards):
 
 
 def baselines(wildcards):
-    """The experiment's pixel baselines (score.baselines)."""
+    """The experiment's similarity baselines (score.baselines): raw pixel and CLIP."""
     return score_methods(settings(wildcards)["score"], "baselines")
+
+
+def embeddings(wildcards):
+    """The CLIP embedding stores the experiment's baselines compare, one per split."""
+    if not any(METHODS[name].inputs == "embeddings" for name in baselines(wildcards)):
+        return []
+    return [f"results/{wildcards.experiment}/embeddings/clip/{split}.zarr" for split in ["train", *QUERY_SPLITS]]
 
 
 def score_stores(wildcards):
     """Names of the experiment's predictions stores (results/<exp>/scores/<name>/<split>.zarr): one
-    per feature set, one per pixel baseline, and the retraining-based ones (ensemble.smk, retrain.smk)."""
+    per feature set, one per baseline, and the retraining-based ones (ensemble.smk, retrain.smk)."""
     return [*(f"{f}_K{K}_k{k}" for f, K, k in feature_sets(wildcards)), *baselines(wildcards),
             *ensemble_stores(wildcards), *retrain_stores(wildcards)]
 
@@ -112,6 +119,7 @@ def products(experiment):
         *(f"results/{experiment}/ground_truth/{m}.zarr" for m in lds_models(w)),
         *retrain_products(w),
         *(f"results/{experiment}/features/{s}/{split}.zarr" for s in sets for split in ["train", *QUERY_SPLITS]),
+        *embeddings(w),
         *(f"results/{experiment}/scores/{s}/{split}.zarr" for s in score_stores(w) for split in QUERY_SPLITS),
         *(f"results/{experiment}/lds/{s}_{split}.csv" for s in score_stores(w) for split in QUERY_SPLITS),
         f"results/lds_{experiment}.csv",

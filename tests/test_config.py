@@ -233,18 +233,20 @@ def test_snakemake_stops_before_any_job(tmp_path, args, line):
 
 
 def test_score_methods_and_baselines():
-    """The schema lists exactly the methods diffattr computes; a preset without the keys gets all."""
+    """The schema lists exactly the methods diffattr computes; a preset without the keys gets all,
+    but the CLIP baselines only with an encoder configured (score.clip)."""
     from diffattr.methods import BASELINES, FEATURE_METHODS
 
     keys = schema()["$defs"]["experiment"]["properties"]["score"]["properties"]
     assert tuple(keys["methods"]["items"]["enum"]) == tuple(keys["methods"]["default"]) == FEATURE_METHODS
-    assert tuple(keys["baselines"]["items"]["enum"]) == tuple(keys["baselines"]["default"]) == BASELINES
+    assert tuple(keys["baselines"]["items"]["enum"]) == BASELINES
+    assert keys["baselines"]["default"] == [name for name in BASELINES if not name.startswith("clip_")]
     spec = resolve_all(edited(tiny(score={"methods": ["relative_if"], "baselines": []})))["tiny"]["score"]
     assert cfg.score_methods(spec, "methods") == ["relative_if"] and cfg.score_methods(spec, "baselines") == []
     default = experiment(CONFIG, "default")["score"]
     assert cfg.score_methods(default, "methods") == ["trak", "gradient_dot", "gradient_cos", "relative_if",
                                                      "renormalized_if"]
-    assert cfg.score_methods(default, "baselines") == ["pixel_dot", "pixel_cos"]
+    assert cfg.score_methods(default, "baselines") == ["pixel_dot", "pixel_cos", "clip_dot", "clip_cos"]
     with pytest.raises(ConfigError, match=r'^experiments\.tiny\.score\.methods\[1\]: got "tracin"; expected one '
                                           r'of "trak", "gradient_dot", '):
         resolve_all(edited(tiny(score={"methods": ["trak", "tracin"]})))

@@ -1,33 +1,46 @@
-"""Raw-pixel baselines: scores from dot products or cosines of flattened images, train vs queries.
+"""Similarity baselines: scores from dot products or cosines, train vs queries, of the flattened
+images (raw pixel) or of their CLIP embeddings (diffattr.clip).
 
-The protocol's baseline for pixel-space models. A latent model (Stable Diffusion) would compare
-VAE latents instead; that needs the model layer's `latents()` and is not built yet.
+The protocol's pixel baseline is for pixel-space models. A latent model (Stable Diffusion) would
+compare VAE latents instead; that needs the model layer's `latents()` and is not built yet. CLIP
+embeds the images themselves for every model kind.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .clip import CLIP_KEYS, read_embeddings
 from .data import load_images
-from .methods import BASELINES, write_predictions
+from .methods import BASELINES, METHODS, write_predictions
 from .provenance import ProvenanceError, require_finite
 from .score import method_predictions, read_masks
 from .storage import array_sha256, file_sha256
 
 
 def baseline_split(train_path, query_path, subsets_path, baseline: str, out_path) -> None:
-    """Subset predictions (1, m, M) of one pixel baseline, with the hashes of both image sets and of
-    the subsets table."""
+    """Subset predictions (1, m, M) of one baseline, with the hashes of both image sets and of the
+    subsets table (and, for CLIP, the model, weights and preprocessing the embeddings record).
+    `train_path` and `query_path` are image stores, or CLIP embedding stores for the CLIP baselines."""
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; expected one of {', '.join(BASELINES)}")
+    if METHODS[baseline].inputs == "embeddings":
+        train, query, train_attrs, query_attrs = read_embeddings(train_path, query_path)
+        attrs = {"train_sha256": train_attrs["images_sha256"], "query_sha256": query_attrs["images_sha256"],
+                 **{key: train_attrs.get(key) for key in (*CLIP_KEYS, "clip_pretrained")}}
+    else:
+        train, query = _pixels(train_path, query_path)
+        attrs = {"train_sha256": array_sha256(train), "query_sha256": array_sha256(query)}
+    masks = read_masks(subsets_path, len(train), train_path, rows="")
+    preds, lambdas = method_predictions(baseline, train.reshape(len(train), -1), query.reshape(len(query), -1),
+                                        masks, None)
+    write_predictions(out_path, {baseline: (preds, lambdas)}, {**attrs, "subsets_sha256": file_sha256(subsets_path)})
+
+
+def _pixels(train_path, query_path) -> tuple[np.ndarray, np.ndarray]:
     train, query = load_images(train_path), load_images(query_path)
     if train.shape[1:] != query.shape[1:]:
         raise ProvenanceError(f"{train_path} holds images of shape {train.shape[1:]}, but {query_path} "
                               f"holds images of shape {query.shape[1:]}: they cannot be compared pixel by pixel")
     for path, images in ((train_path, train), (query_path, query)):
         require_finite(str(path), images)
-    masks = read_masks(subsets_path, len(train), train_path, rows="")
-    preds, lambdas = method_predictions(baseline, train.reshape(len(train), -1), query.reshape(len(query), -1),
-                                        masks, None)
-    write_predictions(out_path, {baseline: (preds, lambdas)},
-                      {"train_sha256": array_sha256(train), "query_sha256": array_sha256(query),
-                       "subsets_sha256": file_sha256(subsets_path)})
+    return train, query

@@ -277,6 +277,7 @@ def check(settings: dict, name: str, device: str = "auto") -> None:
                       "lambda rule (it selects on half of the subsets and reports on the other half)")
     faults += _check_unet(settings["dataset"], model["unet"])
     faults += _check_retrain(settings, within_T, T)
+    faults += _check_clip(settings["score"])
     if faults:
         raise ConfigError("\n".join(f"{where}.{fault}" for fault in faults))
 
@@ -338,6 +339,35 @@ def _check_unet(dataset: dict, unet: dict) -> list[str]:
             faults.append(f"model.unet.norm_num_groups: got {groups}; expected a divisor of every entry "
                           f"of model.unet.block_out_channels {_show(levels)}")
     return faults
+
+
+def _check_clip(score: dict) -> list[str]:
+    """The CLIP baselines have an image encoder: a model directory that exists (relative paths are
+    read from the working directory, as the workflow's jobs read them), or an architecture to
+    initialize randomly, not both."""
+    clip_baselines = [name for name in score_methods(score, "baselines") if name.startswith("clip_")]
+    clip = score.get("clip")
+    if not clip_baselines:
+        return []
+    if clip is None:
+        return [f"score.clip: got no value; expected a mapping {{pretrained, architecture}} (score.baselines "
+                f"lists {', '.join(clip_baselines)})"]
+    pretrained, architecture = clip.get("pretrained"), clip.get("architecture")
+    if pretrained is None and architecture is None:
+        return ["score.clip.architecture: got null; expected the CLIPVisionConfig of the randomly "
+                "initialized model ({} for ViT-B/32's), since score.clip.pretrained is null"]
+    if pretrained is not None and architecture is not None:
+        return [f"score.clip.architecture: got {_show(architecture)}; expected null, since "
+                f"score.clip.pretrained names a model directory (its config.json is the architecture)"]
+    if pretrained is not None and not (Path(pretrained) / "config.json").is_file():
+        return [f"score.clip.pretrained: got {_show(pretrained)}, which is not a model directory with a "
+                f"config.json (working directory {Path.cwd()}); expected a local Hugging Face CLIP model "
+                "directory (save_pretrained layout), or null for randomly initialized weights"]
+    heads, width = (architecture or {}).get("num_attention_heads", 12), (architecture or {}).get("hidden_size", 768)
+    if width % heads:
+        return [f"score.clip.architecture.num_attention_heads: got {heads}; expected a divisor of "
+                f"score.clip.architecture.hidden_size {width}"]
+    return []
 
 
 def feature_sets(featurize: dict) -> list[tuple[str, int, int]]:

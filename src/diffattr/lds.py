@@ -175,7 +175,9 @@ def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spe
         for rule in spec["lambda_rules"]:
             result = select_lambda(preds, truth, lambdas, rule, int(spec["heldout_seed"]),
                                    float(spec["confidence"]), int(spec["bootstrap_resamples"]))
-            rows.append({"method": label(method, attrs.get("function"), attrs.get("models")), "function": attrs.get("function"),
+            rows.append({"method": label(method, attrs.get("function"), attrs.get("models"),
+                                         attrs.get("clip_weights")),
+                         "function": attrs.get("function"),
                          "timesteps": attrs.get("K"), "proj_dim": attrs.get("proj_dim"),
                          "split": split, "lambda_rule": rule, "lambda": result["lambda_"],
                          "lds": result["lds"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],

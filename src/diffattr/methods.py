@@ -17,11 +17,14 @@ import zarr
 from .provenance import ProvenanceError, require_present
 from .storage import atomic_output
 
+RANDOM_INIT = "random-init"  # the `clip_weights` of a CLIP model that was not loaded from a checkpoint
+
 
 @dataclass(frozen=True)
 class Method:
     label: str           # the table's `method` column
     inputs: str          # 'features' (projected gradients), 'pixels' (the images themselves),
+                         # 'embeddings' (CLIP image embeddings, diffattr.clip),
                          # 'ensemble' (features of several retrained models), 'outputs' (their losses)
     uses_lambda: bool    # predictions over the lambda grid, one lambda chosen per rule
 
@@ -34,26 +37,34 @@ METHODS = {
     "renormalized_if": Method("Renormalized IF", "features", True),
     "pixel_dot": Method("Raw pixel (dot)", "pixels", False),
     "pixel_cos": Method("Raw pixel (cos)", "pixels", False),
+    "clip_dot": Method("CLIP (dot)", "embeddings", False),
+    "clip_cos": Method("CLIP (cos)", "embeddings", False),
     # retraining-based (rules/ensemble.smk, rules/retrain.smk); a store records its model count `models`
     "trak_ens": Method("TRAK ensemble", "ensemble", True),  # "D-TRAK ensemble" off simple, as trak
     "empirical_if": Method("Empirical IF", "outputs", False),
     "datamodel": Method("Datamodel", "outputs", False),
 }
 FEATURE_METHODS = tuple(name for name, method in METHODS.items() if method.inputs == "features")
-BASELINES = tuple(name for name, method in METHODS.items() if method.inputs == "pixels")
+# Similarity baselines: one job per (baseline, query split) on images or on their CLIP embeddings.
+BASELINES = tuple(name for name, method in METHODS.items() if method.inputs in ("pixels", "embeddings"))
 # What every store records, and what each member of a store on gradient features records besides.
 STORE_KEYS = ("methods", "query_sha256", "subsets_sha256")
 FEATURE_STORE_KEYS = ("function", "K", "proj_dim")
+EMBEDDING_STORE_KEYS = ("clip_config", "clip_weights")
 
 
-def label(method: str, function: str | None = None, models: int | None = None) -> str:
+def label(method: str, function: str | None = None, models: int | None = None,
+          clip_weights: str | None = None) -> str:
     """The table's name of a method: kernel scores on `simple` features are TRAK, on others D-TRAK;
-    a retraining-based method names its model count: "D-TRAK ensemble (C=4)", "Datamodel (N=256)"."""
+    a retraining-based method names its model count: "D-TRAK ensemble (C=4)", "Datamodel (N=256)";
+    CLIP with randomly initialized weights says so: "CLIP (cos, random-init)"."""
     name = METHODS[method].label
     if method in ("trak", "trak_ens") and function != "simple":
         name = "D-" + name
     if models is not None:
         name += f" ({'C' if METHODS[method].inputs == 'ensemble' else 'N'}={int(models)})"
+    if METHODS[method].inputs == "embeddings" and clip_weights == RANDOM_INIT:
+        name = f"{name[:-1]}, {RANDOM_INIT})"
     return name
 
 
@@ -90,7 +101,8 @@ def read_predictions(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], di
         if f"preds/{method}" not in group:
             raise ProvenanceError(f"{path} lists method {method!r} but holds no preds/{method}; recompute it")
         array = group[f"preds/{method}"]
-        keys = ("lambdas", *(FEATURE_STORE_KEYS if METHODS[method].inputs in ("features", "ensemble") else ()))
+        keys = ("lambdas", *{"features": FEATURE_STORE_KEYS, "ensemble": FEATURE_STORE_KEYS,
+                             "embeddings": EMBEDDING_STORE_KEYS}.get(METHODS[method].inputs, ()))
         require_present(keys, (f"{path} (preds/{method})", {**attrs, **array.attrs}),
                         "diffattr's score or baseline")
         lambdas = np.array([np.nan if lam is None else lam for lam in array.attrs["lambdas"]], np.float64)

@@ -158,11 +158,12 @@ def read_features(path) -> tuple[np.ndarray, dict]:
 def method_predictions(method: str, train: np.ndarray, query: np.ndarray, masks: np.ndarray,
                        lambdas) -> tuple[np.ndarray, list]:
     """(predictions (L, m, M), their lambdas) of one method of `methods.METHODS` on train and query
-    rows (gradient features, or flattened images for the pixel baselines); [None] when the method
+    rows (gradient features, flattened images or CLIP embeddings for the baselines); [None] when the method
     has no lambda."""
     if method in KERNEL_METHODS:
         return subset_predictions(train, query, masks, lambdas, KERNEL_METHODS[method]), list(lambdas)
-    cosine = {"gradient_dot": False, "gradient_cos": True, "pixel_dot": False, "pixel_cos": True}
+    cosine = {"gradient_dot": False, "gradient_cos": True, "pixel_dot": False, "pixel_cos": True,
+              "clip_dot": False, "clip_cos": True}
     if method in cosine:
         return dot_predictions(train, query, masks, cosine[method]), [None]
     raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
