@@ -17,8 +17,9 @@ CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     """Job counts written out from the settings: one model per (subset, seed), one feature store per
     (function, K, k, split of train/val/gen), one score per (function, K, k, query split), one
-    baseline per (pixel baseline, query split) (both pixel baselines unless score.baselines says
-    otherwise), and one LDS per score or baseline. With `retrain`: a pool of max(ensembles, n_models)
+    baseline per (baseline, query split) (both pixel baselines unless score.baselines says
+    otherwise), one CLIP embedding per split of train/val/gen when a CLIP baseline is listed, and
+    one LDS per score or baseline. With `retrain`: a pool of max(ensembles, n_models)
     models, outputs of the first max(n_models), features of the first max(ensembles) on the featurize
     grid (extra_grids aside), one ensemble score per (set, C, query split), one Empirical IF /
     Datamodel store per (N, query split), and their LDS."""
@@ -26,10 +27,11 @@ def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     grids = [spec["featurize"], *spec["featurize"].get("extra_grids", [])]
     feature_sets = len({(f, int(K), int(k)) for g in grids
                         for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]})
-    baselines = len(spec["score"].get("baselines", ["pixel_dot", "pixel_cos"]))
+    baselines = spec["score"].get("baselines", ["pixel_dot", "pixel_cos"])
     jobs = {"dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
             "ground_truth": models, "featurize": 3 * feature_sets, "score": 2 * feature_sets,
-            "baseline": 2 * baselines, "lds": 2 * (feature_sets + baselines), "table": 1}
+            "baseline": 2 * len(baselines), "lds": 2 * (feature_sets + len(baselines)), "table": 1,
+            "embed_clip": 3 * any(name.startswith("clip_") for name in baselines)}
     retrain = retrain_settings(spec)
     if retrain["pool"]:
         grid = spec["featurize"]
@@ -40,7 +42,7 @@ def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
                     ground_truth=models + max([0, *counts]), featurize_retrained=3 * sets * max([0, *ensembles]),
                     score_ensemble=2 * sets * len(ensembles), retrain_score=2 * len(counts),
                     lds=jobs["lds"] + 2 * stores)
-        jobs = {rule: count for rule, count in jobs.items() if count}
+    jobs = {rule: count for rule, count in jobs.items() if count}
     return {**jobs, "download_cifar10": 1} if downloads else jobs
 
 
