@@ -277,3 +277,17 @@ def test_a_pretrained_path_must_be_a_model_directory(tmp_path, monkeypatch):
     (tmp_path / "clip-vit-base-patch32").mkdir()
     (tmp_path / "clip-vit-base-patch32" / "config.json").write_text("{}")
     resolve_all(config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("architecture", [ARCHITECTURE, {}], ids=["tiny", "ViT-B-32"])
+def test_embeddings_on_a_gpu_equal_the_cpus(architecture):
+    """fp32 on the GPU (no TF32 in the patch convolution or the matmuls) agrees with the CPU to
+    float32 rounding."""
+    from diffattr.clip import embed, load_clip
+
+    data = images(np.random.default_rng(0), 8, 3, 32)
+    model, attrs = load_clip(spec(architecture=architecture))
+    cpu = embed(model, data, attrs["clip_preprocess"], 4, torch.device("cpu"))
+    gpu = embed(model, data, attrs["clip_preprocess"], 4, torch.device("cuda"))
+    assert np.abs(gpu - cpu).max() / np.abs(cpu).max() < 1e-4
