@@ -220,9 +220,9 @@ def test_random_init_is_in_the_lds_table_label(clip_stores, tmp_path):
 
 
 def test_labels():
-    assert label("clip_dot", None, "random-init") == "CLIP (dot, random-init)"
-    assert label("clip_cos", None, "ab12" * 16) == "CLIP (cos)"
-    assert label("pixel_cos", None, "random-init") == "Raw pixel (cos)"
+    assert label("clip_dot", clip_weights="random-init") == "CLIP (dot, random-init)"
+    assert label("clip_cos", clip_weights="ab12" * 16) == "CLIP (cos)"
+    assert label("pixel_cos", clip_weights="random-init") == "Raw pixel (cos)"
 
 
 def with_clip(clip: dict) -> dict:
