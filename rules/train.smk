@@ -1,8 +1,10 @@
 def train_spec(wildcards, steps_key):
     """What a model is a function of. `checkpoint_every` is left out (passed to `run` beside it): a
-    param change reruns the job, and changing how often checkpoints are saved must not retrain."""
+    param change reruns the job, and changing how often checkpoints are saved must not retrain.
+    `keep_checkpoints` concerns the full model only."""
     spec = settings(wildcards)
-    train = {key: value for key, value in spec["train"].items() if key != "checkpoint_every"}
+    unused = ("checkpoint_every",) if steps_key == "full_steps" else ("checkpoint_every", "keep_checkpoints")
+    train = {key: value for key, value in spec["train"].items() if key not in unused}
     return {**train, "steps": spec["train"][steps_key], "model": spec["model"]}
 
 
@@ -15,6 +17,8 @@ rule train_full:
         images="results/{experiment}/data/train.zarr",
     output:
         **model_files("results/{experiment}/models/full"),
+        # the weights after each step of train.keep_checkpoints: trajectory/step<S>/ (see `trajectory`)
+        trajectory=directory("results/{experiment}/models/full/trajectory"),
     log:
         "logs/{experiment}/train/full.log",
     params:

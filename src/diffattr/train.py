@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from .data import load_images
 from .device import precision
 from .models import DiffusionModel, build_model
-from .storage import array_sha256, file_sha256
+from .storage import array_sha256, atomic_output, file_sha256
 
 TRAINING_RECORD = "training.json"  # beside the weights: the training images, subset and seed
 
@@ -29,8 +30,47 @@ def checkpoint_every(spec: dict) -> int:
     return value
 
 
+def kept_steps(spec: dict) -> list[int]:
+    """The steps of `spec["keep_checkpoints"]` whose weights are kept beside the final model: those
+    before the last step (the last step's weights are the final model itself)."""
+    value, steps = spec.get("keep_checkpoints", []), int(spec["steps"])
+    if (not isinstance(value, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, int) for s in value)
+            or list(value) != sorted(set(value)) or any(not 1 <= s <= steps for s in value)):
+        raise ValueError(f"train.keep_checkpoints={value!r}: expected distinct integer steps in ascending "
+                         f"order, each in [1, {steps}] (the training's steps)")
+    return [step for step in value if step < steps]
+
+
+class KeptWeights:
+    """The weights kept at training steps, saved as training passes them into a hidden folder
+    (`step<S>/` each, written atomically) that a rerun after a kill finds again: Snakemake deletes a
+    rerun job's declared outputs, not this. It belongs to one training (`identity`); a folder of
+    another one is discarded."""
+
+    def __init__(self, folder, identity: str):
+        self.folder = Path(folder)
+        record = self.folder / "identity.json"
+        if self.folder.exists() and not (record.exists() and record.read_text() == identity):
+            print(f"{self.folder}: discarding the kept weights of another training", flush=True)
+            shutil.rmtree(self.folder)
+        if not self.folder.exists():
+            with atomic_output(self.folder) as staging:
+                staging.mkdir()
+                (staging / "identity.json").write_text(identity)
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step{step}"
+
+    def has(self, step: int) -> bool:
+        return self.path(step).is_dir()
+
+    def save(self, step: int, model: DiffusionModel) -> None:
+        with atomic_output(self.path(step)) as staging:
+            model.save(staging)
+
+
 def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None, spec: dict,
-          seed: int, device: torch.device = torch.device("cpu"), checkpoint=None) -> pd.DataFrame:
+          seed: int, device: torch.device = torch.device("cpu"), checkpoint=None, kept=None) -> pd.DataFrame:
     """Train in place on `device`; deterministic given `seed` on CPU. Returns the loss log (one row per step).
 
     Batches are drawn epoch by epoch from a seeded permutation; flips, timesteps and noise come from
@@ -40,8 +80,11 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     training resumes from it when it holds this very training (same settings, seed, images, initial
     weights and device type): the result is bitwise that of an uninterrupted run on CPU. The caller
     deletes the checkpoint once the final weights are stored.
+    With a `kept` folder, the weights after each step of `kept_steps(spec)` are saved there
+    (`KeptWeights`); a checkpoint past a kept step whose weights are missing there is not resumed.
     """
     every = checkpoint_every(spec)
+    keep = kept_steps(spec) if kept is not None else []
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     steps, batch_size = int(spec["steps"]), int(spec["batch_size"])
@@ -55,10 +98,20 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     labels = None if labels is None else labels.to(device)
     model.to(device).train(True)
     order, cursor, log = torch.randperm(len(images), generator=gen), 0, []
-    first = 0
-    if checkpoint is not None:
+    first, store = 0, None
+    if checkpoint is not None or keep:
         identity = _identity(model, images, labels, spec, seed, torch.device(device))
+    if keep:
+        store = KeptWeights(kept, identity)
+    if checkpoint is not None:
         state = _load_checkpoint(Path(checkpoint), identity)
+        missing = [] if state is None or store is None else [
+            s for s in keep if s <= state["step"] and not store.has(s)]
+        if missing:
+            print(f"{checkpoint}: discarding the checkpoint of step {state['step']}: the kept weights of "
+                  f"step(s) {missing} are missing from {kept}; training from the start", flush=True)
+            Path(checkpoint).unlink()
+            state = None
         if state is not None:
             first, order, cursor, log = _restore(state, params, optimizer, schedule, gen)
             print(f"{checkpoint}: resuming from step {first} of {steps}", flush=True)
@@ -84,6 +137,8 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         optimizer.step()
         schedule.step()
         log.append((step, loss.item(), float(grad_norm), schedule.get_last_lr()[0]))
+        if store is not None and step + 1 in keep:
+            store.save(step + 1, model)
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:
             _save_checkpoint(Path(checkpoint), {
                 "identity": identity, "step": step + 1, "order": order, "cursor": cursor, "log": log,
@@ -97,7 +152,8 @@ def _identity(model: DiffusionModel, images, labels, spec: dict, seed: int, devi
     """What a training is a function of: a checkpoint of any other training is never resumed."""
     initial = torch.cat([p.detach().flatten().cpu().float() for p in model.trainable_parameters()])
     return json.dumps({
-        "spec": {key: value for key, value in spec.items() if key != "checkpoint_every"}, "seed": seed,
+        "spec": {key: value for key, value in spec.items() if key not in ("checkpoint_every", "keep_checkpoints")},
+        "seed": seed,
         "images": array_sha256(images.detach().cpu().numpy()),
         "labels": None if labels is None else array_sha256(labels.detach().cpu().numpy()),
         "initial_weights": array_sha256(initial.numpy()), "torch": torch.__version__, "device": device.type,
@@ -160,14 +216,29 @@ def checkpoint_path(weights_path) -> Path:
     return folder.with_name(f".{folder.name}.ckpt")
 
 
+def kept_path(weights_path) -> Path:
+    """Where the training of `weights_path` keeps the weights of its kept steps until it ends: a hidden
+    sibling of the model folder (results/<exp>/models/.full.kept), like its checkpoint."""
+    folder = Path(weights_path).parent
+    return folder.with_name(f".{folder.name}.kept")
+
+
+def trajectory_weights(trajectory_path, step: int) -> Path:
+    """The weights file of kept step `step` in a trajectory folder (models/full/trajectory)."""
+    return Path(trajectory_path) / f"step{int(step)}" / "diffusion_pytorch_model.safetensors"
+
+
 def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, weights_path,
-                   device: torch.device = torch.device("cpu")) -> None:
+                   device: torch.device = torch.device("cpu"), trajectory_path=None) -> None:
     """Train one model (on the whole split, or on LDS subset `subset`) and save it beside `weights_path`,
     with a record of what it was trained on (TRAINING_RECORD).
 
     Files are written to a temporary folder and moved in with the weights last, so an
     interrupted job never leaves weights that look finished. A rerun after a kill resumes from the
     last checkpoint (`checkpoint_path`), which is deleted once the weights are in place.
+    With `trajectory_path`, the weights after each of `kept_steps(spec)` are kept in it, one loadable
+    model folder `step<S>/` each (with TRAINING_RECORD and its step), written as one folder before
+    the final weights; until then they wait in `kept_path`, which a resumed training reuses.
     """
     images = load_images(images_path)
     if subsets_path is not None:
@@ -181,10 +252,19 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
               "subsets_sha256": None if subsets_path is None else file_sha256(subsets_path)}
     model = build_model(spec["model"], seed)
     checkpoint = checkpoint_path(weights_path)
-    log = train(model, torch.from_numpy(np.ascontiguousarray(images)), None, spec, seed, device, checkpoint)
+    kept = None if trajectory_path is None else kept_path(weights_path)
+    log = train(model, torch.from_numpy(np.ascontiguousarray(images)), None, spec, seed, device, checkpoint,
+                kept)
     model.to(torch.device("cpu"))
     out = Path(weights_path).parent
     out.mkdir(parents=True, exist_ok=True)
+    if trajectory_path is not None:
+        with atomic_output(trajectory_path) as staging:
+            staging.mkdir()
+            for step in kept_steps(spec):  # hard links: the kept folder stays whole until the end
+                shutil.copytree(kept / f"step{step}", staging / f"step{step}", copy_function=os.link)
+                (staging / f"step{step}" / TRAINING_RECORD).write_text(
+                    json.dumps({**record, "step": step, "steps": int(spec["steps"])}, indent=1) + "\n")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
         staging = Path(staging)
         model.save(staging)
@@ -193,3 +273,5 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
         for name in sorted(os.listdir(staging), key=lambda name: name == Path(weights_path).name):
             os.replace(staging / name, out / name)
     checkpoint.unlink(missing_ok=True)
+    if kept is not None and kept.exists():
+        shutil.rmtree(kept)
