@@ -5,8 +5,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from diffattr.config import ConfigError, select_timesteps, undefined_preset, validate_config
+from diffattr.config import FEATURE_SET, FEATURE_SET_ANY, checkpoint_feature_sets, feature_set_name
 from diffattr.config import feature_sets as config_feature_sets
-from diffattr.config import retrain_settings, score_methods
+from diffattr.config import parse_feature_set, retrain_settings, score_methods, trajectories
 from diffattr.methods import BASELINES, METHODS
 from diffattr.worker import run_script
 
@@ -24,13 +25,16 @@ wildcard_constraints:
     model=r"s\d{3}-r\d+",
     split=r"train|val|gen",
     qsplit=r"val|gen",
+    baseline="|".join(BASELINES),
     function=r"[a-z0-9.]+",
     K=r"\d+",
     k=r"\d+",
-    baseline="|".join(BASELINES),
+    # a feature set: {function}_K{K}_k{k}, with _step{S} for a kept training checkpoint's features
+    fset=FEATURE_SET_ANY,
     # a predictions store: the feature set it was scored on (with _ens<C>: by an ensemble of C
-    # retrained models), a pixel baseline, or the retraining pool's first N models (retrain_n<N>)
-    scores=r"[a-z0-9.]+_K\d+_k\d+(_ens\d+)?|retrain_n\d+|" + "|".join(BASELINES),
+    # retrained models), TracInCP / GAS over a feature set's checkpoints (<feature set>_tracin), a
+    # pixel baseline, or the retraining pool's first N models (retrain_n<N>)
+    scores=f"{FEATURE_SET_ANY}|{FEATURE_SET}_ens\\d+|{FEATURE_SET}_tracin|retrain_n\\d+|" + "|".join(BASELINES),
 
 
 def local_gpu_jobs() -> int:
@@ -81,9 +85,31 @@ def images(split):
     return f"results/{{experiment}}/data/{split}.zarr"
 
 
-def feature_sets(wildcards):
-    """(function, K, k) combinations of the experiment's featurization."""
-    return config_feature_sets(settings(wildcards)["featurize"])
+def feature_set_names(wildcards):
+    """Names of the experiment's feature sets: those of the final weights, then those of kept
+    training checkpoints (`_step<S>`, from the featurize grids' `checkpoints`)."""
+    featurize = settings(wildcards)["featurize"]
+    return [*(feature_set_name(f, K, k) for f, K, k in config_feature_sets(featurize)),
+            *(feature_set_name(f, K, k, step) for f, K, k, step in checkpoint_feature_sets(featurize))]
+
+
+def trajectory_stores(wildcards):
+    """Names of the experiment's TracInCP / GAS stores: <feature set>_tracin for the (function, K, k)
+    of every grid with `checkpoints`, unless score.trajectory_methods is empty."""
+    spec = settings(wildcards)
+    if not score_methods(spec["score"], "trajectory_methods"):
+        return []
+    return [f"{feature_set_name(f, K, k)}_tracin" for f, K, k in trajectories(spec["featurize"])]
+
+
+def trajectory_feature_sets(wildcards, fset):
+    """The feature sets a TracInCP / GAS store of `fset` sums over: its checkpoints, then the final."""
+    function, K, k, _ = parse_feature_set(fset)
+    steps = trajectories(settings(wildcards)["featurize"]).get((function, K, k))
+    if steps is None:
+        raise ConfigError(f"experiments.{wildcards.experiment}: no featurize grid lists checkpoints for "
+                          f"{fset}, so it has no TracInCP / GAS store")
+    return [*(feature_set_name(function, K, k, step) for step in steps), fset]
 
 
 def baselines(wildcards):
@@ -100,8 +126,9 @@ def embeddings(wildcards):
 
 def score_stores(wildcards):
     """Names of the experiment's predictions stores (results/<exp>/scores/<name>/<split>.zarr): one
-    per feature set, one per baseline, and the retraining-based ones (ensemble.smk, retrain.smk)."""
-    return [*(f"{f}_K{K}_k{k}" for f, K, k in feature_sets(wildcards)), *baselines(wildcards),
+    per feature set, one per TracInCP / GAS store, one per baseline, and the retraining-based
+    ones (ensemble.smk, retrain.smk)."""
+    return [*feature_set_names(wildcards), *trajectory_stores(wildcards), *baselines(wildcards),
             *ensemble_stores(wildcards), *retrain_stores(wildcards)]
 
 
@@ -113,7 +140,7 @@ def products(experiment):
     """
     w = SimpleNamespace(experiment=experiment)
     models = ["full", *(f"lds/{m}" for m in lds_models(w))]
-    sets = [f"{f}_K{K}_k{k}" for f, K, k in feature_sets(w)]
+    sets = feature_set_names(w)
     return [
         *(f"results/{experiment}/models/{m}/diffusion_pytorch_model.safetensors" for m in models),
         *(f"results/{experiment}/ground_truth/{m}.zarr" for m in lds_models(w)),

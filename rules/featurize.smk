@@ -4,19 +4,37 @@ def featurize_spec(wildcards):
     return {key: value for key, value in settings(wildcards)["featurize"].items() if key != "max_pass_items"}
 
 
+def featurize_model(wildcards):
+    """The weights a feature set is computed from: the full model's, or for `_step<S>` the folder of
+    its kept training checkpoints (a step the experiment does not keep stops the plan here)."""
+    step = parse_feature_set(wildcards.fset)[3]
+    if step is None:
+        return f"results/{wildcards.experiment}/models/full/diffusion_pytorch_model.safetensors"
+    train = settings(wildcards)["train"]
+    if step not in train.get("keep_checkpoints", []) or step >= train["full_steps"]:
+        raise ConfigError(f"{wildcards.fset}: experiments.{wildcards.experiment} keeps no weights of step "
+                          f"{step}; expected one of train.keep_checkpoints below train.full_steps "
+                          f"({[s for s in train.get('keep_checkpoints', []) if s < train['full_steps']]})")
+    return f"results/{wildcards.experiment}/models/full/trajectory"
+
+
+def featurize_timesteps(wildcards):
+    K = parse_feature_set(wildcards.fset)[1]
+    return select_timesteps(K, settings(wildcards)["featurize"]["scheme"], num_train_timesteps(wildcards))
+
+
 rule featurize:
     input:
-        weights="results/{experiment}/models/full/diffusion_pytorch_model.safetensors",
+        model=featurize_model,
         images=lambda w: images(w.split).format(experiment=w.experiment),
     output:
-        features=directory("results/{experiment}/features/{function}_K{K}_k{k}/{split}.zarr"),
+        features=directory("results/{experiment}/features/{fset}/{split}.zarr"),
     log:
-        "logs/{experiment}/featurize/{function}_K{K}_k{k}_{split}.log",
+        "logs/{experiment}/featurize/{fset}_{split}.log",
     params:
         spec=featurize_spec,
         model=lambda w: settings(w)["model"],
-        timesteps=lambda w: select_timesteps(int(w.K), settings(w)["featurize"]["scheme"],
-                                             num_train_timesteps(w)),
+        timesteps=featurize_timesteps,
     threads: 1
     resources:
         gpu=GPU_JOB,

@@ -7,15 +7,37 @@ def score_spec(wildcards):
 
 rule score:
     input:
-        train="results/{experiment}/features/{function}_K{K}_k{k}/train.zarr",
-        query="results/{experiment}/features/{function}_K{K}_k{k}/{qsplit}.zarr",
+        train="results/{experiment}/features/{fset}/train.zarr",
+        query="results/{experiment}/features/{fset}/{qsplit}.zarr",
         subsets="results/{experiment}/subsets.csv",
     output:
-        predictions=directory("results/{experiment}/scores/{function}_K{K}_k{k}/{qsplit}.zarr"),
+        predictions=directory("results/{experiment}/scores/{fset}/{qsplit}.zarr"),
     log:
-        "logs/{experiment}/score/{function}_K{K}_k{k}_{qsplit}.log",
+        "logs/{experiment}/score/{fset}_{qsplit}.log",
     params:
         spec=score_spec,
     threads: 1
     run:
         run("score.py", input, output, params, wildcards, threads, log)
+
+
+# TracInCP and GAS (score.trajectory_methods) of one feature set of the final weights: its features at
+# every kept checkpoint its grids list and at the final weights, summed in one predictions store.
+rule tracin:
+    input:
+        train=lambda w: [f"results/{w.experiment}/features/{s}/train.zarr"
+                         for s in trajectory_feature_sets(w, w.fset)],
+        query=lambda w: [f"results/{w.experiment}/features/{s}/{w.qsplit}.zarr"
+                         for s in trajectory_feature_sets(w, w.fset)],
+        subsets="results/{experiment}/subsets.csv",
+    output:
+        predictions=directory("results/{experiment}/scores/{fset}_tracin/{qsplit}.zarr"),
+    log:
+        "logs/{experiment}/score/{fset}_tracin_{qsplit}.log",
+    wildcard_constraints:
+        fset=FEATURE_SET,
+    params:
+        methods=lambda w: score_methods(settings(w)["score"], "trajectory_methods"),
+    threads: 1
+    run:
+        run("tracin.py", input, output, params, wildcards, threads, log)

@@ -258,6 +258,7 @@ def check(settings: dict, name: str, device: str = "auto") -> None:
         for i, k in enumerate(grid["timesteps"]):
             if k > T:
                 faults.append(f"{key}.timesteps[{i}]: got K = {k}; expected K {within_T}")
+    faults += _check_checkpoints(settings["train"], grids)
     for key in ("ground_truth.timesteps", "generate.steps"):
         section, leaf = key.split(".")
         if settings[section][leaf] > T:
@@ -314,6 +315,26 @@ def retrain_settings(settings: dict) -> dict:
         spec.setdefault(key, copy.deepcopy(settings["ground_truth"][key]))
     spec["pool"] = max([0, *spec["ensembles"], *spec["n_models"]])
     return spec
+
+
+def _check_checkpoints(train: dict, grids: dict) -> list[str]:
+    """Kept steps ascending within the full model's training; a grid's checkpoints among them."""
+    faults = []
+    kept, full = train.get("keep_checkpoints", []), train["full_steps"]
+    if kept != sorted(kept):
+        faults.append(f"train.keep_checkpoints: got {_show(kept)}; expected steps in ascending order")
+    for i, step in enumerate(kept):
+        if step > full:
+            faults.append(f"train.keep_checkpoints[{i}]: got {step}; expected a step at most "
+                          f"train.full_steps = {full}")
+    earlier = [step for step in kept if step < full]
+    for key, grid in grids.items():
+        for i, step in enumerate(grid.get("checkpoints", [])):
+            if step not in earlier:
+                faults.append(f"{key}.checkpoints[{i}]: got {step}; expected one of train.keep_checkpoints "
+                              f"below train.full_steps = {full} ({_show(earlier)}); the final weights' "
+                              "features are the grid's own")
+    return faults
 
 
 def _check_unet(dataset: dict, unet: dict) -> list[str]:
@@ -381,9 +402,53 @@ def feature_sets(featurize: dict) -> list[tuple[str, int, int]]:
     return list(sets)
 
 
+def checkpoint_feature_sets(featurize: dict) -> list[tuple[str, int, int, int]]:
+    """(function, K, k, step) of every feature store of a kept training checkpoint: each grid's
+    (function, K, k) at each step of its `checkpoints`, each combination once, in config order."""
+    sets: dict[tuple[str, int, int, int], None] = {}
+    for grid in [featurize, *featurize.get("extra_grids", [])]:
+        for function, k, dim, step in itertools.product(grid["functions"], grid["timesteps"],
+                                                        grid["proj_dims"], grid.get("checkpoints", [])):
+            sets[(str(function), int(k), int(dim), int(step))] = None
+    return list(sets)
+
+
+def trajectories(featurize: dict) -> dict[tuple[str, int, int], list[int]]:
+    """{(function, K, k): its checkpoint steps, ascending}: the (function, K, k) of every grid that
+    lists `checkpoints`, with the union of the steps listed for it (TracInCP sums over these and
+    the final weights)."""
+    out: dict[tuple[str, int, int], set[int]] = {}
+    for function, k, dim, step in checkpoint_feature_sets(featurize):
+        out.setdefault((function, k, dim), set()).add(step)
+    return {key: sorted(steps) for key, steps in out.items()}
+
+
+# Feature-set names: {function}_K{K}_k{k}, then `_step{S}` for the features of the full model's kept
+# training checkpoint at step S (absent: the final weights).
+FEATURE_SET = r"[a-z0-9.]+_K\d+_k\d+"  # features of the final weights
+FEATURE_SET_ANY = FEATURE_SET + r"(?:_step\d+)?"  # of the final weights or of a kept checkpoint
+_FEATURE_SET_NAME = re.compile(r"^(?P<function>[a-z0-9.]+)_K(?P<K>\d+)_k(?P<k>\d+)(?:_step(?P<step>\d+))?$")
+
+
+def feature_set_name(function: str, K: int, k: int, step: int | None = None) -> str:
+    """'square', 10, 512, 100 -> 'square_K10_k512_step100' (no tag for the final weights)."""
+    return f"{function}_K{int(K)}_k{int(k)}" + ("" if step is None else f"_step{int(step)}")
+
+
+def parse_feature_set(name: str) -> tuple[str, int, int, int | None]:
+    """'square_K10_k512_step100' -> ('square', 10, 512, 100); step None for the final weights."""
+    match = _FEATURE_SET_NAME.match(name)
+    if match is None:
+        raise ValueError(f"feature set name {name!r}: expected {{function}}_K{{K}}_k{{k}}, optionally "
+                         "followed by _step{S}, e.g. square_K10_k512 or square_K10_k512_step100")
+    step = match.group("step")
+    return match.group("function"), int(match.group("K")), int(match.group("k")), None if step is None else int(step)
+
+
 def score_methods(score: dict, key: str) -> list[str]:
-    """`score.methods` (methods on the gradient features) or `score.baselines` (pixel baselines) of a
-    preset, the schema's default where the preset leaves it out."""
+    """`score.methods` (methods on the gradient features), `score.baselines` (pixel baselines) or
+    `score.trajectory_methods` (over training checkpoints) of a preset, the schema's default where the
+    preset leaves it out."""
     default = schema()["$defs"]["experiment"]["properties"]["score"]["properties"][key]["default"]
     return [str(name) for name in score.get(key, default)]
 

@@ -85,18 +85,19 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
 
 def featurize_split(weights_path, model_spec: dict, images_path, function: str, timesteps,
                     proj_dim: int, spec: dict, out_path, device: torch.device = torch.device("cpu"),
-                    max_pass_items: int | None = None) -> None:
+                    max_pass_items: int | None = None, checkpoint: int | None = None) -> None:
     """Projected features of every image of a split, written in row chunks with their provenance;
     a rerun after a kill computes only the chunks not yet written (storage.ResumableOutput).
 
     `device` is part of the provenance: a projector's matrix can depend on where it is drawn.
+    `checkpoint` is the training step of the weights when they are a kept checkpoint (None: final).
     """
     model = load_model(model_spec, Path(weights_path).parent).to(device).for_per_sample_gradients()
     images = load_images(images_path)
     batch_size = int(spec["batch_size"])
     projector, projector_info = make_projector(gradient_dim(model), proj_dim, int(spec["proj_seed"]),
                                                device, batch_size)
-    attrs = {"model_sha256": file_sha256(weights_path), "function": function,
+    attrs = {"model_sha256": file_sha256(weights_path), "checkpoint": checkpoint, "function": function,
              "K": len(timesteps), "timesteps": list(timesteps), "scheme": spec["scheme"],
              "noise_seed": int(spec["noise_seed"]), "dtype": "float32", "device": device_name(device),
              "query_sha256": array_sha256(images), "torch": torch.__version__, **projector_info}

@@ -149,6 +149,16 @@ def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int,
     return np.stack([np.mean(per_subset[j], axis=0) for j in range(n_subsets)], axis=1), first[1]
 
 
+def checkpoint_label(attrs: dict) -> str:
+    """The table's `checkpoint` of a predictions store: '' for the final weights (and for stores
+    without features), the training step of a kept checkpoint's features, or the steps TracInCP /
+    GAS summed over, e.g. '150+300+450+final'."""
+    steps = attrs.get("checkpoints", [attrs.get("checkpoint")])
+    if steps == [None]:
+        return ""
+    return "+".join("final" if step is None else str(int(step)) for step in steps)
+
+
 def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spec: dict, out_path) -> None:
     """One row per (method of the store, lambda rule): the chosen lambda (NaN for a method without
     one), the LDS and its bootstrap interval.
@@ -179,6 +189,7 @@ def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spe
                                          attrs.get("clip_weights")),
                          "function": attrs.get("function"),
                          "timesteps": attrs.get("K"), "proj_dim": attrs.get("proj_dim"),
+                         "checkpoint": checkpoint_label(attrs),
                          "split": split, "lambda_rule": rule, "lambda": result["lambda_"],
                          "lds": result["lds"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
                          "n_queries": result["n_queries"], "n_subsets": result["n_subsets"]})

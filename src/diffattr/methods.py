@@ -23,7 +23,8 @@ RANDOM_INIT = "random-init"  # the `clip_weights` of a CLIP model that was not l
 @dataclass(frozen=True)
 class Method:
     label: str           # the table's `method` column
-    inputs: str          # 'features' (projected gradients), 'pixels' (the images themselves),
+    inputs: str          # 'features' (projected gradients), 'trajectory' (projected gradients of
+                         # several training checkpoints), 'pixels' (the images themselves),
                          # 'embeddings' (CLIP image embeddings, diffattr.clip),
                          # 'ensemble' (features of several retrained models), 'outputs' (their losses)
     uses_lambda: bool    # predictions over the lambda grid, one lambda chosen per rule
@@ -35,6 +36,8 @@ METHODS = {
     "gradient_cos": Method("Gradient (cos)", "features", False),
     "relative_if": Method("Relative IF", "features", True),
     "renormalized_if": Method("Renormalized IF", "features", True),
+    "tracincp": Method("TracInCP", "trajectory", False),  # summed over training checkpoints: tracin.py
+    "gas": Method("GAS", "trajectory", False),
     "pixel_dot": Method("Raw pixel (dot)", "pixels", False),
     "pixel_cos": Method("Raw pixel (cos)", "pixels", False),
     "clip_dot": Method("CLIP (dot)", "embeddings", False),
@@ -101,7 +104,8 @@ def read_predictions(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], di
         if f"preds/{method}" not in group:
             raise ProvenanceError(f"{path} lists method {method!r} but holds no preds/{method}; recompute it")
         array = group[f"preds/{method}"]
-        keys = ("lambdas", *{"features": FEATURE_STORE_KEYS, "ensemble": FEATURE_STORE_KEYS,
+        keys = ("lambdas", *{"features": FEATURE_STORE_KEYS, "trajectory": FEATURE_STORE_KEYS,
+                             "ensemble": FEATURE_STORE_KEYS,
                              "embeddings": EMBEDDING_STORE_KEYS}.get(METHODS[method].inputs, ()))
         require_present(keys, (f"{path} (preds/{method})", {**attrs, **array.attrs}),
                         "diffattr's score or baseline")

@@ -8,7 +8,8 @@ import numpy as np
 # Everything that changes a feature's value except the images themselves. `device` ('cpu' or the GPU
 # model) also identifies the projector's matrix: torch's CPU and CUDA generators draw different numbers
 # from one seed (BasicProjector), and fast_jl's matrix depends on the GPU (`gpu`, `sm_count`).
-FEATURE_KEYS = ("model_sha256", "function", "K", "timesteps", "scheme", "noise_seed", "dtype", "device",
+# `checkpoint`: the training step of the weights when they are a kept checkpoint (None: the final ones).
+FEATURE_KEYS = ("model_sha256", "checkpoint", "function", "K", "timesteps", "scheme", "noise_seed", "dtype", "device",
                 "projector", "proj_dim", "proj_seed", "proj_type", "grad_dim", "block_size", "gpu",
                 "sm_count")
 # What every feature store written by featurize records; a store without them is not trusted.

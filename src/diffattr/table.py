@@ -1,20 +1,25 @@
-"""The experiment's LDS table: every (method, function, K, k, split, lambda rule) row in one CSV;
-function, K and k are empty for the pixel baselines, lambda for methods without one."""
+"""The experiment's LDS table: every (method, function, K, k, checkpoint, split, lambda rule) row in
+one CSV; function, K and k are empty for the pixel baselines, lambda for methods without one, and
+checkpoint for methods on the final weights (else the training step of the features, or the steps
+TracInCP / GAS summed over)."""
 from __future__ import annotations
 
 import pandas as pd
 
 from .storage import atomic_output
 
-COLUMNS = ["experiment", "method", "function", "timesteps", "proj_dim", "split", "lambda_rule",
+COLUMNS = ["experiment", "method", "function", "timesteps", "proj_dim", "checkpoint", "split", "lambda_rule",
            "lambda", "lds", "ci_low", "ci_high", "n_queries", "n_subsets"]
 
 
 def collect(paths, experiment: str, out_path, report_path) -> pd.DataFrame:
     table = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
     table.insert(0, "experiment", experiment)
-    table = table[COLUMNS].sort_values(["split", "lambda_rule", "method", "function", "timesteps",
-                                        "proj_dim"], ignore_index=True)
+    checkpoint = table.checkpoint.map(_text).replace("", None)  # text ('150', '150+300+final'), NaN: final
+    table = table.assign(checkpoint=checkpoint)[COLUMNS].sort_values(
+        ["split", "lambda_rule", "method", "function", "timesteps", "proj_dim", "checkpoint"],
+        key=lambda column: column.map(_checkpoint_order) if column.name == "checkpoint" else column,
+        ignore_index=True)
     with atomic_output(out_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_output(report_path) as tmp:
@@ -27,7 +32,7 @@ def report(table: pd.DataFrame, experiment: str) -> str:
     method without lambda or without features shows blanks there."""
     cell = table.apply(lambda r: f"{100 * r.lds:.2f} [{100 * r.ci_low:.2f}, {100 * r.ci_high:.2f}]"
                        + ("" if pd.isna(r["lambda"]) else f" (lambda {r['lambda']:g})"), axis=1)
-    keys = table[["method", "function", "timesteps", "proj_dim"]].map(_text)
+    keys = table[["method", "function", "timesteps", "proj_dim", "checkpoint"]].map(_text)
     wide = keys.assign(cell=cell, column=table.split + ", " + table.lambda_rule).pivot_table(
         index=list(keys.columns), columns="column", values="cell", aggfunc="first")
     # rows in the table's order (numeric K and k), not in the order of their text
@@ -38,6 +43,11 @@ def report(table: pd.DataFrame, experiment: str) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in wide.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def _checkpoint_order(text) -> float:
+    """Final weights first, then checkpoints by step, then sums over checkpoints."""
+    return -1.0 if pd.isna(text) else float(text) if text.isdigit() else float("inf")
 
 
 def _text(value) -> str:
