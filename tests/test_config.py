@@ -79,10 +79,27 @@ MALFORMED = [
     ("misspelt key", tiny(train={"ful_steps": 40}),
      "experiments.tiny.train.ful_steps: got 40; expected no such key (did you mean full_steps?): train "
      "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, full_steps, "
-     "lds_steps, checkpoint_every"),
+     "lds_steps, checkpoint_every, keep_checkpoints"),
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
      "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, retrain"),
+    ("kept steps descending", tiny(train={"keep_checkpoints": [30, 20]}, featurize={"extra_grids": []}),
+     "experiments.tiny.train.keep_checkpoints: got [30, 20]; expected steps in ascending order"),
+    ("kept step beyond the training", tiny(train={"keep_checkpoints": [20, 41]}),
+     "experiments.tiny.train.keep_checkpoints[1]: got 41; expected a step at most train.full_steps = 40"),
+    ("grid checkpoint not kept", tiny(featurize={"extra_grids": [{"functions": ["avg"], "timesteps": [4],
+                                                                  "proj_dims": [64], "checkpoints": [10]}]}),
+     "experiments.tiny.featurize.extra_grids[0].checkpoints[0]: got 10; expected one of "
+     "train.keep_checkpoints below train.full_steps = 40 ([20]); the final weights' features are the "
+     "grid's own"),
+    ("grid checkpoint at the final step", tiny(train={"keep_checkpoints": [20, 40]},
+                                               featurize={"extra_grids": [{"functions": ["avg"], "timesteps": [4],
+                                                                           "proj_dims": [64], "checkpoints": [40]}]}),
+     "experiments.tiny.featurize.extra_grids[0].checkpoints[0]: got 40; expected one of "
+     "train.keep_checkpoints below train.full_steps = 40 ([20]); the final weights' features are the "
+     "grid's own"),
+    ("unknown trajectory method", tiny(score={"trajectory_methods": ["tracin"]}),
+     'experiments.tiny.score.trajectory_methods[0]: got "tracin"; expected one of "tracincp", "gas"'),
     ("betas of three", tiny(train={"betas": [0.9, 0.99, 0.999]}),
      "experiments.tiny.train.betas: got [0.9, 0.99, 0.999]; expected a list of 2 of (a number in [0, 1))"),
     ("lambda exponents reversed", tiny(score={"lambda_exponents": [6, -2]}),
@@ -167,10 +184,10 @@ def test_proj_dim_must_suit_the_cuda_projector(monkeypatch):
     monkeypatch.setattr(cfg, "cuda_projector_possible", lambda device: device != "cpu")
     with pytest.raises(ConfigError) as error:
         experiment(config, "tiny")
-    assert str(error.value) == (
-        "experiments.tiny.featurize.proj_dims[0]: got 64; expected a multiple of 512, which trak's "
+    assert str(error.value) == "\n".join(
+        f"experiments.tiny.featurize{grid}.proj_dims[0]: got 64; expected a multiple of 512, which trak's "
         "CudaProjector (fast_jl, used on device 'cuda') needs; or set device: cpu (BasicProjector takes "
-        "any positive integer)")
+        "any positive integer)" for grid in ("", ".extra_grids[0]"))
     assert experiment({**config, "device": "cpu"}, "tiny")["featurize"]["proj_dims"] == [64]
     assert experiment(config, "default")["featurize"]["proj_dims"] == [512]
 

@@ -7,7 +7,7 @@ import torch
 import yaml
 from diffusers import UNet2DModel
 
-from diffattr.config import experiment, feature_sets, retrain_settings
+from diffattr.config import experiment, feature_sets, retrain_settings, trajectories
 
 from dry_run import REPO, copy_workflow, job_counts
 
@@ -16,21 +16,30 @@ CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 
 def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     """Job counts written out from the settings: one model per (subset, seed), one feature store per
-    (function, K, k, split of train/val/gen), one score per (function, K, k, query split), one
-    baseline per (baseline, query split) (both pixel baselines unless score.baselines says
-    otherwise), one CLIP embedding per split of train/val/gen when a CLIP baseline is listed, and
-    one LDS per score or baseline. With `retrain`: a pool of max(ensembles, n_models)
+    (function, K, k, weights, split of train/val/gen) where the weights are the final ones or, for a
+    grid with `checkpoints`, each of those kept steps, one score per (function, K, k, weights, query
+    split), one TracInCP / GAS job per (function, K, k of a grid with checkpoints, query split)
+    (unless score.trajectory_methods is empty), one baseline per (baseline, query split) (both pixel
+    baselines unless score.baselines says otherwise), one CLIP embedding per split of train/val/gen
+    when a CLIP baseline is listed, and one LDS per score, TracInCP / GAS or baseline job. With
+    `retrain`: a pool of max(ensembles, n_models)
     models, outputs of the first max(n_models), features of the first max(ensembles) on the featurize
     grid (extra_grids aside), one ensemble score per (set, C, query split), one Empirical IF /
     Datamodel store per (N, query split), and their LDS."""
     models = int(spec["subsets"]["m"]) * len(spec["subsets"]["train_seeds"])
     grids = [spec["featurize"], *spec["featurize"].get("extra_grids", [])]
-    feature_sets = len({(f, int(K), int(k)) for g in grids
-                        for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]})
+    feature_sets = len({(f, int(K), int(k), step) for g in grids
+                        for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]
+                        for step in [None, *g.get("checkpoints", [])]})
+    tracin = len({(f, int(K), int(k)) for g in grids if g.get("checkpoints")
+                  for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]})
+    if not spec["score"].get("trajectory_methods", ["tracincp", "gas"]):
+        tracin = 0
     baselines = spec["score"].get("baselines", ["pixel_dot", "pixel_cos"])
     jobs = {"dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
             "ground_truth": models, "featurize": 3 * feature_sets, "score": 2 * feature_sets,
-            "baseline": 2 * len(baselines), "lds": 2 * (feature_sets + len(baselines)), "table": 1,
+            "tracin": 2 * tracin, "baseline": 2 * len(baselines),
+            "lds": 2 * (feature_sets + tracin + len(baselines)), "table": 1,
             "embed_clip": 3 * any(name.startswith("clip_") for name in baselines)}
     retrain = retrain_settings(spec)
     if retrain["pool"]:
@@ -89,7 +98,13 @@ def test_cifar2_is_the_papers_setup():
     table1 = spec["featurize"]["extra_grids"][0]
     assert set(table1["functions"]) == {"simple", "elbo", "square", "avg", "l1", "l2", "linf"}
     assert (table1["timesteps"], table1["proj_dims"]) == ([10, 100, 1000], [4096])
-    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 21)
+    # TracInCP / GAS (Table 2): L_Simple features at K = 10, 100 and k = 32768 of four checkpoints, the
+    # last the final weights, spread evenly over the 8000 steps
+    assert spec["train"]["full_steps"] == 8000 and spec["train"]["keep_checkpoints"] == [2000, 4000, 6000]
+    assert trajectories(spec["featurize"]) == {("simple", 10, 32768): [2000, 4000, 6000],
+                                               ("simple", 100, 32768): [2000, 4000, 6000]}
+    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 21 + 2 * 3)
+    assert expected_jobs(spec, False)["tracin"] == 2 * 2
     assert spec["score"]["lambda_exponents"] == [-2, 6]
     # Tables 7-8: ensembles of 1..8 models, Empirical IF and Datamodel on 64..512, all on 50% subsets
     retrain = retrain_settings(spec)
@@ -107,10 +122,27 @@ def test_feature_sets_are_the_union_of_the_grids_in_config_order():
                                        ("avg", 10, 64), ("avg", 100, 64)]
 
 
+def test_default_and_tiny_keep_their_tracin_small():
+    """TracInCP / GAS in the default table: one function, three kept checkpoints and the final; in
+    tiny, the end-to-end test's, one kept checkpoint."""
+    default, tiny = experiment(CONFIG, "default"), experiment(CONFIG, "tiny")
+    assert trajectories(default["featurize"]) == {("simple", 10, 512): [150, 300, 450]}
+    assert trajectories(tiny["featurize"]) == {("simple", 4, 64): [20]}
+    assert (expected_jobs(default, False)["tracin"], expected_jobs(tiny, False)["tracin"]) == (2, 2)
+
+
+def test_tracin_can_be_turned_off(workdir):
+    out = dry_run(workdir, "results/lds_tiny.csv", "--config",
+                  'experiments={"tiny": {"score": {"trajectory_methods": []}}}')
+    spec = experiment(CONFIG, "tiny")
+    spec["score"]["trajectory_methods"] = []
+    assert "tracin" not in job_counts(out) and job_counts(out) == expected_jobs(spec, False)
+
+
 def test_score_baselines_can_be_turned_off(workdir):
     out = dry_run(workdir, "results/lds_tiny.csv", "--config",
                   'experiments={"tiny": {"score": {"baselines": []}}}')
     spec = experiment(CONFIG, "tiny")
     spec["score"]["baselines"] = []
     counts = job_counts(out)
-    assert "baseline" not in counts and counts == {k: v for k, v in expected_jobs(spec, False).items() if v}
+    assert "baseline" not in counts and counts == expected_jobs(spec, False)

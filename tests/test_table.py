@@ -4,8 +4,9 @@ import pandas as pd
 from diffattr.table import COLUMNS, collect
 
 
-def rows(method, function, K, k, lam, lds):
-    return [{"method": method, "function": function, "timesteps": K, "proj_dim": k, "split": split,
+def rows(method, function, K, k, lam, lds, checkpoint=None):
+    return [{"method": method, "function": function, "timesteps": K, "proj_dim": k, "checkpoint": checkpoint,
+             "split": split,
              "lambda_rule": rule, "lambda": lam, "lds": lds, "ci_low": lds - 0.1, "ci_high": lds + 0.1,
              "n_queries": 5, "n_subsets": 8} for split in ("val", "gen") for rule in ("oracle", "heldout")]
 
@@ -32,8 +33,32 @@ def test_table_and_report_with_baselines(tmp_path):
     report = (tmp_path / "lds.md").read_text().splitlines()
     lines = [line for line in report if line.startswith("| ") and "---" not in line]
     body = {line.split(" | ")[0]: line for line in lines[::-1]}  # the first line of each method
-    assert body["| Raw pixel (cos)"].startswith("| Raw pixel (cos) |  |  |  | -3.00 [-13.00, 7.00] |")
+    assert body["| Raw pixel (cos)"].startswith("| Raw pixel (cos) |  |  |  |  | -3.00 [-13.00, 7.00] |")
     assert "lambda" not in body["| Raw pixel (cos)"] and "nan" not in "\n".join(report)
     assert "20.00 [10.00, 30.00] (lambda 2000)" in body["| TRAK"]
-    assert body["| TRAK"].startswith("| TRAK | simple | 4 | 64 |")
-    assert lines[-1].startswith("| TRAK | simple | 10 | 64 | 30.00")  # K in numeric order: 4, then 10
+    assert body["| TRAK"].startswith("| TRAK | simple | 4 | 64 |  |")
+    assert lines[-1].startswith("| TRAK | simple | 10 | 64 |  | 30.00")  # K in numeric order: 4, then 10
+
+
+def test_checkpoint_rows(tmp_path):
+    """Features of the final weights first, then of kept checkpoints by step (numeric: 150 before
+    1000), then TracInCP's sum over checkpoints; the checkpoint column is text, empty for the final."""
+    parts = {
+        "simple_K10_k64_step1000": rows("TRAK", "simple", 10, 64, 1.0, 0.4, 1000),
+        "simple_K10_k64_step150": rows("TRAK", "simple", 10, 64, 1.0, 0.3, 150),
+        "simple_K10_k64": rows("TRAK", "simple", 10, 64, 1.0, 0.2),
+        "simple_K10_k64_tracin": rows("TracInCP", "simple", 10, 64, None, 0.1, "150+1000+final"),
+    }
+    paths = []
+    for name, part in parts.items():
+        paths.append(tmp_path / f"{name}.csv")
+        pd.DataFrame(part).to_csv(paths[-1], index=False)
+    table = collect(paths, "demo", tmp_path / "lds.csv", tmp_path / "lds.md")
+    val = table[(table.split == "val") & (table.lambda_rule == "oracle")]
+    assert list(val.checkpoint.fillna("")) == ["", "150", "1000", "150+1000+final"]
+    assert list(val.lds) == [0.2, 0.3, 0.4, 0.1]
+    written = pd.read_csv(tmp_path / "lds.csv", dtype={"checkpoint": str}, keep_default_na=False)
+    assert list(written.checkpoint[:4]) == ["", "150", "1000", "150+1000+final"]  # gen, heldout first
+    report = (tmp_path / "lds.md").read_text()
+    assert "| TRAK | simple | 10 | 64 | 150 | 30.00" in report
+    assert "| TracInCP | simple | 10 | 64 | 150+1000+final | 10.00" in report

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from diffattr.config import experiment
+from diffattr.config import checkpoint_feature_sets, experiment, feature_sets, trajectories
 from diffattr.score import lambda_grid
 
 from dry_run import REPO, copy_workflow, job_counts
@@ -47,20 +47,28 @@ def tiny():
 
 
 def test_table_has_one_finite_row_per_combination(workdir, tiny):
-    table = pd.read_csv(workdir / TARGET)
+    table = pd.read_csv(workdir / TARGET, dtype={"checkpoint": str})
     spec = tiny["featurize"]
     splits, rules = ("val", "gen"), tiny["lds"]["lambda_rules"]
-    # every method of the score jobs on each feature set (TRAK on simple, D-TRAK on the others), and the
-    # pixel baselines, which have no function, K or k
+    # every method of the score jobs on each feature set (TRAK on simple, D-TRAK on the others), of the
+    # final weights and of the kept checkpoints; TracInCP and GAS over the checkpoints and the final
+    # weights; and the pixel baselines, which have no function, K, k or checkpoint
     methods = ["Gradient (dot)", "Gradient (cos)", "Relative IF", "Renormalized IF"]
-    expected = {(name, f, K, k, split, rule)
-                for f in spec["functions"] for K in spec["timesteps"] for k in spec["proj_dims"]
+    sets = [(f, K, k, "") for f, K, k in feature_sets(spec)]
+    sets += [(f, K, k, str(step)) for f, K, k, step in checkpoint_feature_sets(spec)]
+    expected = {(name, f, K, k, checkpoint, split, rule) for f, K, k, checkpoint in sets
                 for name in [("TRAK" if f == "simple" else "D-TRAK"), *methods]
                 for split in splits for rule in rules}
-    expected |= {(name, "", -1, -1, split, rule) for name in ("Raw pixel (dot)", "Raw pixel (cos)")
+    expected |= {(name, f, K, k, "+".join(map(str, steps)) + "+final", split, rule)
+                 for (f, K, k), steps in trajectories(spec).items() for name in ("TracInCP", "GAS")
                  for split in splits for rule in rules}
-    keys = table[["function", "timesteps", "proj_dim"]].fillna({"function": "", "timesteps": -1, "proj_dim": -1})
-    got = list(zip(table.method, keys.function, keys.timesteps, keys.proj_dim, table.split, table.lambda_rule))
+    assert any(name == "TracInCP" for name, *_ in expected)
+    expected |= {(name, "", -1, -1, "", split, rule) for name in ("Raw pixel (dot)", "Raw pixel (cos)")
+                 for split in splits for rule in rules}
+    keys = table[["function", "timesteps", "proj_dim", "checkpoint"]].fillna(
+        {"function": "", "timesteps": -1, "proj_dim": -1, "checkpoint": ""})
+    got = list(zip(table.method, keys.function, keys.timesteps, keys.proj_dim, keys.checkpoint, table.split,
+                   table.lambda_rule))
     assert len(got) == len(set(got)) and set(got) == expected
     assert set(table.experiment) == {"tiny"}
     assert table.lds.between(-1, 1).all()
@@ -75,7 +83,7 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     assert all(0 < n <= queries[s] for n, s in zip(table.n_queries, table.split))
     report = (workdir / "results/lds_tiny.md").read_text().splitlines()
     rows = [line for line in report if line.startswith("| ") and not line.startswith("| method")]
-    assert len(rows) == len({key[:4] for key in expected})  # one line per (method, function, K, k)
+    assert len(rows) == len({key[:5] for key in expected})  # one line per (method, function, K, k, checkpoint)
     bounded = table.dropna(subset=["ci_low", "ci_high"])
     assert len(bounded) >= len(table) // 2
     assert ((bounded.ci_low <= bounded.lds + 1e-9) & (bounded.lds <= bounded.ci_high + 1e-9)).all()
@@ -92,7 +100,9 @@ def test_deleting_one_model_reruns_only_it_and_its_dependents(workdir, tiny):
     weights.unlink()
     # every LDS job reads every model's ground truth: one per (feature set or pixel baseline, query split)
     baselines = tiny["score"].get("baselines", ["pixel_dot", "pixel_cos"])
-    n_lds = (len(tiny["featurize"]["functions"]) + len(baselines)) * 2
+    stores = [*feature_sets(tiny["featurize"]), *checkpoint_feature_sets(tiny["featurize"]),
+              *trajectories(tiny["featurize"]), *baselines]
+    n_lds = len(stores) * 2
     assert planned_jobs(workdir, *EVERYTHING) == {"train_lds": 1, "ground_truth": 1, "lds": n_lds,
                                                    "table": 1, "all": 1}
     snakemake(workdir, *EVERYTHING)

@@ -36,12 +36,12 @@ METHODS = {
     "gradient_cos": Method("Gradient (cos)", "features", False),
     "relative_if": Method("Relative IF", "features", True),
     "renormalized_if": Method("Renormalized IF", "features", True),
-    "tracincp": Method("TracInCP", "trajectory", False),  # summed over training checkpoints: tracin.py
-    "gas": Method("GAS", "trajectory", False),
     "pixel_dot": Method("Raw pixel (dot)", "pixels", False),
     "pixel_cos": Method("Raw pixel (cos)", "pixels", False),
     "clip_dot": Method("CLIP (dot)", "embeddings", False),
     "clip_cos": Method("CLIP (cos)", "embeddings", False),
+    "tracincp": Method("TracInCP", "trajectory", False),  # summed over training checkpoints: tracin.py
+    "gas": Method("GAS", "trajectory", False),
     # retraining-based (rules/ensemble.smk, rules/retrain.smk); a store records its model count `models`
     "trak_ens": Method("TRAK ensemble", "ensemble", True),  # "D-TRAK ensemble" off simple, as trak
     "empirical_if": Method("Empirical IF", "outputs", False),
