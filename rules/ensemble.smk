@@ -32,14 +32,16 @@ def member_features(wildcards, split) -> list[str]:
 # The featurize rule's job (same params and script) on a pool model instead of the full model.
 rule featurize_retrained:
     input:
-        weights="results/{experiment}/models/retrain/{model}/diffusion_pytorch_model.safetensors",
+        model="results/{experiment}/models/retrain/{model}/diffusion_pytorch_model.safetensors",
         images=lambda w: images(w.split).format(experiment=w.experiment),
     output:
-        features=directory("results/{experiment}/features/retrain/{model}/{function}_K{K}_k{k}/{split}.zarr"),
+        features=directory("results/{experiment}/features/retrain/{model}/{fset}/{split}.zarr"),
     log:
-        "logs/{experiment}/featurize/retrain/{model}/{function}_K{K}_k{k}_{split}.log",
+        "logs/{experiment}/featurize/retrain/{model}/{fset}_{split}.log",
     params:
         **rules.featurize.params,
+    wildcard_constraints:
+        fset=FEATURE_SET,  # final weights only: a pool model keeps no training checkpoints
     threads: 1
     resources:
         gpu=GPU_JOB,
