@@ -124,6 +124,30 @@ def embeddings(wildcards):
     return [f"results/{wildcards.experiment}/embeddings/clip/{split}.zarr" for split in ["train", *QUERY_SPLITS]]
 
 
+def applies(wildcards, method, function, split) -> bool:
+    """Whether the experiment's score jobs compute `method` (a method on features) for `function`'s
+    features and query `split` (`diffattr.methods.Method.applies`)."""
+    return (method in score_methods(settings(wildcards)["score"], "methods")
+            and METHODS[method].applies(function, split))
+
+
+def journey_store(experiment, function, k):
+    """Journey-TRAK's query features of the generation set for `function` at projection k."""
+    return f"results/{experiment}/features/{function}_journey_k{k}/gen.zarr"
+
+
+def extra_features(wildcards):
+    """The feature stores beside train/val/gen that the experiment's methods read: Journey-TRAK's
+    trajectory features (per function and k) and DAS's residual weights (per feature set)."""
+    out = []
+    for f, K, k in config_feature_sets(settings(wildcards)["featurize"]):  # of the final weights
+        if applies(wildcards, "journey_trak", f, "gen"):
+            out.append(journey_store(wildcards.experiment, f, k))
+        if any(applies(wildcards, "das", f, split) for split in QUERY_SPLITS):
+            out.append(f"results/{wildcards.experiment}/features/{feature_set_name(f, K, k)}/train_residual.zarr")
+    return list(dict.fromkeys(out))
+
+
 def score_stores(wildcards):
     """Names of the experiment's predictions stores (results/<exp>/scores/<name>/<split>.zarr): one
     per feature set, one per TracInCP / GAS store, one per baseline, and the retraining-based
@@ -147,6 +171,7 @@ def products(experiment):
         *retrain_products(w),
         *(f"results/{experiment}/features/{s}/{split}.zarr" for s in sets for split in ["train", *QUERY_SPLITS]),
         *embeddings(w),
+        *extra_features(w),
         *(f"results/{experiment}/scores/{s}/{split}.zarr" for s in score_stores(w) for split in QUERY_SPLITS),
         *(f"results/{experiment}/lds/{s}_{split}.csv" for s in score_stores(w) for split in QUERY_SPLITS),
         f"results/lds_{experiment}.csv",

@@ -41,3 +41,49 @@ rule featurize:
     run:
         run("featurize.py", input, output, params, wildcards, threads, log,
             max_pass_items=settings(wildcards)["featurize"].get("max_pass_items"))
+
+
+# Journey-TRAK's query features (diffattr.journey): gradients along each generated image's regenerated
+# DDIM trajectory; one store per (function, k), shared by the feature sets of every K.
+rule featurize_journey:
+    input:
+        weights="results/{experiment}/models/full/diffusion_pytorch_model.safetensors",
+        images=images("gen"),
+    output:
+        features=directory("results/{experiment}/features/{function}_journey_k{k}/gen.zarr"),
+    log:
+        "logs/{experiment}/featurize/{function}_journey_k{k}_gen.log",
+    params:
+        spec=featurize_spec,
+        model=lambda w: settings(w)["model"],
+        generate=lambda w: settings(w)["generate"],
+    threads: 1
+    resources:
+        gpu=GPU_JOB,
+    run:
+        run("featurize_journey.py", input, output, params, wildcards, threads, log,
+            max_pass_items=settings(wildcards)["featurize"].get("max_pass_items"))
+
+
+# DAS's residual weights of the train split under the full model (diffattr.das), at the feature
+# set's timesteps and noises.
+rule residual:
+    input:
+        weights="results/{experiment}/models/full/diffusion_pytorch_model.safetensors",
+        images=images("train"),
+    output:
+        residuals=directory("results/{experiment}/features/{fset}/train_residual.zarr"),
+    log:
+        "logs/{experiment}/featurize/{fset}_train_residual.log",
+    wildcard_constraints:
+        fset=FEATURE_SET,
+    params:
+        noise_seed=lambda w: settings(w)["featurize"]["noise_seed"],
+        batch_size=lambda w: settings(w)["ground_truth"]["batch_size"],
+        model=lambda w: settings(w)["model"],
+        timesteps=featurize_timesteps,
+    threads: 1
+    resources:
+        gpu=GPU_JOB,
+    run:
+        run("residual.py", input, output, params, wildcards, threads, log)

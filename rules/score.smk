@@ -5,11 +5,24 @@ def score_spec(wildcards):
     return {"lambda_exponents": spec["lambda_exponents"], "methods": score_methods(spec, "methods")}
 
 
+def score_inputs(wildcards):
+    """The features a score job reads: train and query, plus Journey-TRAK's trajectory query features
+    and DAS's residual weights where those methods apply to the feature set and split (feature sets
+    of the final weights only: the trajectories and residuals are the full model's)."""
+    function, _, k, step = parse_feature_set(wildcards.fset)
+    features = f"results/{wildcards.experiment}/features/{wildcards.fset}"
+    inputs = {"train": f"{features}/train.zarr", "query": f"{features}/{wildcards.qsplit}.zarr",
+              "subsets": f"results/{wildcards.experiment}/subsets.csv"}
+    if step is None and applies(wildcards, "journey_trak", function, wildcards.qsplit):
+        inputs["journey"] = journey_store(wildcards.experiment, function, k)
+    if step is None and applies(wildcards, "das", function, wildcards.qsplit):
+        inputs["residual"] = f"{features}/train_residual.zarr"
+    return inputs
+
+
 rule score:
     input:
-        train="results/{experiment}/features/{fset}/train.zarr",
-        query="results/{experiment}/features/{fset}/{qsplit}.zarr",
-        subsets="results/{experiment}/subsets.csv",
+        unpack(score_inputs),
     output:
         predictions=directory("results/{experiment}/scores/{fset}/{qsplit}.zarr"),
     log:

@@ -261,8 +261,8 @@ def test_score_methods_and_baselines():
     spec = resolve_all(edited(tiny(score={"methods": ["relative_if"], "baselines": []})))["tiny"]["score"]
     assert cfg.score_methods(spec, "methods") == ["relative_if"] and cfg.score_methods(spec, "baselines") == []
     default = experiment(CONFIG, "default")["score"]
-    assert cfg.score_methods(default, "methods") == ["trak", "gradient_dot", "gradient_cos", "relative_if",
-                                                     "renormalized_if"]
+    assert cfg.score_methods(default, "methods") == list(FEATURE_METHODS)
+    assert {"journey_trak", "das"} <= set(FEATURE_METHODS)
     assert cfg.score_methods(default, "baselines") == ["pixel_dot", "pixel_cos", "clip_dot", "clip_cos"]
     with pytest.raises(ConfigError, match=r'^experiments\.tiny\.score\.methods\[1\]: got "tracin"; expected one '
                                           r'of "trak", "gradient_dot", '):

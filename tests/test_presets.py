@@ -7,7 +7,7 @@ import torch
 import yaml
 from diffusers import UNet2DModel
 
-from diffattr.config import experiment, feature_sets, retrain_settings, trajectories
+from diffattr.config import experiment, feature_sets, retrain_settings, score_methods, trajectories
 
 from dry_run import REPO, copy_workflow, job_counts
 
@@ -25,7 +25,10 @@ def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     `retrain`: a pool of max(ensembles, n_models)
     models, outputs of the first max(n_models), features of the first max(ensembles) on the featurize
     grid (extra_grids aside), one ensemble score per (set, C, query split), one Empirical IF /
-    Datamodel store per (N, query split), and their LDS."""
+    Datamodel store per (N, query split), and their LDS. Journey-TRAK (on `simple` features, when
+    score.methods has it, as it does by default) adds one trajectory featurization of the generated
+    images per projection dimension k of the simple feature sets; DAS (on `avg` features) one
+    residual job per avg feature set."""
     models = int(spec["subsets"]["m"]) * len(spec["subsets"]["train_seeds"])
     grids = [spec["featurize"], *spec["featurize"].get("extra_grids", [])]
     feature_sets = len({(f, int(K), int(k), step) for g in grids
@@ -35,12 +38,18 @@ def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
                   for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]})
     if not spec["score"].get("trajectory_methods", ["tracincp", "gas"]):
         tracin = 0
+    final_sets = {(f, int(K), int(k)) for g in grids for f in g["functions"] for K in g["timesteps"]
+                  for k in g["proj_dims"]}  # of the final weights
     baselines = spec["score"].get("baselines", ["pixel_dot", "pixel_cos"])
+    methods = score_methods(spec["score"], "methods")
+    journeys = len({k for f, K, k in final_sets if f == "simple"}) if "journey_trak" in methods else 0
+    residuals = len({s for s in final_sets if s[0] == "avg"}) if "das" in methods else 0
     jobs = {"dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
             "ground_truth": models, "featurize": 3 * feature_sets, "score": 2 * feature_sets,
             "tracin": 2 * tracin, "baseline": 2 * len(baselines),
             "lds": 2 * (feature_sets + tracin + len(baselines)), "table": 1,
-            "embed_clip": 3 * any(name.startswith("clip_") for name in baselines)}
+            "embed_clip": 3 * any(name.startswith("clip_") for name in baselines),
+            "featurize_journey": journeys, "residual": residuals}
     retrain = retrain_settings(spec)
     if retrain["pool"]:
         grid = spec["featurize"]
@@ -103,8 +112,14 @@ def test_cifar2_is_the_papers_setup():
     assert spec["train"]["full_steps"] == 8000 and spec["train"]["keep_checkpoints"] == [2000, 4000, 6000]
     assert trajectories(spec["featurize"]) == {("simple", 10, 32768): [2000, 4000, 6000],
                                                ("simple", 100, 32768): [2000, 4000, 6000]}
-    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 21 + 2 * 3)
+    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 2 + 21 + 2 * 3)
     assert expected_jobs(spec, False)["tracin"] == 2 * 2
+    # avg for DAS at k = 32768 and K in {10, 100}, as the DAS paper's main comparison (an extra grid:
+    # the ensembles keep to the main grid's TRAK and D-TRAK)
+    assert {"functions": ["avg"], "timesteps": [10, 100], "proj_dims": [32768]} in spec["featurize"]["extra_grids"]
+    # Journey-TRAK on the simple feature sets of both k, DAS on the five avg feature sets
+    assert expected_jobs(spec, False)["featurize_journey"] == 2
+    assert expected_jobs(spec, False)["residual"] == 5
     assert spec["score"]["lambda_exponents"] == [-2, 6]
     # Tables 7-8: ensembles of 1..8 models, Empirical IF and Datamodel on 64..512, all on 50% subsets
     retrain = retrain_settings(spec)
@@ -146,3 +161,13 @@ def test_score_baselines_can_be_turned_off(workdir):
     spec["score"]["baselines"] = []
     counts = job_counts(out)
     assert "baseline" not in counts and counts == expected_jobs(spec, False)
+
+
+def test_new_methods_are_in_the_default_and_cifar2_plans():
+    """Journey-TRAK (gen) and DAS are scored in the default experiment and in cifar2 (the schema's
+    default method list), on the feature sets they apply to."""
+    for preset in ("default", "cifar2"):
+        spec = experiment(CONFIG, preset)
+        assert {"journey_trak", "das"} <= set(score_methods(spec["score"], "methods"))
+        jobs = expected_jobs(spec, False)
+        assert jobs["featurize_journey"] >= 1 and jobs["residual"] >= 1

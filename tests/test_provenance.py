@@ -57,9 +57,11 @@ def test_features_of_two_projector_seeds_are_refused(saved_model, tiny_spec, sub
     assert str(error.value) == f"{train} and {other} cannot be combined; they differ in proj_seed: 0 vs 1"
     assert not out.parent.exists()
 
-    score_split(train, query, subsets_csv, SCORE_SPEC, out)  # one seed: accepted, and the right scores
+    score_split(train, query, subsets_csv, SCORE_SPEC, out, "val")  # one seed: accepted, right scores
     predictions, attrs = read_predictions(out)
-    assert list(predictions) == list(FEATURE_METHODS)  # every method when the spec names none
+    # every method that applies to square features on val when the spec names none
+    assert list(predictions) == [m for m in FEATURE_METHODS if METHODS[m].applies("square", "val")]
+    assert "trak" in predictions and "journey_trak" not in predictions and "das" not in predictions
     preds, lambdas = predictions["trak"]
     masks = membership_matrix(pd.read_csv(subsets_csv), 12)
     expected = subset_predictions(read_array(train)[0], read_array(query)[0], masks, lambda_grid(range(-1, 2)))

@@ -12,27 +12,47 @@ from .models import DiffusionModel, load_model
 from .storage import file_sha256, write_array
 
 
-@torch.no_grad()
-def sample(model: DiffusionModel, n: int, shape, steps: int, eta: float, seed: int,
-           batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32") -> np.ndarray:
-    """Image i draws all its randomness from a CPU generator seeded with seed + i: independent of the
-    batch, and the same draws on any device. The UNet runs in precision `dtype`, the sampler in fp32."""
+def ddim_scheduler(model: DiffusionModel, steps: int) -> DDIMScheduler:
+    """The generation set's sampler: DDIM on the model's DDPM schedule, `steps` steps."""
     ddim = DDIMScheduler.from_config(model.scheduler.config)
     ddim.set_timesteps(steps)
+    return ddim
+
+
+@torch.no_grad()
+def denoise(model: DiffusionModel, ddim: DDIMScheduler, index, shape, eta: float, seed: int,
+            device: torch.device = torch.device("cpu"), dtype: str = "fp32", keep_states: bool = False):
+    """Images `index` of the generation set, (B, ...) after clamping to [-1, 1], and with `keep_states`
+    also their trajectories: (B, S, ...) fp32, the sampler's input x_t at each of its S steps
+    (at t = ddim.timesteps[s]).
+
+    Image i draws all its randomness from a CPU generator seeded with seed + i: independent of the
+    batch, and the same draws on any device. The UNet runs in precision `dtype`, the sampler in fp32.
+    """
+    gens = [torch.Generator().manual_seed(int(seed) + int(i)) for i in index]
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    states = []
+    for t in ddim.timesteps:
+        if keep_states:
+            states.append(x)
+        with precision(dtype, device):
+            eps = model.eps(x, t.expand(len(x)), model.conditioning(None)).float()
+        # with eta > 0 each image draws its step noise from its own generator too
+        variance_noise = (torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+                          if eta > 0 else None)
+        x = ddim.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
+    if keep_states:
+        return x.clamp(-1, 1), torch.stack(states, dim=1)
+    return x.clamp(-1, 1)
+
+
+def sample(model: DiffusionModel, n: int, shape, steps: int, eta: float, seed: int,
+           batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32") -> np.ndarray:
+    """The n images of the generation set (see `denoise`), computed `batch_size` at a time."""
+    ddim = ddim_scheduler(model, steps)
     model.to(device).train(False)
-    out = []
-    for start in range(0, n, batch_size):
-        index = range(start, min(n, start + batch_size))
-        gens = [torch.Generator().manual_seed(int(seed) + i) for i in index]
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        for t in ddim.timesteps:
-            with precision(dtype, device):
-                eps = model.eps(x, t.expand(len(x)), model.conditioning(None)).float()
-            # with eta > 0 each image draws its step noise from its own generator too
-            variance_noise = (torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-                              if eta > 0 else None)
-            x = ddim.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
-        out.append(x.clamp(-1, 1).cpu().numpy())
+    out = [denoise(model, ddim, range(start, min(n, start + batch_size)), shape, eta, seed, device,
+                   dtype).cpu().numpy() for start in range(0, n, batch_size)]
     return np.concatenate(out).astype(np.float32)
 
 

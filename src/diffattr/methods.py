@@ -28,6 +28,13 @@ class Method:
                          # 'embeddings' (CLIP image embeddings, diffattr.clip),
                          # 'ensemble' (features of several retrained models), 'outputs' (their losses)
     uses_lambda: bool    # predictions over the lambda grid, one lambda chosen per rule
+    functions: tuple[str, ...] | None = None  # the feature functions it is scored on (None: every one)
+    splits: tuple[str, ...] | None = None     # the query splits it exists for (None: every one)
+
+    def applies(self, function: str | None, split: str) -> bool:
+        """Whether a score job on features of `function` for query split `split` computes it."""
+        return ((self.functions is None or function in self.functions)
+                and (self.splits is None or split in self.splits))
 
 
 METHODS = {
@@ -46,6 +53,10 @@ METHODS = {
     "trak_ens": Method("TRAK ensemble", "ensemble", True),  # "D-TRAK ensemble" off simple, as trak
     "empirical_if": Method("Empirical IF", "outputs", False),
     "datamodel": Method("Datamodel", "outputs", False),
+    # TRAK of the generated image's DDIM trajectory (diffattr.journey): generated queries only
+    "journey_trak": Method("Journey-TRAK", "features", True, functions=("simple",), splits=("gen",)),
+    # DAS: kernel scores on gradients of the noise predictor's output, weighted by residuals (diffattr.das)
+    "das": Method("DAS", "features", True, functions=("avg",)),
 }
 FEATURE_METHODS = tuple(name for name, method in METHODS.items() if method.inputs == "features")
 # Similarity baselines: one job per (baseline, query split) on images or on their CLIP embeddings.

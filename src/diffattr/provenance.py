@@ -15,6 +15,8 @@ FEATURE_KEYS = ("model_sha256", "checkpoint", "function", "K", "timesteps", "sch
 # What every feature store written by featurize records; a store without them is not trusted.
 REQUIRED_FEATURE_KEYS = ("model_sha256", "function", "K", "timesteps", "projector", "proj_dim",
                          "proj_seed", "query_sha256")
+# What DAS's residual weights of the train split share with the train features they weight.
+RESIDUAL_KEYS = ("model_sha256", "timesteps", "noise_seed", "query_sha256")
 # What a model's ground truth must share with every other model's (query hashes are per split).
 GROUND_TRUTH_KEYS = ("query_sha256", "timesteps", "noise_seeds", "function", "dtype", "subsets_sha256")
 REQUIRED_GROUND_TRUTH_KEYS = ("model_sha256", "query_sha256", "timesteps", "noise_seeds")

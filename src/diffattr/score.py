@@ -1,19 +1,27 @@
 """Attribution scores and their subset sums: TRAK-style S(lambda) = Xq (X^T X + lambda I)^{-1} X^T,
-its relative and renormalized variants (train columns rescaled), and kernel-free dot products."""
+its relative and renormalized variants and DAS (train columns rescaled), Journey-TRAK (the same kernel
+on trajectory query features), and kernel-free dot products."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from .provenance import (FEATURE_KEYS, REQUIRED_FEATURE_KEYS, ProvenanceError, require_finite,
-                         require_present, require_same)
+from .provenance import (FEATURE_KEYS, REQUIRED_FEATURE_KEYS, RESIDUAL_KEYS, ProvenanceError,
+                         require_finite, require_present, require_same)
 from .methods import FEATURE_METHODS, METHODS, write_predictions
 from .storage import file_sha256, read_array
 from .subsets import membership_matrix
 
-RENORMALIZATIONS = (None, "relative", "renormalized")
+RENORMALIZATIONS = (None, "relative", "renormalized", "weighted")
 # The methods scored with the kernel (X^T X + lambda I)^-1, and the renormalization of each.
 KERNEL_METHODS = {"trak": None, "relative_if": "relative", "renormalized_if": "renormalized"}
+# Kernel methods on other inputs than the store's own: Journey-TRAK is TRAK on the trajectory query
+# features (diffattr.journey); DAS multiplies train column i by its residual weight (diffattr.das).
+JOURNEY_METHODS = {"journey_trak": None}
+WEIGHTED_METHODS = {"das": "weighted"}
+# Feature attributes a journey store shares with the train features (its timesteps and noise are the
+# sampler's trajectory instead).
+TRAJECTORY_KEYS = ("K", "timesteps", "scheme", "noise_seed")
 NORM_BLOCK_ROWS = 4096  # train rows per block when computing RelatIF's norms
 
 
@@ -27,24 +35,26 @@ def scores(train: np.ndarray, query: np.ndarray, lam: float) -> np.ndarray:
 
 
 def subset_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, lambdas,
-                       renormalize: str | None = None) -> np.ndarray:
+                       renormalize: str | None = None, weights: np.ndarray | None = None) -> np.ndarray:
     """Predicted outputs (L, m, M): pred[l, z, j] = -sum_{i in subset j} S(lambda_l)[z, i] / w_l(i).
 
     `renormalize` rescales each train column: None keeps w = 1 (TRAK), 'relative' divides by
     w = ||H^{-1} x_i|| with H = X^T X + lambda I (RelatIF), 'renormalized' by w = ||x_i||. A train
-    row with w = 0 scores 0 against every query. See `kernel_predictions`.
+    row with w = 0 scores 0 against every query. See `kernel_predictions` (and its `weights`, which
+    'weighted' multiplies column i by).
     """
-    return kernel_predictions(train, query, masks, lambdas, (renormalize,))[renormalize]
+    return kernel_predictions(train, query, masks, lambdas, (renormalize,), weights)[renormalize]
 
 
 def kernel_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, lambdas,
-                       renormalizations) -> dict:
+                       renormalizations, weights: np.ndarray | None = None) -> dict:
     """{renormalization: predictions (L, m, M)} of `subset_predictions`, for several renormalizations.
 
     One eigendecomposition serves every renormalization and the whole lambda grid, and the (m, n)
     score matrix is never formed: the masks are applied on the train side first. The k x k matrix
     X^T X is decomposed when k <= n, otherwise the n x n Gram matrix X X^T, using
-    (X^T X + lambda I)^{-1} X^T = X^T (X X^T + lambda I)^{-1}.
+    (X^T X + lambda I)^{-1} X^T = X^T (X X^T + lambda I)^{-1}. 'weighted' multiplies train column i
+    by `weights[i]` (DAS's residuals), which it requires.
     """
     x = np.asarray(train, dtype=np.float64)
     xq = np.asarray(query, dtype=np.float64)
@@ -57,6 +67,11 @@ def kernel_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, 
     for renormalize in renormalizations:
         if renormalize not in RENORMALIZATIONS:
             raise ValueError(f"renormalize must be one of {RENORMALIZATIONS}, got {renormalize!r}")
+    if "weighted" in renormalizations:
+        if weights is None or np.shape(weights) != (n,) or not np.all(np.isfinite(weights)):
+            raise ValueError(f"'weighted' needs {n} finite train weights, got "
+                             f"{None if weights is None else np.shape(weights)}")
+        weights = np.asarray(weights, dtype=np.float64)
     sums = masks.astype(np.float64).T  # (n, M)
     if k <= n:
         e, v = np.linalg.eigh(x.T @ x)
@@ -85,7 +100,9 @@ def kernel_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, 
             out[renormalize] = np.stack([-(left / (e + lam)) @ right(_inverse(norms[:, l]))
                                          for l, lam in enumerate(lambdas)])
         else:
-            fixed = right(np.ones(n) if renormalize is None else _inverse(row_norms))
+            column = {None: lambda: np.ones(n), "renormalized": lambda: _inverse(row_norms),
+                      "weighted": lambda: weights}[renormalize]
+            fixed = right(column())
             out[renormalize] = np.stack([-(left / (e + lam)) @ fixed for lam in lambdas])
     return out
 
@@ -179,21 +196,71 @@ def read_masks(subsets_path, n: int, train_path, rows: str = "features of ") -> 
     return membership_matrix(table, n)
 
 
-def score_split(train_path, query_path, subsets_path, spec: dict, out_path) -> None:
-    """Subset predictions g_j(z) of every method in `spec['methods']` (default all feature methods),
-    each over the lambda grid or at its single point, in one store with their provenance."""
+def read_residuals(path, train_path, train_attrs: dict, n: int) -> np.ndarray:
+    """DAS's (n,) residual weights of the train split, refused unless made by the model, timesteps and
+    noise of the train features they weight, on the same train images."""
+    weights, attrs = read_array(path)
+    require_present(RESIDUAL_KEYS, (str(path), attrs), "diffattr's residual job")
+    require_same(RESIDUAL_KEYS, (str(train_path), train_attrs), (str(path), attrs))
+    if weights.shape != (n,):
+        raise ProvenanceError(f"{path}: residual weights of shape {weights.shape}, expected ({n},) for the "
+                              f"{n} rows of {train_path}")
+    require_finite(str(path), weights)
+    return weights
+
+
+def read_journey(path, train_path, train_attrs: dict, query_attrs: dict) -> np.ndarray:
+    """Journey-TRAK's query features, refused unless projected like the train features (same model,
+    function and projector) and computed on the generated images of the query store."""
+    journey, attrs = read_features(path)
+    shared = [key for key in FEATURE_KEYS if key not in TRAJECTORY_KEYS]
+    require_same(shared, (str(train_path), train_attrs), (str(path), attrs))
+    if attrs["query_sha256"] != query_attrs["query_sha256"]:
+        raise ProvenanceError(f"{path} holds the trajectories of other generated images than the query "
+                              f"features (query_sha256 {attrs['query_sha256']} vs {query_attrs['query_sha256']})")
+    return journey
+
+
+def score_split(train_path, query_path, subsets_path, spec: dict, out_path, split: str | None = None,
+                journey_path=None, residual_path=None) -> None:
+    """Subset predictions g_j(z) of every method in `spec['methods']` (default all feature methods)
+    that applies to the features' function and query `split` (`Method.applies`), each over the
+    lambda grid or at its single point, in one store with their provenance. Journey-TRAK reads its
+    query features from `journey_path`, DAS its residual weights from `residual_path`."""
     train, train_attrs = read_features(train_path)
     query, query_attrs = read_features(query_path)
     require_same(FEATURE_KEYS, (str(train_path), train_attrs), (str(query_path), query_attrs))
     masks = read_masks(subsets_path, len(train), train_path)
     low, high = spec["lambda_exponents"]
     lambdas = lambda_grid(range(int(low), int(high) + 1))
-    methods = spec.get("methods", FEATURE_METHODS)
-    kernel = [method for method in methods if method in KERNEL_METHODS]  # one eigendecomposition for all
-    by_kernel = (kernel_predictions(train, query, masks, lambdas, [KERNEL_METHODS[m] for m in kernel])
+    # Journey-TRAK's trajectories and DAS's residuals are the full model's: final-weights features only
+    final = train_attrs.get("checkpoint") is None
+    methods = [method for method in spec.get("methods", FEATURE_METHODS)
+               if METHODS[method].applies(train_attrs["function"], split)
+               and (final or method not in (*JOURNEY_METHODS, *WEIGHTED_METHODS))]
+    renormalize = {**KERNEL_METHODS, **WEIGHTED_METHODS}  # on the store's own queries
+    queries, weights = query, None
+    if any(method in JOURNEY_METHODS for method in methods):
+        if journey_path is None:
+            raise ValueError(f"{', '.join(JOURNEY_METHODS)} needs the journey features of {query_path}")
+        # stacked under the store's queries: one eigendecomposition serves both
+        queries = np.concatenate([query, read_journey(journey_path, train_path, train_attrs, query_attrs)])
+    if any(method in WEIGHTED_METHODS for method in methods):
+        if residual_path is None:
+            raise ValueError(f"{', '.join(WEIGHTED_METHODS)} needs the residual weights of {train_path}")
+        weights = read_residuals(residual_path, train_path, train_attrs, len(train))
+    kernel = {method: renormalize.get(method, JOURNEY_METHODS.get(method)) for method in methods
+              if method in renormalize or method in JOURNEY_METHODS}
+    by_kernel = (kernel_predictions(train, queries, masks, lambdas, list(dict.fromkeys(kernel.values())), weights)
                  if kernel else {})
-    predictions = {method: (by_kernel[KERNEL_METHODS[method]], list(lambdas)) if method in KERNEL_METHODS
-                   else method_predictions(method, train, query, masks, lambdas) for method in methods}
+    own = slice(0, len(query))
+    predictions = {}
+    for method in methods:
+        if method in kernel:
+            rows = slice(len(query), None) if method in JOURNEY_METHODS else own
+            predictions[method] = by_kernel[kernel[method]][:, rows], list(lambdas)
+        else:
+            predictions[method] = method_predictions(method, train, query, masks, lambdas)
     attrs = {key: train_attrs.get(key) for key in FEATURE_KEYS}
     write_predictions(out_path, predictions, {**attrs, "query_sha256": query_attrs["query_sha256"],
                                               "subsets_sha256": file_sha256(subsets_path)})

@@ -29,14 +29,15 @@ def collect(paths, experiment: str, out_path, report_path) -> pd.DataFrame:
 
 def report(table: pd.DataFrame, experiment: str) -> str:
     """A Markdown summary: LDS (%) with its 95% interval, one column per (split, lambda rule); a
-    method without lambda or without features shows blanks there."""
+    method without lambda or without features shows blanks there, and so does a method that exists
+    for one query split only (Journey-TRAK: gen) in the other split's columns."""
     cell = table.apply(lambda r: f"{100 * r.lds:.2f} [{100 * r.ci_low:.2f}, {100 * r.ci_high:.2f}]"
                        + ("" if pd.isna(r["lambda"]) else f" (lambda {r['lambda']:g})"), axis=1)
     keys = table[["method", "function", "timesteps", "proj_dim", "checkpoint"]].map(_text)
     wide = keys.assign(cell=cell, column=table.split + ", " + table.lambda_rule).pivot_table(
         index=list(keys.columns), columns="column", values="cell", aggfunc="first")
     # rows in the table's order (numeric K and k), not in the order of their text
-    wide = wide.loc[pd.MultiIndex.from_frame(keys.drop_duplicates())].reset_index()
+    wide = wide.loc[pd.MultiIndex.from_frame(keys.drop_duplicates())].fillna("").reset_index()
     header = list(wide.columns)
     lines = [f"# LDS of experiment `{experiment}`", "",
              "LDS in percent, 95% bootstrap interval over subsets in brackets, and the chosen lambda.", "",
