@@ -371,3 +371,15 @@ def test_every_method_of_a_store_gets_its_rows(subsets_csv, tmp_path):
         assert row.lds == pytest.approx(want["lds"], rel=1e-12)
         chosen = rows["lambda"][row.Index]
         assert np.isnan(chosen) if method == "gradient_cos" else chosen == want["lambda_"]
+
+
+def test_lds_rows_of_journey_trak_and_das_carry_their_labels(lds_inputs, subsets_csv, tmp_path):
+    """The lds job reads whatever methods a store lists: the new ones get their table labels."""
+    predictions, paths, truth = lds_inputs
+    preds, lambdas = read_predictions(predictions)[0]["trak"]
+    write_predictions(predictions, {"trak": (preds, list(lambdas)), "journey_trak": (preds[::-1], list(lambdas)),
+                                    "das": (-preds, list(lambdas))},
+                      {**dict(zarr.open_group(predictions, mode="r").attrs), "function": "simple"})
+    table = run_lds(lds_inputs, subsets_csv, tmp_path)
+    assert list(table.method) == ["TRAK", "Journey-TRAK", "DAS"]
+    assert table["lambda"].tolist() == [0.1, 10.0, 10.0]  # each method chooses its own lambda

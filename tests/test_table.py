@@ -62,3 +62,20 @@ def test_checkpoint_rows(tmp_path):
     report = (tmp_path / "lds.md").read_text()
     assert "| TRAK | simple | 10 | 64 | 150 | 30.00" in report
     assert "| TracInCP | simple | 10 | 64 | 150+1000+final | 10.00" in report
+
+
+def test_method_of_one_split_leaves_the_other_splits_cells_blank(tmp_path):
+    """Journey-TRAK exists for generated queries only: its val cells are empty, not 'nan'."""
+    both = rows("TRAK", "simple", 4, 64, 100.0, 0.2)
+    gen_only = [row for row in rows("Journey-TRAK", "simple", 4, 64, 50.0, 0.1) if row["split"] == "gen"]
+    path = tmp_path / "simple.csv"
+    pd.DataFrame(both + gen_only).to_csv(path, index=False)
+    table = collect([path], "demo", tmp_path / "lds.csv", tmp_path / "lds.md")
+    assert len(table) == 6 and set(table.split[table.method == "Journey-TRAK"]) == {"gen"}
+    report = (tmp_path / "lds.md").read_text()
+    assert "nan" not in report
+    header = next(line for line in report.splitlines() if line.startswith("| method"))
+    assert header.endswith("| gen, heldout | gen, oracle | val, heldout | val, oracle |")
+    journey = next(line for line in report.splitlines() if line.startswith("| Journey-TRAK"))
+    assert journey.startswith("| Journey-TRAK | simple | 4 | 64 |  | 10.00 [0.00, 20.00] (lambda 50) | 10.00")
+    assert journey.endswith("(lambda 50) |  |  |")

@@ -65,6 +65,11 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     assert any(name == "TracInCP" for name, *_ in expected)
     expected |= {(name, "", -1, -1, "", split, rule) for name in ("Raw pixel (dot)", "Raw pixel (cos)")
                  for split in splits for rule in rules}
+    # Journey-TRAK: on the simple feature sets of the final weights, for the generated queries only
+    # (tiny has no avg features, hence no DAS rows)
+    assert "avg" not in spec["functions"]
+    expected |= {("Journey-TRAK", f, K, k, "", "gen", rule) for f, K, k in feature_sets(spec) if f == "simple"
+                 for rule in rules}
     keys = table[["function", "timesteps", "proj_dim", "checkpoint"]].fillna(
         {"function": "", "timesteps": -1, "proj_dim": -1, "checkpoint": ""})
     got = list(zip(table.method, keys.function, keys.timesteps, keys.proj_dim, keys.checkpoint, table.split,
@@ -73,7 +78,7 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     assert set(table.experiment) == {"tiny"}
     assert table.lds.between(-1, 1).all()
     grid = lambda_grid(range(tiny["score"]["lambda_exponents"][0], tiny["score"]["lambda_exponents"][1] + 1))
-    with_lambda = table.method.isin(["TRAK", "D-TRAK", "Relative IF", "Renormalized IF"])
+    with_lambda = table.method.isin(["TRAK", "D-TRAK", "Relative IF", "Renormalized IF", "Journey-TRAK"])
     assert all(any(math.isclose(value, g) for g in grid) for value in table["lambda"][with_lambda])
     assert table["lambda"][~with_lambda].isna().all()
     m = tiny["subsets"]["m"]
