@@ -12,8 +12,10 @@ import torch
 from diffattr.config import select_timesteps
 from diffattr.featurize import batch_gradients, featurize_split, gradient_dim
 from diffattr.generate import ddim_scheduler, denoise, generate_set, sample
+from diffattr import journey
 from diffattr.journey import TrajectoryMismatch, featurize_journey
 from diffattr.methods import METHODS, read_predictions
+from diffattr.models import load_model
 from diffattr.project import make_projector
 from diffattr.score import score_split, subset_predictions
 from diffattr.storage import read_array, write_array
@@ -166,6 +168,22 @@ def test_journey_trak_is_the_mean_of_the_per_step_trak_scores(run, subsets_csv):
     # the store's own (fresh-noise) queries are untouched by the stacking
     np.testing.assert_allclose(predictions["trak"][0], subset_predictions(
         x, read_array(f / "gen.zarr")[0], masks, lambdas), rtol=1e-10)
+
+
+def test_trajectories_are_regenerated_bit_for_bit_in_the_generate_batches(run, monkeypatch):
+    """Rows that straddle two of the generate job's batches (of 2) end exactly at the stored images."""
+    monkeypatch.setattr(journey, "ENDPOINT_TOLERANCE", 0.0)
+    gen, _ = read_array(run["root"] / "gen.zarr")
+    model = load_model(run["spec"], run["root"] / "model")  # as the generate job loaded it
+    noise, timesteps = journey.trajectory_noise(model, gen, GEN, torch.device("cpu"))
+    assert timesteps == [750, 500, 250, 0]
+    eps = noise(range(1, 3))
+    assert eps.shape == (2, 4, *SHAPE)
+    abar = model.scheduler.alphas_cumprod.double()[timesteps].reshape(4, 1, 1, 1)
+    for row, i in enumerate((1, 2)):
+        _, states, _ = reference_trajectory(model, i)
+        expected = (states - abar.sqrt() * torch.from_numpy(gen[i]).double()) / (1 - abar).sqrt()
+        np.testing.assert_allclose(eps[row].double().numpy(), expected.numpy(), atol=1e-3)
 
 
 def test_trajectory_that_does_not_end_at_the_stored_image_is_refused(run):

@@ -17,9 +17,10 @@ TRAK scores are linear in the query feature, so scoring it gives the mean over t
 per-step TRAK scores (tests/test_journey.py checks this identity).
 
 The trajectory is regenerated from the generation settings and the full model (deterministic per
-image seed, `generate.denoise`) rather than stored by the generate job: storing S states per image
-would multiply the generation set's size by S, and regenerating costs S forward passes per image,
-little beside the S per-sample gradients. The regenerated end point must match the stored image.
+image seed, `generate.denoise`, in the generate job's batches) rather than stored by the generate
+job: storing S states per image would multiply the generation set's size by S, and regenerating
+costs S forward passes per image, little beside the S per-sample gradients. The regenerated end
+point must match the stored image.
 """
 from __future__ import annotations
 
@@ -44,15 +45,32 @@ class TrajectoryMismatch(ValueError):
 
 def trajectory_noise(sampler: DiffusionModel, images: np.ndarray, spec: dict, device: torch.device):
     """`noise(rows)` for `features`: the (B, S, ...) implied noise eps_s of rows `rows` of the
-    generation set `images`, from their regenerated trajectories; and the S timesteps t_s."""
+    generation set `images`, from their regenerated trajectories; and the S timesteps t_s.
+
+    Trajectories are regenerated in the generate job's own batches (`spec['batch_size']` images from
+    image 0 on), so that on the same device and precision they are the generate job's, bit for bit;
+    the last two such batches are kept, as the featurizer's row chunks may straddle one.
+    """
     ddim = ddim_scheduler(sampler, int(spec["steps"]))
     timesteps = [int(t) for t in ddim.timesteps]
     abar = sampler.scheduler.alphas_cumprod.to(torch.float64)[timesteps]
-    shape = sampler.latent_shape()
+    size, n = int(spec["batch_size"]), len(images)
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def generated(batch: int):
+        if batch not in kept:
+            if len(kept) == 2:
+                kept.pop(min(kept))
+            kept[batch] = denoise(sampler, ddim, range(batch * size, min(n, (batch + 1) * size)),
+                                  sampler.latent_shape(), float(spec["eta"]), int(spec["seed"]), device,
+                                  spec.get("dtype", "fp32"), keep_states=True)
+        return kept[batch]
 
     def noise(rows: range) -> torch.Tensor:
-        end, states = denoise(sampler, ddim, rows, shape, float(spec["eta"]), int(spec["seed"]), device,
-                              spec.get("dtype", "fp32"), keep_states=True)
+        parts = [generated(b) for b in range(rows.start // size, (rows.stop - 1) // size + 1)]
+        first = rows.start // size * size
+        end = torch.cat([p[0] for p in parts])[rows.start - first:rows.stop - first]
+        states = torch.cat([p[1] for p in parts])[rows.start - first:rows.stop - first]
         z = torch.from_numpy(images[rows.start:rows.stop]).to(device)
         gap = (end - z).abs().max().item()
         if gap > ENDPOINT_TOLERANCE:
