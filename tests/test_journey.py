@@ -247,3 +247,13 @@ def test_journey_trak_exists_for_generated_simple_features_only(tmp_path):
     with pytest.raises(Exception, match="other generated images"):
         score_split(train, query, subsets, {"lambda_exponents": [0, 0]}, tmp_path / "gen_scores.zarr", "gen",
                     journey_path=other)
+
+
+def test_journey_features_in_timestep_chunks_are_the_same(run):
+    """featurize.max_pass_items splits the S steps of a batch into passes: each pass gets its own
+    steps' implied noises."""
+    out = run["root"] / "f" / "chunked_journey.zarr"
+    featurize_journey(run["weights"], run["spec"], run["root"] / "gen.zarr", "simple", GEN, PROJ_DIM, FEATURIZE,
+                      out, max_pass_items=3)  # 2 images a batch: passes of 1 step
+    chunked, whole = read_array(out)[0], read_array(run["root"] / "f" / "gen_journey.zarr")[0]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-5 * np.abs(whole).max())
