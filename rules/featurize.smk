@@ -66,7 +66,7 @@ rule featurize_journey:
 
 
 # DAS's residual weights of the train split under the full model (diffattr.das), at the feature
-# set's timesteps and noises.
+# set's timesteps and noises; forward passes only, batched as the ground truth's.
 rule residual:
     input:
         weights="results/{experiment}/models/full/diffusion_pytorch_model.safetensors",

@@ -100,7 +100,7 @@ def stores(make_tiny_model, tmp_path):
         featurize_split(weights, TINY_SPEC, tmp_path / f"{split}_images.zarr", "avg", paths["timesteps"], 8, spec,
                         paths[split])
     paths["residual"] = tmp_path / "train_residual.zarr"
-    compute_residuals(weights, TINY_SPEC, tmp_path / "train_images.zarr", paths["timesteps"], spec,
+    compute_residuals(weights, TINY_SPEC, tmp_path / "train_images.zarr", paths["timesteps"], 1, 5,
                       paths["residual"])
     paths["subsets"] = tmp_path / "subsets.csv"
     make_subsets(np.arange(12) % 2, 4, 0.5, 42).to_csv(paths["subsets"], index=False)
@@ -118,7 +118,7 @@ def test_score_job_computes_das_from_the_residual_store(stores, tmp_path):
     images = read_array(stores["train"].parent / "train_images.zarr")[0]
     errors = rms_residuals(stores["model"], images, stores["timesteps"], 1, 4)
     weights = residual_weights(errors)
-    np.testing.assert_allclose(read_array(stores["residual"])[0], weights, rtol=1e-12)
+    np.testing.assert_allclose(read_array(stores["residual"])[0], weights, rtol=1e-6)  # batches of 5 vs 4
     masks = membership_matrix(pd.read_csv(stores["subsets"]), 12)
     preds, lambdas = predictions["das"]
     for l, lam in enumerate(lambdas):
@@ -130,7 +130,7 @@ def test_score_job_computes_das_from_the_residual_store(stores, tmp_path):
 def test_residuals_of_other_timesteps_or_another_model_are_refused(stores, tmp_path):
     other = tmp_path / "other_residual.zarr"
     compute_residuals(stores["weights"], TINY_SPEC, stores["train"].parent / "train_images.zarr",
-                      select_timesteps(2, "uniform"), stores["spec"], other)
+                      select_timesteps(2, "uniform"), 1, 5, other)
     with pytest.raises(ProvenanceError, match="differ in timesteps"):
         score_split(stores["train"], stores["val"], stores["subsets"], {"lambda_exponents": [0, 0]},
                     tmp_path / "s.zarr", "val", residual_path=other)

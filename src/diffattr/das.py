@@ -65,13 +65,14 @@ def rms_residuals(model, images: np.ndarray, timesteps, noise_seed: int, batch_s
                      for t in timesteps], axis=1)
 
 
-def compute_residuals(weights_path, model_spec: dict, images_path, timesteps, spec: dict, out_path,
-                      device: torch.device = torch.device("cpu")) -> None:
-    """The (n,) residual weights of the train split under the full model, with their provenance."""
+def compute_residuals(weights_path, model_spec: dict, images_path, timesteps, noise_seed: int, batch_size: int,
+                      out_path, device: torch.device = torch.device("cpu")) -> None:
+    """The (n,) residual weights of the train split under the full model, with their provenance;
+    `batch_size` noised images per forward pass (as the ground truth's)."""
     model = load_model(model_spec, Path(weights_path).parent)
     images = load_images(images_path)
-    errors = rms_residuals(model, images, timesteps, int(spec["noise_seed"]), int(spec["batch_size"]), device)
+    errors = rms_residuals(model, images, timesteps, int(noise_seed), int(batch_size), device)
     write_array(out_path, residual_weights(errors), {
         "model_sha256": file_sha256(weights_path), "timesteps": list(timesteps),
-        "noise_seed": int(spec["noise_seed"]), "query_sha256": array_sha256(images),
+        "noise_seed": int(noise_seed), "query_sha256": array_sha256(images),
         "residual": "mean_t(e) / ||e||_2, e = RMS of eps_theta - eps", "device": device_name(device)})

@@ -9,10 +9,14 @@ generation's DDIM steps) we use, at each step, the feature set's model-output fu
     eps_s = (x_s - sqrt(abar_{t_s}) z) / sqrt(1 - abar_{t_s}),
 
 the noise that carries the final image z to the trajectory point x_s: the forward process noising z
-with eps_s gives x_s exactly, so the per-step function is L_Simple on the sampler's own x_t instead
-of on a fresh noising of z. (Journey-TRAK's code noises the step's predicted x0 with fresh noise;
-evaluating the loss on the trajectory point itself, whose target is then this implied noise, keeps
-every step tied to the query image.) The query feature is P^T (1/S) sum_s grad f(x_s, t_s, eps_s):
+with eps_s gives x_s exactly, so the per-step function is L_Simple (for `simple` features; the
+feature set's function in general) on the sampler's own x_t instead of on a fresh noising of z, as
+the protocol asks ("TRAK at each of the 50 sampling steps on x_t, averaged"). Journey-TRAK's own
+code (MadryLab/journey-TRAK, diffusion_trak/modelout_functions.py, `_get_output_scoring`) takes at
+step s the L_Simple of the step's predicted x0 noised afresh to t_s, averaged over a few fresh noises;
+we keep its per-step TRAK and its average over steps, and evaluate the loss on the trajectory point
+itself, whose target is then this implied noise, which ties every step to the query image without
+extra noise draws. The query feature is P^T (1/S) sum_s grad f(x_s, t_s, eps_s):
 TRAK scores are linear in the query feature, so scoring it gives the mean over the S steps of the
 per-step TRAK scores (tests/test_journey.py checks this identity).
 
