@@ -257,3 +257,14 @@ def test_journey_features_in_timestep_chunks_are_the_same(run):
                       out, max_pass_items=3)  # 2 images a batch: passes of 1 step
     chunked, whole = read_array(out)[0], read_array(run["root"] / "f" / "gen_journey.zarr")[0]
     np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-5 * np.abs(whole).max())
+
+
+def test_checkpoint_features_get_no_journey_trak(tmp_path):
+    """The trajectories are the full model's: a kept checkpoint's feature set is scored without it."""
+    train = feature_store(tmp_path / "train.zarr", np.eye(4), query_sha256="t" * 64, checkpoint=100)
+    query = feature_store(tmp_path / "gen.zarr", np.ones((2, 4)), checkpoint=100)
+    subsets = tmp_path / "subsets.csv"
+    pd.DataFrame({"subset": [0, 1], "train_position": [0, 1]}).to_csv(subsets, index=False)
+    score_split(train, query, subsets, {"lambda_exponents": [0, 0]}, tmp_path / "scores.zarr", "gen")
+    predictions = read_predictions(tmp_path / "scores.zarr")[0]
+    assert "trak" in predictions and "journey_trak" not in predictions
