@@ -107,3 +107,26 @@ def test_features_on_the_gpu_record_their_projector(tmp_path, images):
         assert attrs["projector"] == "BasicProjector"
     assert rel(stores[1][...], stores[0][...]) < 1e-4
     assert np.isfinite(stores[0][...]).all() and np.abs(stores[0][...]).max() > 0
+
+
+def test_journey_features_regenerate_a_gpu_generation_set_on_either_device(tmp_path):
+    """The generation set made on the GPU: Journey featurization regenerates its trajectories on the
+    GPU (bit for bit) and on the CPU (within journey.ENDPOINT_TOLERANCE), and two GPU runs agree."""
+    import zarr
+
+    from diffattr.generate import generate_set
+    from diffattr.journey import featurize_journey
+
+    model_on(CPU).save(tmp_path / "model")
+    weights = tmp_path / "model" / "diffusion_pytorch_model.safetensors"
+    generate = {"n": 6, "steps": 10, "eta": 0.0, "seed": 3, "batch_size": 4, "dtype": "fp32"}
+    generate_set(weights, ATTENTION_SPEC, generate, tmp_path / "gen.zarr", CUDA)
+    spec = {"batch_size": 4, "proj_seed": 42, "noise_seed": 0, "scheme": "uniform"}
+    stores = {}
+    for name, device in (("cuda0", CUDA), ("cuda1", CUDA), ("cpu", CPU)):
+        featurize_journey(weights, ATTENTION_SPEC, tmp_path / "gen.zarr", "simple", generate, 512, spec,
+                          tmp_path / f"{name}.zarr", device)
+        stores[name] = zarr.open_array(tmp_path / f"{name}.zarr", mode="r")[...]
+    assert np.isfinite(stores["cuda0"]).all() and np.abs(stores["cuda0"]).max() > 0
+    assert rel(stores["cuda1"], stores["cuda0"]) < 1e-4
+    assert np.isfinite(stores["cpu"]).all()
