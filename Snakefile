@@ -21,6 +21,7 @@ include: "rules/retrain.smk"
 include: "rules/ensemble.smk"
 include: "rules/lds.smk"
 include: "rules/table.smk"
+include: "rules/ablation.smk"
 
 
 # The default target: the experiment's table and every intermediate output (see `products`).

@@ -1,6 +1,6 @@
 """Throughput of the GPU stages on a preset's model, for sizing a cluster run: training steps/s,
 ground-truth evaluations/s (per precision) and DDIM images/s. No reference: these are the stages'
-own code (`train.train`, `ground_truth.loss_simple`, `generate.sample`) on random weights and images.
+own code (`train.train`, `ground_truth.query_losses`, `generate.sample`) on random weights and images.
 
     PYTHONPATH=src python benchmarks/stage_throughput.py [preset] [--device cuda]
 """
@@ -14,7 +14,7 @@ import torch
 
 from diffattr.device import device_name, resolve_device
 from diffattr.generate import sample
-from diffattr.ground_truth import loss_simple
+from diffattr.ground_truth import query_losses
 from diffattr.models import build_model
 from diffattr.train import train
 from presets import preset_settings
@@ -57,8 +57,8 @@ def main(argv=None) -> None:
     timesteps = list(range(0, 1000, 10))
     for dtype in ("fp32", "tf32", "bf16"):
         n = 256
-        loss_simple(model, images[:8], timesteps[:2], [0], int(gt["batch_size"]), device, dtype)  # warm-up
-        seconds = timed(lambda: loss_simple(model, images[:n], timesteps, [0], int(gt["batch_size"]), device, dtype))
+        query_losses(model, images[:8], timesteps[:2], [0], int(gt["batch_size"]), device, dtype)  # warm-up
+        seconds = timed(lambda: query_losses(model, images[:n], timesteps, [0], int(gt["batch_size"]), device, dtype))
         print(f"| ground truth | batch {gt['batch_size']}, {dtype} | {n * len(timesteps) / seconds:.4g} (image, t) evaluations/s |")
 
     gen = settings["generate"]

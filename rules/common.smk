@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from diffattr.config import ConfigError, select_timesteps, undefined_preset, validate_config
 from diffattr.config import FEATURE_SET, FEATURE_SET_ANY, checkpoint_feature_sets, feature_set_name
+from diffattr.config import DEFAULT_GT_FUNCTION, FeatureSet, ablation_points
 from diffattr.config import feature_sets as config_feature_sets
 from diffattr.config import parse_feature_set, retrain_settings, score_methods, trajectories
 from diffattr.methods import BASELINES, METHODS
@@ -35,6 +36,9 @@ wildcard_constraints:
     # retrained models), TracInCP / GAS over a feature set's checkpoints (<feature set>_tracin), a
     # pixel baseline, or the retraining pool's first N models (retrain_n<N>)
     scores=f"{FEATURE_SET_ANY}|{FEATURE_SET}_ens\\d+|{FEATURE_SET}_tracin|retrain_n\\d+|" + "|".join(BASELINES),
+    # the model-output function of an ablation's ground truth other than the protocol's L_Simple
+    gt=r"[a-z0-9.]+",
+    ablation=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
 
 
 def local_gpu_jobs() -> int:
@@ -86,10 +90,12 @@ def images(split):
 
 
 def feature_set_names(wildcards):
-    """Names of the experiment's feature sets: those of the final weights, then those of kept
-    training checkpoints (`_step<S>`, from the featurize grids' `checkpoints`)."""
-    featurize = settings(wildcards)["featurize"]
-    return [*(feature_set_name(f, K, k) for f, K, k in config_feature_sets(featurize)),
+    """Names of the experiment's feature sets: those of the final weights (the featurize grids' and
+    those the ablations sweep over, diffattr.config.FeatureSet), then those of kept training
+    checkpoints (`_step<S>`, from the featurize grids' `checkpoints`)."""
+    spec = settings(wildcards)
+    featurize = spec["featurize"]
+    return [*(fset.name for fset in config_feature_sets(featurize, spec.get("ablations", []))),
             *(feature_set_name(f, K, k, step) for f, K, k, step in checkpoint_feature_sets(featurize))]
 
 
@@ -156,6 +162,40 @@ def score_stores(wildcards):
             *ensemble_stores(wildcards), *retrain_stores(wildcards)]
 
 
+def ablation_spec(wildcards):
+    """The settings of the ablation named by the target."""
+    ablations = {a["name"]: a for a in settings(wildcards).get("ablations", [])}
+    if wildcards.ablation not in ablations:
+        raise ConfigError(f"the target's ablation: got {wildcards.ablation!r}; expected one of the ablations "
+                          f"of experiments.{wildcards.experiment}: {', '.join(ablations) or 'none'}")
+    return ablations[wildcards.ablation]
+
+
+def truth_root(experiment, gt_function):
+    """Where the ground truth of a model-output function and the LDS against it go: the protocol's
+    L_Simple in results/<exp>/ as always, any other under results/<exp>/truth_<function>/."""
+    base = f"results/{experiment}"
+    return base if gt_function == DEFAULT_GT_FUNCTION else f"{base}/truth_{gt_function}"
+
+
+def ablation_tables(wildcards):
+    """[(swept values, query split, LDS table)] of every point of the target's ablation: the
+    per-lambda tables for a lambda sweep, the LDS tables otherwise."""
+    spec = ablation_spec(wildcards)
+    suffix = ".lambdas.csv" if "lambda" in spec["sweep"] else ".csv"
+    root = lambda point: truth_root(wildcards.experiment, point.gt_function)
+    return [(dict(point.values), split, f"{root(point)}/lds/{point.features.name}_{split}{suffix}")
+            for point in ablation_points(spec) for split in QUERY_SPLITS]
+
+
+def other_truths(wildcards):
+    """The model-output functions other than L_Simple that the experiment's ablations take as ground
+    truth."""
+    return list(dict.fromkeys(point.gt_function for ablation in settings(wildcards).get("ablations", [])
+                              for point in ablation_points(ablation)
+                              if point.gt_function != DEFAULT_GT_FUNCTION))
+
+
 def products(experiment):
     """Every output of an experiment, intermediate ones included.
 
@@ -165,6 +205,7 @@ def products(experiment):
     w = SimpleNamespace(experiment=experiment)
     models = ["full", *(f"lds/{m}" for m in lds_models(w))]
     sets = feature_set_names(w)
+    ablations = [a["name"] for a in settings(w).get("ablations", [])]
     return [
         *(f"results/{experiment}/models/{m}/diffusion_pytorch_model.safetensors" for m in models),
         *(f"results/{experiment}/ground_truth/{m}.zarr" for m in lds_models(w)),
@@ -174,6 +215,11 @@ def products(experiment):
         *extra_features(w),
         *(f"results/{experiment}/scores/{s}/{split}.zarr" for s in score_stores(w) for split in QUERY_SPLITS),
         *(f"results/{experiment}/lds/{s}_{split}.csv" for s in score_stores(w) for split in QUERY_SPLITS),
+        *(f"{truth_root(experiment, gt)}/ground_truth/{m}.zarr"
+          for gt in other_truths(w) for m in lds_models(w)),
+        *(path for name in ablations
+          for _, _, path in ablation_tables(SimpleNamespace(**vars(w), ablation=name))),
+        *(f"results/{experiment}/ablations/{name}.{ext}" for name in ablations for ext in ("csv", "md")),
         f"results/lds_{experiment}.csv",
     ]
 

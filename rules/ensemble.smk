@@ -3,30 +3,30 @@
 # the featurize grid (extra_grids aside), and the ensemble averages the C kernel score matrices.
 
 
-def ensemble_sets(wildcards) -> list[tuple[str, int, int]]:
-    """(function, K, k) of the featurize grid itself: the ensembles' feature sets."""
+def ensemble_sets(wildcards) -> list:
+    """The feature sets (diffattr.config.FeatureSet) of the featurize grid itself: the ensembles'."""
     return config_feature_sets({key: value for key, value in settings(wildcards)["featurize"].items()
                                 if key != "extra_grids"})
 
 
 def ensemble_stores(wildcards) -> list[str]:
-    """Predictions stores <function>_K<K>_k<k>_ens<C>, one per feature set and C."""
+    """Predictions stores <feature set>_ens<C>, one per feature set and C."""
     sizes = retrain_settings(settings(wildcards))["ensembles"]
-    return [f"{f}_K{K}_k{k}_ens{c}" for f, K, k in ensemble_sets(wildcards) for c in sizes]
+    return [f"{fset.name}_ens{c}" for fset in ensemble_sets(wildcards) for c in sizes]
 
 
 def ensemble_features(wildcards) -> list[str]:
     """Every feature store of the ensembles' models: the largest ensemble's models x sets x splits."""
     largest = max([0, *retrain_settings(settings(wildcards))["ensembles"]])
-    return [f"results/{wildcards.experiment}/features/retrain/{m}/{f}_K{K}_k{k}/{split}.zarr"
-            for m in pool_models(wildcards, largest) for f, K, k in ensemble_sets(wildcards)
+    return [f"results/{wildcards.experiment}/features/retrain/{m}/{fset.name}/{split}.zarr"
+            for m in pool_models(wildcards, largest) for fset in ensemble_sets(wildcards)
             for split in ["train", *QUERY_SPLITS]]
 
 
 def member_features(wildcards, split) -> list[str]:
     """The features of the ensemble's C models on one split, model by model."""
-    return [f"results/{wildcards.experiment}/features/retrain/{m}/{wildcards.function}_K{wildcards.K}"
-            f"_k{wildcards.k}/{split}.zarr" for m in pool_models(wildcards, wildcards.C)]
+    return [f"results/{wildcards.experiment}/features/retrain/{m}/{wildcards.fset}/{split}.zarr"
+            for m in pool_models(wildcards, wildcards.C)]
 
 
 # The featurize rule's job (same params and script) on a pool model instead of the full model.
@@ -55,9 +55,9 @@ rule score_ensemble:
         query=lambda w: member_features(w, w.qsplit),
         subsets="results/{experiment}/subsets.csv",
     output:
-        predictions=directory("results/{experiment}/scores/{function}_K{K}_k{k}_ens{C}/{qsplit}.zarr"),
+        predictions=directory("results/{experiment}/scores/{fset}_ens{C}/{qsplit}.zarr"),
     log:
-        "logs/{experiment}/score/{function}_K{K}_k{k}_ens{C}_{qsplit}.log",
+        "logs/{experiment}/score/{fset}_ens{C}_{qsplit}.log",
     params:
         spec=lambda w: {"lambda_exponents": settings(w)["score"]["lambda_exponents"]},
     threads: 1

@@ -1,7 +1,17 @@
 def featurize_spec(wildcards):
-    """What features are a function of. `max_pass_items` is left out (passed to `run` beside it): it
-    bounds memory and changes values only by float rounding, so changing it must not recompute."""
-    return {key: value for key, value in settings(wildcards)["featurize"].items() if key != "max_pass_items"}
+    """What a feature store is a function of besides its model, images and timesteps: the featurize
+    settings shared by every set (not the grids, so that adding a set reruns no other) and the set's
+    own scheme and noises per timestep, read from its name. `max_pass_items` is left out (passed to
+    `run` beside it): it bounds memory and changes values only by float rounding, so changing it must
+    not recompute."""
+    spec, fset = settings(wildcards)["featurize"], FeatureSet.parse(wildcards.fset)
+    return {**{key: spec[key] for key in ("proj_seed", "noise_seed", "batch_size")},
+            "scheme": fset.scheme, "noises": fset.noises}
+
+
+def featurize_timesteps(wildcards):
+    fset = FeatureSet.parse(wildcards.fset)
+    return select_timesteps(fset.K, fset.scheme, num_train_timesteps(wildcards))
 
 
 def featurize_model(wildcards):
@@ -16,11 +26,6 @@ def featurize_model(wildcards):
                           f"{step}; expected one of train.keep_checkpoints below train.full_steps "
                           f"({[s for s in train.get('keep_checkpoints', []) if s < train['full_steps']]})")
     return f"results/{wildcards.experiment}/models/full/trajectory"
-
-
-def featurize_timesteps(wildcards):
-    K = parse_feature_set(wildcards.fset)[1]
-    return select_timesteps(K, settings(wildcards)["featurize"]["scheme"], num_train_timesteps(wildcards))
 
 
 rule featurize:

@@ -36,3 +36,15 @@ rule ground_truth:
         model=r"(retrain/)?s\d{3}-r\d+",
     run:
         run("ground_truth.py", input, output, params, wildcards, threads, log)
+
+
+# The ground-truth ablation: another model-output function's value in place of L_Simple, averaged
+# the same way, in stores of its own (results/<exp>/truth_<function>/).
+use rule ground_truth as ground_truth_other_function with:
+    output:
+        losses=directory("results/{experiment}/truth_{gt}/ground_truth/{model}.zarr"),
+    log:
+        "logs/{experiment}/truth_{gt}/ground_truth/{model}.log",
+    params:
+        spec=lambda w: {**settings(w)["ground_truth"], "function": w.gt},
+        model=lambda w: settings(w)["model"],

@@ -1,7 +1,9 @@
 rule table:
     input:
-        lambda w: [f"results/{w.experiment}/lds/{name}_{s}.csv"
-                   for name in score_stores(w) for s in QUERY_SPLITS],
+        tables=lambda w: [f"results/{w.experiment}/lds/{name}_{s}.csv"
+                          for name in score_stores(w) for s in QUERY_SPLITS],
+        ablations=lambda w: [f"results/{w.experiment}/ablations/{a['name']}.md"
+                             for a in settings(w).get("ablations", [])],
     output:
         table="results/lds_{experiment}.csv",
         report="results/lds_{experiment}.md",

@@ -68,7 +68,8 @@ MALFORMED = [
      'experiments.tiny.featurize.functions[0]: got "interp1.5"; expected one of simple, elbo, square, '
      "avg, l1, l2, linf or interp<eta> with eta in [0, 1] (e.g. interp0.25)"),
     ("unknown scheme", tiny(featurize={"scheme": "linear"}),
-     'experiments.tiny.featurize.scheme: got "linear"; expected one of "uniform", "cumulative"'),
+     'experiments.tiny.featurize.scheme: got "linear"; expected a string matching ^(uniform|cumulative)$ '
+     'or a non-empty list of (one of "uniform", "cumulative") without repeats'),
     ("unknown dtype", tiny(ground_truth={"dtype": "fp16"}),
      'experiments.tiny.ground_truth.dtype: got "fp16"; expected one of "fp32", "tf32", "bf16"'),
     ("unknown lambda rule", tiny(lds={"lambda_rules": ["oracle", "best"]}),
@@ -82,7 +83,7 @@ MALFORMED = [
      "lds_steps, checkpoint_every, keep_checkpoints"),
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
-     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, retrain"),
+     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, retrain, ablations"),
     ("kept steps descending", tiny(train={"keep_checkpoints": [30, 20]}, featurize={"extra_grids": []}),
      "experiments.tiny.train.keep_checkpoints: got [30, 20]; expected steps in ascending order"),
     ("kept step beyond the training", tiny(train={"keep_checkpoints": [20, 41]}),
@@ -258,7 +259,8 @@ def test_score_methods_and_baselines():
     assert tuple(keys["methods"]["items"]["enum"]) == tuple(keys["methods"]["default"]) == FEATURE_METHODS
     assert tuple(keys["baselines"]["items"]["enum"]) == BASELINES
     assert keys["baselines"]["default"] == [name for name in BASELINES if not name.startswith("clip_")]
-    spec = resolve_all(edited(tiny(score={"methods": ["relative_if"], "baselines": []})))["tiny"]["score"]
+    spec = resolve_all(edited(tiny(score={"methods": ["relative_if"], "baselines": []},
+                                   ablations=[])))["tiny"]["score"]
     assert cfg.score_methods(spec, "methods") == ["relative_if"] and cfg.score_methods(spec, "baselines") == []
     default = experiment(CONFIG, "default")["score"]
     assert cfg.score_methods(default, "methods") == list(FEATURE_METHODS)

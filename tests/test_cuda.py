@@ -12,7 +12,7 @@ import torch
 from diffattr.device import precision
 from diffattr.featurize import batch_gradients, featurize_split
 from diffattr.generate import sample
-from diffattr.ground_truth import loss_simple
+from diffattr.ground_truth import query_losses
 from diffattr.models import build_model
 from diffattr.train import train
 
@@ -54,9 +54,9 @@ def test_gradients_on_the_gpu_equal_the_cpu_in_fp32(images):
 
 def test_ground_truth_on_the_gpu_equals_the_cpu_in_fp32_and_bf16_is_close(images):
     args = (images, [0, 250, 500, 750], [0, 1], 16)
-    cpu = loss_simple(model_on(CPU), *args, device=CPU)
-    assert rel(loss_simple(model_on(CUDA), *args, device=CUDA), cpu) < 1e-5
-    bf16 = loss_simple(model_on(CUDA), *args, device=CUDA, dtype="bf16")
+    cpu = query_losses(model_on(CPU), *args, device=CPU)
+    assert rel(query_losses(model_on(CUDA), *args, device=CUDA), cpu) < 1e-5
+    bf16 = query_losses(model_on(CUDA), *args, device=CUDA, dtype="bf16")
     assert 0 < rel(bf16, cpu) < 5e-2
 
 

@@ -10,7 +10,7 @@ import torch
 from diffattr import noise
 from diffattr.config import parse_function, select_timesteps
 from diffattr.generate import sample
-from diffattr.ground_truth import loss_simple
+from diffattr.ground_truth import query_losses
 from diffattr.models import build_model, load_model
 from diffattr.storage import write_array
 from diffattr.train import train, train_and_save
@@ -48,7 +48,7 @@ def test_noise_batch_rows_are_independent_of_order_and_company():
 
 # ---------------------------------------------------------------- ground truth
 
-def reference_loss_simple(model, images, timesteps, noise_seeds):
+def reference_query_losses(model, images, timesteps, noise_seeds):
     """Per query: mean over (t, seed) of mean_pixels (eps_theta(x_t, t) - eps)^2, one sample at a time,
     in float64, with x_t built by hand."""
     unet = model.unet
@@ -67,22 +67,22 @@ def reference_loss_simple(model, images, timesteps, noise_seeds):
     return out
 
 
-def test_loss_simple_is_batch_independent_and_matches_loop(make_tiny_model, tiny_images):
+def test_query_losses_is_batch_independent_and_matches_loop(make_tiny_model, tiny_images):
     model = make_tiny_model(3)
     images, timesteps, seeds = tiny_images[:4], [0, 300, 999], [0, 2]
-    got = {b: loss_simple(model, images, timesteps, seeds, b) for b in (1, 7, 1000)}
+    got = {b: query_losses(model, images, timesteps, seeds, b) for b in (1, 7, 1000)}
     assert got[1].dtype == np.float64 and got[1].shape == (4,)
     np.testing.assert_allclose(got[7], got[1], rtol=1e-6)
     np.testing.assert_allclose(got[1000], got[1], rtol=1e-6)
-    reference = reference_loss_simple(make_tiny_model(3, torch.float64), images, timesteps, seeds)
+    reference = reference_query_losses(make_tiny_model(3, torch.float64), images, timesteps, seeds)
     np.testing.assert_allclose(got[7], reference, rtol=1e-5)
     assert len(np.unique(np.round(reference, 6))) == 4  # queries really differ
 
 
-def test_loss_simple_depends_on_noise_seeds(make_tiny_model, tiny_images):
+def test_query_losses_depends_on_noise_seeds(make_tiny_model, tiny_images):
     model = make_tiny_model(3)
-    a = loss_simple(model, tiny_images[:2], [100], [0], 10)
-    b = loss_simple(model, tiny_images[:2], [100], [1], 10)
+    a = query_losses(model, tiny_images[:2], [100], [0], 10)
+    b = query_losses(model, tiny_images[:2], [100], [1], 10)
     assert not np.allclose(a, b)
 
 

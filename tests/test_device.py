@@ -8,7 +8,7 @@ import torch
 from diffattr.device import precision, resolve_device
 from diffattr.featurize import batch_gradients
 from diffattr.functions import model_output
-from diffattr.ground_truth import loss_simple
+from diffattr.ground_truth import query_losses
 from diffattr.models import build_model
 from diffattr.noise import noise_batch
 
@@ -49,10 +49,10 @@ def test_precision_changes_the_ground_truth_only_as_asked(make_tiny_model, tiny_
     """fp32 and tf32 (a no-op off Ampere GPUs) agree bit for bit on the CPU; bf16 is close, not equal."""
     model = make_tiny_model(0)
     args = (model, tiny_images, [0, 300, 600, 900], [0, 1], 7, torch.device("cpu"))
-    fp32 = loss_simple(*args)
-    assert np.array_equal(loss_simple(*args, dtype="tf32"), fp32)
+    fp32 = query_losses(*args)
+    assert np.array_equal(query_losses(*args, dtype="tf32"), fp32)
     assert not torch.backends.cuda.matmul.allow_tf32  # the tf32 switch is restored afterwards
-    bf16 = loss_simple(*args, dtype="bf16")
+    bf16 = query_losses(*args, dtype="bf16")
     assert not np.array_equal(bf16, fp32)
     np.testing.assert_allclose(bf16, fp32, rtol=5e-2)
 

@@ -1,7 +1,9 @@
 """Every preset's DAG: `snakemake -n results/lds_<preset>.csv` plans the jobs its settings imply."""
+import itertools
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,51 +16,80 @@ from dry_run import REPO, copy_workflow, job_counts
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 
 
+def listed(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def ablation_needs(spec: dict) -> tuple[set, set]:
+    """The (function, K, k, scheme, noises) feature sets and the (ground-truth function, feature set)
+    LDS tables that the preset's ablations sweep over, the ground truth other than L_Simple only."""
+    sets, other_truths = set(), set()
+    for ablation in spec.get("ablations", []):
+        swept = {key: values for key, values in ablation["sweep"].items() if key != "lambda"}
+        for values in itertools.product(*swept.values()):
+            point = {"scheme": "uniform", "noises": 1, "gt_function": "simple", **ablation.get("at", {}),
+                     **dict(zip(swept, values))}
+            fset = (point["function"], point["K"], point["k"], point["scheme"], point["noises"])
+            sets.add(fset)
+            if point["gt_function"] != "simple":
+                other_truths.add((point["gt_function"], fset))
+    return sets, other_truths
+
+
 def expected_jobs(spec: dict, downloads: bool) -> dict[str, int]:
     """Job counts written out from the settings: one model per (subset, seed), one feature store per
-    (function, K, k, weights, split of train/val/gen) where the weights are the final ones or, for a
-    grid with `checkpoints`, each of those kept steps, one score per (function, K, k, weights, query
-    split), one TracInCP / GAS job per (function, K, k of a grid with checkpoints, query split)
-    (unless score.trajectory_methods is empty), one baseline per (baseline, query split) (both pixel
+    (function, K, k, scheme, noises, weights, split of train/val/gen) where the sets are those of the
+    grids and the ablations on the final weights and, for a grid with `checkpoints`, its (function,
+    K, k) at each of those kept steps, one score per feature set and query split, one TracInCP / GAS
+    job per (function, K, k of a grid with checkpoints, query split) (unless
+    score.trajectory_methods is empty), one baseline per (baseline, query split) (both pixel
     baselines unless score.baselines says otherwise), one CLIP embedding per split of train/val/gen
-    when a CLIP baseline is listed, and one LDS per score, TracInCP / GAS or baseline job. With
-    `retrain`: a pool of max(ensembles, n_models)
-    models, outputs of the first max(n_models), features of the first max(ensembles) on the featurize
-    grid (extra_grids aside), one ensemble score per (set, C, query split), one Empirical IF /
-    Datamodel store per (N, query split), and their LDS. Journey-TRAK (on `simple` features, when
-    score.methods has it, as it does by default) adds one trajectory featurization of the generated
-    images per projection dimension k of the simple feature sets; DAS (on `avg` features) one
-    residual job per avg feature set."""
+    when a CLIP baseline is listed, one LDS per score, TracInCP / GAS or baseline job; per
+    ground-truth function other than simple that an ablation sweeps, one ground truth per model and
+    an LDS per (feature set it is swept with, query split); one job per ablation. With `retrain`: a
+    pool of max(ensembles, n_models) models, outputs of the first max(n_models), features of the
+    first max(ensembles) on the featurize grid (extra_grids aside), one ensemble score per (set, C,
+    query split), one Empirical IF / Datamodel store per (N, query split), and their LDS.
+    Journey-TRAK (on `simple` features, when score.methods has it, as it does by default) adds one
+    trajectory featurization of the generated images per projection dimension k of the simple
+    feature sets; DAS (on `avg` features) one residual job per avg feature set."""
     models = int(spec["subsets"]["m"]) * len(spec["subsets"]["train_seeds"])
-    grids = [spec["featurize"], *spec["featurize"].get("extra_grids", [])]
-    feature_sets = len({(f, int(K), int(k), step) for g in grids
-                        for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]
-                        for step in [None, *g.get("checkpoints", [])]})
+    featurize = spec["featurize"]
+    grids = [featurize, *featurize.get("extra_grids", [])]
+    sets, other_truths = ablation_needs(spec)
+    sets = {(*fset, None) for fset in sets}
+    sets |= {(f, int(K), int(k), scheme, noises, None) for g in grids
+             for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]
+             for scheme in listed(g.get("scheme", featurize["scheme"]))
+             for noises in listed(g.get("noises", featurize.get("noises", 1)))}
+    sets |= {(f, int(K), int(k), "uniform", 1, step) for g in grids  # checkpoints: default scheme, noises
+             for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]
+             for step in g.get("checkpoints", [])}
     tracin = len({(f, int(K), int(k)) for g in grids if g.get("checkpoints")
                   for f in g["functions"] for K in g["timesteps"] for k in g["proj_dims"]})
     if not spec["score"].get("trajectory_methods", ["tracincp", "gas"]):
         tracin = 0
-    final_sets = {(f, int(K), int(k)) for g in grids for f in g["functions"] for K in g["timesteps"]
-                  for k in g["proj_dims"]}  # of the final weights
+    final_sets = {fset for fset in sets if fset[5] is None}  # of the final weights
     baselines = spec["score"].get("baselines", ["pixel_dot", "pixel_cos"])
     methods = score_methods(spec["score"], "methods")
-    journeys = len({k for f, K, k in final_sets if f == "simple"}) if "journey_trak" in methods else 0
+    journeys = len({fset[2] for fset in final_sets if fset[0] == "simple"}) if "journey_trak" in methods else 0
     residuals = len({s for s in final_sets if s[0] == "avg"}) if "das" in methods else 0
     jobs = {"dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
-            "ground_truth": models, "featurize": 3 * feature_sets, "score": 2 * feature_sets,
+            "ground_truth": models, "featurize": 3 * len(sets), "score": 2 * len(sets),
             "tracin": 2 * tracin, "baseline": 2 * len(baselines),
-            "lds": 2 * (feature_sets + tracin + len(baselines)), "table": 1,
+            "lds": 2 * (len(sets) + tracin + len(baselines)), "table": 1,
             "embed_clip": 3 * any(name.startswith("clip_") for name in baselines),
+            "ground_truth_other_function": models * len({gt for gt, _ in other_truths}),
+            "lds_other_truth": 2 * len(other_truths), "ablation": len(spec.get("ablations", [])),
             "featurize_journey": journeys, "residual": residuals}
     retrain = retrain_settings(spec)
     if retrain["pool"]:
-        grid = spec["featurize"]
-        sets = len(grid["functions"]) * len(grid["timesteps"]) * len(grid["proj_dims"])
+        grid_sets = len(featurize["functions"]) * len(featurize["timesteps"]) * len(featurize["proj_dims"])
         ensembles, counts = retrain["ensembles"], retrain["n_models"]
-        stores = sets * len(ensembles) + len(counts)
-        jobs.update(retrain_subsets=1, train_retrain=retrain["pool"],
-                    ground_truth=models + max([0, *counts]), featurize_retrained=3 * sets * max([0, *ensembles]),
-                    score_ensemble=2 * sets * len(ensembles), retrain_score=2 * len(counts),
+        stores = grid_sets * len(ensembles) + len(counts)
+        jobs.update(retrain_subsets=1, train_retrain=retrain["pool"], ground_truth=models + max([0, *counts]),
+                    featurize_retrained=3 * grid_sets * max([0, *ensembles]),
+                    score_ensemble=2 * grid_sets * len(ensembles), retrain_score=2 * len(counts),
                     lds=jobs["lds"] + 2 * stores)
     jobs = {rule: count for rule, count in jobs.items() if count}
     return {**jobs, "download_cifar10": 1} if downloads else jobs
@@ -112,7 +143,9 @@ def test_cifar2_is_the_papers_setup():
     assert spec["train"]["full_steps"] == 8000 and spec["train"]["keep_checkpoints"] == [2000, 4000, 6000]
     assert trajectories(spec["featurize"]) == {("simple", 10, 32768): [2000, 4000, 6000],
                                                ("simple", 100, 32768): [2000, 4000, 6000]}
-    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 2 + 21 + 2 * 3)
+    # the ablations add Fig. 1's eta sweep (11 functions interp<eta>), cumulative timesteps (simple and
+    # square at K = 10 and 100) and 2 and 4 noises per timestep (simple and square at K = 10)
+    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 2 + 21 + 2 * 3 + 11 + 4 + 4)
     assert expected_jobs(spec, False)["tracin"] == 2 * 2
     # avg for DAS at k = 32768 and K in {10, 100}, as the DAS paper's main comparison (an extra grid:
     # the ensembles keep to the main grid's TRAK and D-TRAK)
@@ -133,8 +166,34 @@ def test_cifar2_is_the_papers_setup():
 def test_feature_sets_are_the_union_of_the_grids_in_config_order():
     featurize = {"functions": ["square", "simple"], "timesteps": [10], "proj_dims": [64],
                  "extra_grids": [{"functions": ["simple", "avg"], "timesteps": [10, 100], "proj_dims": [64]}]}
-    assert feature_sets(featurize) == [("square", 10, 64), ("simple", 10, 64), ("simple", 100, 64),
-                                       ("avg", 10, 64), ("avg", 100, 64)]
+    assert [s.name for s in feature_sets(featurize)] == ["square_K10_k64", "simple_K10_k64", "simple_K100_k64",
+                                                         "avg_K10_k64", "avg_K100_k64"]
+
+
+def test_cifar2_ablations_are_the_papers_sweeps():
+    ablations = {a["name"]: a for a in experiment(CONFIG, "cifar2")["ablations"]}
+    assert ablations["eta"]["sweep"] == {"function": [f"interp{eta:g}" for eta in np.linspace(0, 1, 11)]}
+    assert ablations["eta"]["at"] == {"K": 10, "k": 4096}
+    assert ablations["table1"]["sweep"]["K"] == [10, 100, 1000]
+    assert set(ablations["table1"]["sweep"]["function"]) == {"simple", "elbo", "square", "avg", "l1", "l2", "linf"}
+    assert ablations["lambda"]["sweep"]["lambda"] == "grid"
+    assert set(ablations["lambda"]["methods"]) == {"trak", "relative_if", "renormalized_if"}
+    assert {"scheme", "noises", "gt_function", "proj_dim"} <= set(ablations)
+
+
+def test_an_ablation_plans_its_own_table_and_the_report_links_it(workdir):
+    out = dry_run(workdir, "results/lds_tiny.csv", "-p")
+    assert "results/tiny/ablations/lambda.md" in out and "results/tiny/lds/square_K4_k64_val.lambdas.csv" in out
+    out = dry_run(workdir, "results/tiny/ablations/gt.csv", "--config", 'experiments={"tiny": {"ablations": '
+                  '[{"name": "gt", "sweep": {"gt_function": ["simple", "l1"]}, "at": {"function": "square", '
+                  '"K": 4, "k": 64, "noises": 2}}]}}')
+    spec = experiment(CONFIG, "tiny")
+    models = spec["subsets"]["m"] * len(spec["subsets"]["train_seeds"])
+    counts = job_counts(out)
+    assert counts["ground_truth_other_function"] == models and counts["lds_other_truth"] == 2
+    assert counts["featurize"] == 3 and counts["lds"] == 2 and counts["ablation"] == 1
+    assert "results/tiny/truth_l1/lds/square_K4_k64_e2_gen.csv" in out
+    assert "results/tiny/features/square_K4_k64_e2/train.zarr" in out
 
 
 def test_default_and_tiny_keep_their_tracin_small():

@@ -220,7 +220,7 @@ def test_ground_truth_resumes_from_its_finished_chunks(stored, tmp_path, monkeyp
     assert not out.exists()
 
     capsys.readouterr()
-    losses = count_calls(monkeypatch, ground_truth, "loss_simple")
+    losses = count_calls(monkeypatch, ground_truth, "query_losses")
     run_ground_truth(stored, out)
     assert "resuming, 9 of 12 chunks already done" in capsys.readouterr().out
     assert losses[0] == 3
@@ -229,7 +229,7 @@ def test_ground_truth_resumes_from_its_finished_chunks(stored, tmp_path, monkeyp
     timesteps = [0, 250, 500, 750]
     for split, rows in {"val": images[:7], "gen": images[7:]}.items():
         got, attrs = storage.read_member(out, split)
-        expected = ground_truth.loss_simple(model, rows, timesteps, [0, 1], 1000)
+        expected = ground_truth.query_losses(model, rows, timesteps, [0, 1], 1000)
         np.testing.assert_allclose(got, expected, rtol=1e-6)
         assert attrs["query_sha256"] == storage.array_sha256(rows) and attrs["timesteps"] == timesteps
 

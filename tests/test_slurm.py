@@ -26,10 +26,10 @@ CLUSTER = REPO / "tests" / "slurm_cluster.sh"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 PROFILES = ("--profile", "slurm", "--profile", "slurm/local")
 # The tiny experiment, trimmed to 6 LDS models (6 subsets, one training seed), one model-output
-# function and no checkpoint features (so no TracInCP): every SLURM job costs ~15 s of CPU here (two
+# function, no checkpoint features (so no TracInCP) and no ablations: every SLURM job costs ~15 s of CPU here (two
 # Snakemake start-ups and the worker's torch import), and the whole test must stay within a few
 # minutes on 2 cores.
-TRIM = {"subsets": {"m": 6, "train_seeds": [0]}, "featurize": {"functions": ["square"], "extra_grids": []}}
+TRIM = {"subsets": {"m": 6, "train_seeds": [0]}, "featurize": {"functions": ["square"], "extra_grids": []}, "ablations": []}
 EVERYTHING = ("--config", "experiment=tiny", f"experiments={json.dumps({'tiny': TRIM})}")
 TARGET = "results/lds_tiny.csv"
 FAIL_MODEL = "s001-r0"

@@ -4,9 +4,9 @@ import pandas as pd
 from diffattr.table import COLUMNS, collect
 
 
-def rows(method, function, K, k, lam, lds, checkpoint=None):
+def rows(method, function, K, k, lam, lds, checkpoint=None, tags=None):
     return [{"method": method, "function": function, "timesteps": K, "proj_dim": k, "checkpoint": checkpoint,
-             "split": split,
+             "tags": tags, "split": split,
              "lambda_rule": rule, "lambda": lam, "lds": lds, "ci_low": lds - 0.1, "ci_high": lds + 0.1,
              "n_queries": 5, "n_subsets": 8} for split in ("val", "gen") for rule in ("oracle", "heldout")]
 
@@ -17,6 +17,7 @@ def test_table_and_report_with_baselines(tmp_path):
                                                                            None, 0.05),
         "pixel_cos": rows("Raw pixel (cos)", None, None, None, None, -0.03),
         "simple_K10_k64": rows("TRAK", "simple", 10, 64, 500.0, 0.3),
+        "simple_K4_k64_cumulative_e2": rows("TRAK", "simple", 4, 64, 200.0, 0.4, "cumulative_e2"),
     }
     paths = []
     for name, part in parts.items():
@@ -24,11 +25,12 @@ def test_table_and_report_with_baselines(tmp_path):
         pd.DataFrame(part).to_csv(paths[-1], index=False)
     table = collect(paths, "demo", tmp_path / "lds.csv", tmp_path / "lds.md")
     written = pd.read_csv(tmp_path / "lds.csv")
-    assert list(written.columns) == COLUMNS and len(written) == 16
+    assert list(written.columns) == COLUMNS and len(written) == 20
     assert list(written.method[:3]) == ["Gradient (dot)", "Raw pixel (cos)", "TRAK"]  # gen, heldout first
     pixel = written[written.method == "Raw pixel (cos)"]
     assert pixel[["function", "timesteps", "proj_dim", "lambda"]].isna().all().all()
-    assert list(written.timesteps[written.method == "TRAK"][:2]) == [4, 10]
+    assert list(written.timesteps[written.method == "TRAK"][:3]) == [4, 4, 10]
+    assert written.tags[written.method == "TRAK"][:3].fillna("").tolist() == ["", "cumulative_e2", ""]
     pd.testing.assert_frame_equal(written, table, check_dtype=False)
     report = (tmp_path / "lds.md").read_text().splitlines()
     lines = [line for line in report if line.startswith("| ") and "---" not in line]
@@ -37,7 +39,9 @@ def test_table_and_report_with_baselines(tmp_path):
     assert "lambda" not in body["| Raw pixel (cos)"] and "nan" not in "\n".join(report)
     assert "20.00 [10.00, 30.00] (lambda 2000)" in body["| TRAK"]
     assert body["| TRAK"].startswith("| TRAK | simple | 4 | 64 |  |")
-    assert lines[-1].startswith("| TRAK | simple | 10 | 64 |  | 30.00")  # K in numeric order: 4, then 10
+    # a tagged feature set is a row of its own, after the untagged one; K in numeric order: 4, then 10
+    assert lines[-2].startswith("| TRAK | simple | 4 | 64 |  | cumulative_e2 | 40.00")
+    assert lines[-1].startswith("| TRAK | simple | 10 | 64 |  |  | 30.00")
 
 
 def test_checkpoint_rows(tmp_path):
@@ -60,8 +64,8 @@ def test_checkpoint_rows(tmp_path):
     written = pd.read_csv(tmp_path / "lds.csv", dtype={"checkpoint": str}, keep_default_na=False)
     assert list(written.checkpoint[:4]) == ["", "150", "1000", "150+1000+final"]  # gen, heldout first
     report = (tmp_path / "lds.md").read_text()
-    assert "| TRAK | simple | 10 | 64 | 150 | 30.00" in report
-    assert "| TracInCP | simple | 10 | 64 | 150+1000+final | 10.00" in report
+    assert "| TRAK | simple | 10 | 64 | 150 |  | 30.00" in report
+    assert "| TracInCP | simple | 10 | 64 | 150+1000+final |  | 10.00" in report
 
 
 def test_method_of_one_split_leaves_the_other_splits_cells_blank(tmp_path):
@@ -77,5 +81,5 @@ def test_method_of_one_split_leaves_the_other_splits_cells_blank(tmp_path):
     header = next(line for line in report.splitlines() if line.startswith("| method"))
     assert header.endswith("| gen, heldout | gen, oracle | val, heldout | val, oracle |")
     journey = next(line for line in report.splitlines() if line.startswith("| Journey-TRAK"))
-    assert journey.startswith("| Journey-TRAK | simple | 4 | 64 |  | 10.00 [0.00, 20.00] (lambda 50) | 10.00")
+    assert journey.startswith("| Journey-TRAK | simple | 4 | 64 |  |  | 10.00 [0.00, 20.00] (lambda 50) | 10.00")
     assert journey.endswith("(lambda 50) |  |  |")

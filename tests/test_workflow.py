@@ -94,6 +94,23 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     assert ((bounded.ci_low <= bounded.lds + 1e-9) & (bounded.lds <= bounded.ci_high + 1e-9)).all()
 
 
+def test_the_lambda_ablation_holds_the_lds_at_every_lambda(workdir, tiny):
+    """tiny's one ablation: D-TRAK's LDS at each lambda of the grid on its feature set, per query split,
+    as the lds job's per-lambda table has it; the report links the ablation's table."""
+    (ablation,) = tiny["ablations"]
+    at = ablation["at"]
+    table = pd.read_csv(workdir / f"results/tiny/ablations/{ablation['name']}.csv")
+    low, high = tiny["score"]["lambda_exponents"]
+    for split in ("val", "gen"):
+        curve = pd.read_csv(workdir / f"results/tiny/lds/{at['function']}_K{at['K']}_k{at['k']}_{split}.lambdas.csv")
+        curve = curve[curve.method == "D-TRAK"]
+        rows = table[table.split == split]
+        assert list(rows["lambda"]) == pytest.approx(lambda_grid(range(low, high + 1)), rel=1e-5)
+        assert list(rows.lds) == pytest.approx(list(curve.lds), rel=1e-5, abs=1e-6)
+        assert rows.lds.between(-1, 1).all() and rows.lds.nunique() > 1
+    assert f"](tiny/ablations/{ablation['name']}.md)" in (workdir / "results/lds_tiny.md").read_text()
+
+
 def test_finished_run_has_nothing_to_do(workdir):
     assert planned_jobs(workdir, *EVERYTHING) == {}
     assert planned_jobs(workdir, TARGET) == {}
@@ -109,7 +126,7 @@ def test_deleting_one_model_reruns_only_it_and_its_dependents(workdir, tiny):
               *trajectories(tiny["featurize"]), *baselines]
     n_lds = len(stores) * 2
     assert planned_jobs(workdir, *EVERYTHING) == {"train_lds": 1, "ground_truth": 1, "lds": n_lds,
-                                                   "table": 1, "all": 1}
+                                                   "ablation": len(tiny["ablations"]), "table": 1, "all": 1}
     snakemake(workdir, *EVERYTHING)
     assert weights.exists()
     pd.testing.assert_frame_equal(pd.read_csv(workdir / TARGET), before)  # training is deterministic

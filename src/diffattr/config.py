@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -279,6 +280,7 @@ def check(settings: dict, name: str, device: str = "auto") -> None:
     faults += _check_unet(settings["dataset"], model["unet"])
     faults += _check_retrain(settings, within_T, T)
     faults += _check_clip(settings["score"])
+    faults += _check_ablations(settings, T)
     if faults:
         raise ConfigError("\n".join(f"{where}.{fault}" for fault in faults))
 
@@ -391,14 +393,87 @@ def _check_clip(score: dict) -> list[str]:
     return []
 
 
-def feature_sets(featurize: dict) -> list[tuple[str, int, int]]:
-    """(function, K, k) of every feature store, in config order: the grid functions x timesteps x
-    proj_dims, then the grid of each entry of `extra_grids` (the paper's function table at k = 4096,
-    say), each combination once."""
-    sets: dict[tuple[str, int, int], None] = {}
+SCHEMES = ("uniform", "cumulative")
+# A feature-set name: `{function}_K{K}_k{k}`, then each tag only where it differs from the default, in
+# this order: `_cumulative` (timestep scheme; default uniform), `_e{N}` (noises per timestep; default 1),
+# `_step{S}` (the features of the full model's kept training checkpoint at step S; default the final
+# weights).
+_FEATURE_SET = re.compile(r"(?P<function>[a-z0-9.]+)_K(?P<K>\d+)_k(?P<k>\d+)(?P<cumulative>_cumulative)?"
+                          r"(?:_e(?P<noises>\d+))?(?:_step(?P<step>\d+))?")
+# The same names as Snakemake wildcard constraints (which must not hold named groups of their own):
+# FEATURE_SET for the final weights' sets, FEATURE_SET_ANY for those of kept checkpoints too.
+FEATURE_SET_ANY = re.sub(r"\(\?P<\w+>", "(?:", _FEATURE_SET.pattern)
+FEATURE_SET = FEATURE_SET_ANY.removesuffix(r"(?:_step(?:\d+))?")
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One feature store's settings: model-output function, K timesteps, projection dimension k,
+    timestep scheme, noises per timestep and training step of the weights (None: the final ones).
+    `name` and `parse` are each other's inverse."""
+    function: str
+    K: int
+    k: int
+    scheme: str = "uniform"
+    noises: int = 1
+    step: int | None = None
+
+    def __post_init__(self):
+        parse_function(self.function)
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"timestep scheme {self.scheme!r}: expected one of {', '.join(SCHEMES)}")
+        for key in ("K", "k", "noises"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"feature set {key}: got {getattr(self, key)!r}; expected an integer >= 1")
+        if self.step is not None and (not isinstance(self.step, int) or self.step < 0):
+            raise ValueError(f"feature set step: got {self.step!r}; expected an integer >= 0 or None")
+
+    @property
+    def name(self) -> str:
+        return (f"{self.function}_K{self.K}_k{self.k}" + ("_cumulative" if self.scheme == "cumulative" else "")
+                + (f"_e{self.noises}" if self.noises != 1 else "") + ("" if self.step is None else f"_step{self.step}"))
+
+    @property
+    def tags(self) -> str:
+        """The name's tags without the leading '_' ('' for the defaults, 'cumulative_e2', ...)."""
+        return self.name[len(f"{self.function}_K{self.K}_k{self.k}") + 1:]
+
+    @classmethod
+    def parse(cls, name: str) -> "FeatureSet":
+        """The feature set named `name`; refused unless `name` is exactly its canonical name."""
+        match = _FEATURE_SET.fullmatch(name)
+        try:
+            fset = match and cls(match["function"], int(match["K"]), int(match["k"]),
+                                 "cumulative" if match["cumulative"] else "uniform",
+                                 int(match["noises"] or 1), None if match["step"] is None else int(match["step"]))
+        except ValueError:
+            fset = None
+        if not fset or fset.name != name:
+            raise ValueError(f"feature set name {name!r}: expected {{function}}_K{{K}}_k{{k}}, then "
+                             "_cumulative for cumulative timesteps, _e{N} for N > 1 noises per timestep and "
+                             "_step{S} for a kept training checkpoint's weights, in this order "
+                             "(e.g. square_K10_k512_cumulative_e2 or square_K10_k512_step100)")
+        return fset
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def feature_sets(featurize: dict, ablations=()) -> list[FeatureSet]:
+    """Every feature store of an experiment, each once, in config order: the featurize block's grid
+    and that of each entry of its `extra_grids` (the paper's function table at k = 4096, say), each
+    functions x timesteps x proj_dims x scheme x noises (an extra grid's scheme and noises default to
+    the block's), then the sets that the `ablations` sweep over and the grids lack."""
+    sets: dict[FeatureSet, None] = {}
     for grid in [featurize, *featurize.get("extra_grids", [])]:
-        for function, k, dim in itertools.product(grid["functions"], grid["timesteps"], grid["proj_dims"]):
-            sets[(str(function), int(k), int(dim))] = None
+        schemes = _as_list(grid.get("scheme", featurize.get("scheme", "uniform")))
+        noises = _as_list(grid.get("noises", featurize.get("noises", 1)))
+        for function, K, k, scheme, n in itertools.product(grid["functions"], grid["timesteps"],
+                                                           grid["proj_dims"], schemes, noises):
+            sets[FeatureSet(str(function), int(K), int(k), str(scheme), int(n))] = None
+    for ablation in ablations:
+        sets.update(dict.fromkeys(point.features for point in ablation_points(ablation)))
     return list(sets)
 
 
@@ -423,26 +498,95 @@ def trajectories(featurize: dict) -> dict[tuple[str, int, int], list[int]]:
     return {key: sorted(steps) for key, steps in out.items()}
 
 
-# Feature-set names: {function}_K{K}_k{k}, then `_step{S}` for the features of the full model's kept
-# training checkpoint at step S (absent: the final weights).
-FEATURE_SET = r"[a-z0-9.]+_K\d+_k\d+"  # features of the final weights
-FEATURE_SET_ANY = FEATURE_SET + r"(?:_step\d+)?"  # of the final weights or of a kept checkpoint
-_FEATURE_SET_NAME = re.compile(r"^(?P<function>[a-z0-9.]+)_K(?P<K>\d+)_k(?P<k>\d+)(?:_step(?P<step>\d+))?$")
-
-
 def feature_set_name(function: str, K: int, k: int, step: int | None = None) -> str:
-    """'square', 10, 512, 100 -> 'square_K10_k512_step100' (no tag for the final weights)."""
-    return f"{function}_K{int(K)}_k{int(k)}" + ("" if step is None else f"_step{int(step)}")
+    """'square', 10, 512, 100 -> 'square_K10_k512_step100' (default scheme and noises; no tag for the
+    final weights)."""
+    return FeatureSet(str(function), int(K), int(k), step=None if step is None else int(step)).name
 
 
 def parse_feature_set(name: str) -> tuple[str, int, int, int | None]:
-    """'square_K10_k512_step100' -> ('square', 10, 512, 100); step None for the final weights."""
-    match = _FEATURE_SET_NAME.match(name)
-    if match is None:
-        raise ValueError(f"feature set name {name!r}: expected {{function}}_K{{K}}_k{{k}}, optionally "
-                         "followed by _step{S}, e.g. square_K10_k512 or square_K10_k512_step100")
-    step = match.group("step")
-    return match.group("function"), int(match.group("K")), int(match.group("k")), None if step is None else int(step)
+    """'square_K10_k512_step100' -> ('square', 10, 512, 100); step None for the final weights.
+    FeatureSet.parse gives the scheme and noises too."""
+    fset = FeatureSet.parse(name)
+    return fset.function, fset.K, fset.k, fset.step
+
+
+# ---------------------------------------------------------------- ablations
+
+# The ground truth's model-output function in the protocol (L_Simple): its stores and LDS tables keep
+# their usual paths; another one (an ablation's gt_function) gets its own (rules/ground_truth.smk).
+DEFAULT_GT_FUNCTION = "simple"
+# The values of what an ablation may leave out of `sweep:` and `at:` (function, K and k it may not).
+ABLATION_DEFAULTS = {"scheme": "uniform", "noises": 1, "gt_function": DEFAULT_GT_FUNCTION}
+
+
+@dataclass(frozen=True)
+class AblationPoint:
+    """One point of an ablation's sweep: the swept values (lambda aside), the feature set and the
+    ground-truth function they select."""
+    values: tuple[tuple[str, object], ...]
+    features: FeatureSet
+    gt_function: str
+
+
+def ablation_points(ablation: dict) -> list[AblationPoint]:
+    """The product of the ablation's `sweep` lists (in their order; a `lambda` sweep selects rows of
+    each point's per-lambda table instead), each completed by `at` and ABLATION_DEFAULTS."""
+    swept = {key: _as_list(values) for key, values in ablation["sweep"].items() if key != "lambda"}
+    points = []
+    for combination in itertools.product(*swept.values()):
+        values = dict(zip(swept, combination))
+        chosen = {**ABLATION_DEFAULTS, **ablation.get("at", {}), **values}
+        fset = FeatureSet(str(chosen["function"]), int(chosen["K"]), int(chosen["k"]), str(chosen["scheme"]),
+                          int(chosen["noises"]))
+        points.append(AblationPoint(tuple(values.items()), fset, str(chosen["gt_function"])))
+    return points
+
+
+def _check_ablations(settings: dict, T: int) -> list[str]:
+    """Each ablation names a new table, fixes or sweeps function, K and k, and sweeps valid values."""
+    faults, names = [], set()
+    methods = score_methods(settings["score"], "methods")
+    for j, ablation in enumerate(settings.get("ablations", [])):
+        key = f"ablations[{j}]"
+        if ablation["name"] in names:
+            faults.append(f"{key}.name: got {_show(ablation['name'])}; expected a name no other ablation has")
+        names.add(ablation["name"])
+        sweep, at = ablation["sweep"], ablation.get("at", {})
+        for both in sorted(set(sweep) & set(at)):
+            faults.append(f"{key}.at.{both}: got {_show(at[both])}; expected it in sweep or in at, not both")
+        for missing in [k for k in ("function", "K", "k") if k not in sweep and k not in at]:
+            faults.append(f"{key}.at.{missing}: got no value; expected it fixed here or swept in {key}.sweep")
+        default = "" if "methods" in ablation else " (the default)"
+        for name in [m for m in ablation.get("methods", ["trak"]) if m not in methods]:
+            faults.append(f"{key}.methods: got {_show(name)}{default}; expected methods the preset scores "
+                          f"(score.methods): {', '.join(methods)}")
+        if "lambda" in sweep:
+            from .methods import METHODS
+            from .score import lambda_grid
+
+            for name in [m for m in ablation.get("methods", ["trak"]) if not METHODS[m].uses_lambda]:
+                faults.append(f"{key}.methods: got {_show(name)}; expected methods with a lambda for a "
+                              "lambda sweep")
+            low, high = settings["score"]["lambda_exponents"]
+            grid = lambda_grid(range(int(low), int(high) + 1))
+            for value in [v for v in _as_list(sweep["lambda"]) if v != "grid" and float(v) not in grid]:
+                faults.append(f"{key}.sweep.lambda: got {_show(value)}; expected values of the lambda grid "
+                              f"(score.lambda_exponents) or grid")
+        for where, leaf, value in ((f"{key}.{part}.{leaf}", leaf, value)
+                                   for part, values in (("at", at), ("sweep", sweep))
+                                   for leaf, value in values.items()):
+            for i, item in enumerate(_as_list(value)):
+                place = f"{where}[{i}]" if isinstance(value, list) else where
+                if leaf in ("function", "gt_function"):
+                    try:
+                        parse_function(str(item))
+                    except ValueError:
+                        faults.append(f"{place}: got {_show(item)}; expected {FUNCTION_EXPECTED}")
+                if leaf == "K" and item > T:
+                    faults.append(f"{place}: got K = {item}; expected K at most T = {T} "
+                                  "(model.scheduler.num_train_timesteps)")
+    return faults
 
 
 def score_methods(score: dict, key: str) -> list[str]:

@@ -1,9 +1,10 @@
 """Features: per-sample gradients of a model-output function, averaged over K timesteps, projected.
 
-g(x) = (1/K) sum_t grad_theta f(x, t, eps_t). The K noised copies of one sample go through the
-network as one batch and the mean of their f values is differentiated once: the same average as K
-separate backward passes (the network treats batch items independently in eval mode). Samples are
-vectorized with torch.func, so a batch of B samples is one pass over B x K items.
+g(x) = (1/K) sum_t grad_theta f(x, t, eps_t), or with N noises per timestep the mean over the K x N
+pairs (t, eps_td). The noised copies of one sample go through the network as one batch and the mean
+of their f values is differentiated once: the same average as separate backward passes (the network
+treats batch items independently in eval mode). Samples are vectorized with torch.func, so a batch
+of B samples is one pass over B x K x N items.
 """
 from __future__ import annotations
 
@@ -24,38 +25,44 @@ from .storage import ResumableOutput, array_sha256, file_sha256
 
 def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
                     noise_seed: int, labels=None, max_pass_items: int | None = None,
-                    eps: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, p) fp32: row b is the flat gradient of (1/K) sum_t f(images[b], t, eps(noise_seed, indices[b], t)).
+                    eps: torch.Tensor | None = None, noises: int = 1) -> torch.Tensor:
+    """(B, p) fp32: row b is the flat gradient of (1/(K N)) sum_t sum_d f(images[b], t, eps_td), with
+    eps_td = noise.gaussian(noise_seed, indices[b], t, draw=d) for the N = `noises` draws d < N
+    (N = 1: draw 0, the noise of (noise_seed, indices[b], t)).
 
-    `eps` (B, K, ...), when given, replaces the drawn noise: item (b, k) is then f at
+    `eps` (B, K, ...), when given (with N = 1), replaces the drawn noise: item (b, k) is then f at
     x_t = sqrt(abar_t) images[b] + sqrt(1 - abar_t) eps[b, k] with target eps[b, k] (the journey
-    features use it to put x_t on a sampling trajectory). One vectorized pass (torch.func: vmap of grad) instead of a backward per sample; each sample's K
-    noised copies go through the network together. With `max_pass_items`, the timesteps are split
-    into chunks of at most max(1, max_pass_items // B) so that a pass holds at most that many noised
-    copies (memory at large K), and the chunks' means are combined with weights |chunk| / K.
+    features use it to put x_t on a sampling trajectory). One vectorized pass (torch.func: vmap of
+    grad) instead of a backward per sample; each sample's K x N noised copies go through the network
+    together. With `max_pass_items`, the (t, d) pairs are split into chunks of at most
+    max(1, max_pass_items // B) so that a pass holds at most that many noised copies (memory at large
+    K), and the chunks' means are combined with weights |chunk| / (K N).
     """
-    timesteps = list(timesteps)
-    per_pass = len(timesteps) if max_pass_items is None else max(1, max_pass_items // len(images))
-    if per_pass >= len(timesteps):
-        return _pass_gradients(model, images, indices, function, timesteps, noise_seed, labels, eps)
+    if eps is not None and noises != 1:
+        raise ValueError(f"noises: got {noises}; expected 1 when the noise `eps` is given")
+    draws = [(int(t), d) for t in timesteps for d in range(noises)]
+    per_pass = len(draws) if max_pass_items is None else max(1, max_pass_items // len(images))
+    if per_pass >= len(draws):
+        return _pass_gradients(model, images, indices, function, draws, noise_seed, labels, eps)
     total = None
-    for start in range(0, len(timesteps), per_pass):
-        chunk = timesteps[start:start + per_pass]
+    for start in range(0, len(draws), per_pass):
+        chunk = draws[start:start + per_pass]
         grads = _pass_gradients(model, images, indices, function, chunk, noise_seed, labels,
                                 None if eps is None else eps[:, start:start + per_pass])
-        total = grads.mul_(len(chunk) / len(timesteps)) if total is None else \
-            total.add_(grads, alpha=len(chunk) / len(timesteps))
+        total = grads.mul_(len(chunk) / len(draws)) if total is None else \
+            total.add_(grads, alpha=len(chunk) / len(draws))
     return total
 
 
-def _pass_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
+def _pass_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, draws,
                     noise_seed: int, labels=None, eps: torch.Tensor | None = None) -> torch.Tensor:
-    """`batch_gradients` in one vectorized pass over all B x K noised copies."""
+    """`batch_gradients` in one vectorized pass over all B x len(draws) noised copies, `draws` the
+    (timestep, draw) pairs."""
     params = {name: p.detach() for name, p in model.featurized_parameters()}
     x0 = model.latents(images)
-    t = torch.tensor(list(timesteps), device=x0.device)
+    t = torch.tensor([s for s, _ in draws], device=x0.device)
     if eps is None:
-        eps = noise_batch([(noise_seed, int(i), int(s)) for i in indices for s in timesteps], x0.shape[1:])
+        eps = noise_batch([(noise_seed, int(i), s, d) for i in indices for s, d in draws], x0.shape[1:])
     eps = eps.reshape(len(x0), len(t), *x0.shape[1:]).to(x0.device, x0.dtype)
     cond = model.conditioning(None if labels is None else torch.as_tensor(labels))
 
@@ -75,7 +82,8 @@ def gradient_dim(model: DiffusionModel) -> int:
 
 
 def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps, noise_seed: int,
-             projector, batch_size: int, starts=None, max_pass_items: int | None = None, noise=None):
+             projector, batch_size: int, starts=None, max_pass_items: int | None = None, noise=None,
+             noises: int = 1):
     """Yield (start, projected features of rows start..start+len) for batches of samples (only those
     beginning at `starts`, when given), computed on the model's device. `noise(rows)`, when given,
     returns the (B, K, ...) noise of those rows instead of drawing it (see `batch_gradients`)."""
@@ -86,7 +94,8 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
         eps = None if noise is None else noise(range(start, stop))
         with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
             grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
-                                    function, timesteps, noise_seed, max_pass_items=max_pass_items, eps=eps)
+                                    function, timesteps, noise_seed, max_pass_items=max_pass_items, eps=eps,
+                                    noises=noises)
         yield start, projector.project(grads, model_id=0).float().cpu().numpy()
 
 
@@ -102,19 +111,20 @@ def featurize_split(weights_path, model_spec: dict, images_path, function: str, 
     model = load_model(model_spec, Path(weights_path).parent).to(device).for_per_sample_gradients()
     write_features(model, weights_path, load_images(images_path), function, timesteps, proj_dim, spec,
                    out_path, device, {"checkpoint": checkpoint, "scheme": spec["scheme"],
-                                      "noise_seed": int(spec["noise_seed"])}, max_pass_items)
+                                      "noise_seed": int(spec["noise_seed"])}, max_pass_items,
+                   noises=int(spec.get("noises", 1)))
 
 
 def write_features(model: DiffusionModel, weights_path, images: np.ndarray, function: str, timesteps,
                    proj_dim: int, spec: dict, out_path, device: torch.device, attrs: dict,
-                   max_pass_items: int | None = None, noise=None) -> None:
-    """`featurize_split`'s store for a loaded model: `attrs` (how the noise was chosen) join the
-    provenance, and `noise` is passed on to `features`."""
+                   max_pass_items: int | None = None, noise=None, noises: int = 1) -> None:
+    """`featurize_split`'s store for a loaded model: `attrs` (how the noise was chosen) and `noises`
+    (per timestep) join the provenance, and `noise` and `noises` are passed on to `features`."""
     batch_size = int(spec["batch_size"])
     projector, projector_info = make_projector(gradient_dim(model), proj_dim, int(spec["proj_seed"]),
                                                device, batch_size)
     attrs = {"model_sha256": file_sha256(weights_path), "function": function,
-             "K": len(timesteps), "timesteps": list(timesteps), **attrs, "dtype": "float32",
+             "K": len(timesteps), "timesteps": list(timesteps), **attrs, "noises": noises, "dtype": "float32",
              "device": device_name(device), "query_sha256": array_sha256(images), "torch": torch.__version__,
              **projector_info}
 
@@ -130,7 +140,7 @@ def write_features(model: DiffusionModel, weights_path, images: np.ndarray, func
     todo = [chunks[key] for key in output.todo(chunks)]
     for start, rows in features(model, images, function, timesteps, int(spec["noise_seed"]),
                                 projector, batch_size, starts=todo, max_pass_items=max_pass_items,
-                                noise=noise):
+                                noise=noise, noises=noises):
         array[start:start + len(rows)] = rows
         output.mark_done(str(start // batch_size))
     output.commit(chunks)

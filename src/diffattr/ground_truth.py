@@ -1,4 +1,5 @@
-"""Ground truth: each query's L_Simple under one model, averaged over timesteps x noise seeds."""
+"""Ground truth: each query's L_Simple under one model, averaged over timesteps x noise seeds (or,
+for the ground-truth ablation, another model-output function's value averaged the same way)."""
 from __future__ import annotations
 
 import itertools
@@ -9,9 +10,10 @@ import numpy as np
 import torch
 import zarr
 
-from .config import select_timesteps
+from .config import DEFAULT_GT_FUNCTION, select_timesteps
 from .data import load_images
 from .device import device_name, precision
+from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
 from .storage import ResumableOutput, array_sha256, file_sha256
@@ -22,11 +24,12 @@ CHUNKS_PER_SPLIT = 16
 
 
 @torch.no_grad()
-def loss_simple(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds,
-                batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32",
-                rows: range | None = None) -> np.ndarray:
-    """(n,) float64: mean over (t, seed) of mean_pixels (eps_theta(x_t, t) - eps)^2, for the queries
-    in `rows` (default all).
+def query_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds,
+                 batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32",
+                 rows: range | None = None, function: str = DEFAULT_GT_FUNCTION) -> np.ndarray:
+    """(n,) float64: mean over (t, seed) of f(x, t, eps) for the queries in `rows` (default all), f
+    the model-output function `function` (diffattr.functions); by default L_Simple,
+    mean_pixels (eps_theta(x_t, t) - eps)^2.
 
     The noise of (query, t, seed) comes from `noise.gaussian`, so batching never changes it. The
     UNet runs in precision `dtype` (`diffattr.device.precision`); the loss is taken in fp32.
@@ -43,7 +46,8 @@ def loss_simple(model: DiffusionModel, images: np.ndarray, timesteps, noise_seed
         eps = noise_batch(chunk, x0.shape[1:]).to(device)
         with precision(dtype, device):
             pred = model.eps(model.scheduler.add_noise(x0, eps, t), t, model.conditioning(None)).float()
-        np.add.at(totals, index, (pred - eps).pow(2).flatten(1).mean(1).double().cpu().numpy())
+        values = model_output(function, pred, eps, t, model.scheduler)
+        np.add.at(totals, index, values.double().cpu().numpy())
     return totals[rows.start:rows.stop:rows.step] / (len(timesteps) * len(noise_seeds))
 
 
@@ -70,8 +74,9 @@ def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: di
     model = load_model(model_spec, Path(weights_path).parent)
     timesteps = select_timesteps(int(spec["timesteps"]), "uniform", model.scheduler.config.num_train_timesteps)
     seeds, batch_size, dtype = list(spec["noise_seeds"]), int(spec["batch_size"]), spec.get("dtype", "fp32")
+    function = spec.get("function", DEFAULT_GT_FUNCTION)
     attrs = {"model_sha256": file_sha256(weights_path), "timesteps": timesteps,
-             "noise_seeds": seeds, "function": "simple", "dtype": dtype, "device": device_name(device),
+             "noise_seeds": seeds, "function": function, "dtype": dtype, "device": device_name(device),
              **training_record(weights_path)}
     queries = {split: load_images(path) for split, path in query_paths.items()}
     size = {split: chunk_rows(len(images), len(timesteps) * len(seeds), batch_size)
@@ -92,7 +97,7 @@ def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: di
               for split, images in queries.items() for start in range(0, len(images), size[split])}
     for key in output.todo(chunks):
         split, rows = chunks[key]
-        group[split][rows.start:rows.stop] = loss_simple(model, queries[split], timesteps, seeds, batch_size,
-                                                         device, dtype, rows)
+        group[split][rows.start:rows.stop] = query_losses(model, queries[split], timesteps, seeds, batch_size,
+                                                          device, dtype, rows, function)
         output.mark_done(key)
     output.commit(chunks)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .config import FeatureSet
 from .methods import label, read_predictions
 from .provenance import (GROUND_TRUTH_KEYS, REQUIRED_GROUND_TRUTH_KEYS, ProvenanceError, require_finite,
                          require_present, require_same)
@@ -83,10 +84,7 @@ def select_lambda(preds: np.ndarray, truth: np.ndarray, lambdas, rule: str, held
     else:
         perm = np.random.default_rng(heldout_seed).permutation(n_subsets)
         select, report = perm[: n_subsets // 2], perm[n_subsets // 2:]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # lambda where every query is nan
-        per_lambda = np.nanmean(_spearman(preds[:, :, select], truth[:, select]), axis=-1)
-    best = int(np.nanargmax(per_lambda))
+    best = int(np.nanargmax(lds_per_lambda(preds[:, :, select], truth[:, select])))
     pred, target = preds[best][:, report], truth[:, report]
     low, high = lds_interval(pred, target, confidence=confidence, n_resamples=n_resamples)
     return dict(
@@ -97,6 +95,13 @@ def select_lambda(preds: np.ndarray, truth: np.ndarray, lambdas, rule: str, held
         n_subsets=len(report),
         n_queries=int(np.isfinite(spearman_rows(pred, target)).sum()),
     )
+
+
+def lds_per_lambda(preds: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(L,) the LDS of each lambda's predictions preds (L, m, M) against truth (m, M), no choice made."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # lambda where every query is nan
+        return np.nanmean(_spearman(np.asarray(preds, np.float64), np.asarray(truth, np.float64)), axis=-1)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -159,9 +164,12 @@ def checkpoint_label(attrs: dict) -> str:
     return "+".join("final" if step is None else str(int(step)) for step in steps)
 
 
-def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spec: dict, out_path) -> None:
+def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spec: dict, out_path,
+              curve_path=None) -> None:
     """One row per (method of the store, lambda rule): the chosen lambda (NaN for a method without
-    one), the LDS and its bootstrap interval.
+    one), the LDS and its bootstrap interval. `curve_path`, when given, gets one row per (method,
+    lambda of its grid): the LDS over all subsets at that lambda, no lambda chosen and no interval
+    (what a lambda ablation tabulates).
 
     Refused: scores made with another subsets table than `subsets_path`, and ground truth computed on
     another query set, with other timesteps or noise seeds between models, or for other subsets.
@@ -180,18 +188,32 @@ def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spe
         raise ProvenanceError(f"{predictions_path} and the ground truth ({next(iter(truth_paths.values()))}) "
                               f"were computed on different '{split}' query sets (query_sha256 "
                               f"{attrs['query_sha256']} vs {truth_attrs['query_sha256']})")
-    rows = []
+    rows, curve = [], []
     for method, (preds, lambdas) in predictions.items():
+        keys = {"method": label(method, attrs.get("function"), attrs.get("models"), attrs.get("clip_weights")),
+                "function": attrs.get("function"),
+                "timesteps": attrs.get("K"), "proj_dim": attrs.get("proj_dim"),
+                "checkpoint": checkpoint_label(attrs), "tags": feature_tags(attrs),
+                "split": split}
         for rule in spec["lambda_rules"]:
             result = select_lambda(preds, truth, lambdas, rule, int(spec["heldout_seed"]),
                                    float(spec["confidence"]), int(spec["bootstrap_resamples"]))
-            rows.append({"method": label(method, attrs.get("function"), attrs.get("models"),
-                                         attrs.get("clip_weights")),
-                         "function": attrs.get("function"),
-                         "timesteps": attrs.get("K"), "proj_dim": attrs.get("proj_dim"),
-                         "checkpoint": checkpoint_label(attrs),
-                         "split": split, "lambda_rule": rule, "lambda": result["lambda_"],
+            rows.append({**keys, "lambda_rule": rule, "lambda": result["lambda_"],
                          "lds": result["lds"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
                          "n_queries": result["n_queries"], "n_subsets": result["n_subsets"]})
+        curve += [{**keys, "lambda": lam, "lds": value}
+                  for lam, value in zip(lambdas, lds_per_lambda(preds, truth))]
     with atomic_output(out_path) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
+    if curve_path is not None:
+        with atomic_output(curve_path) as tmp:
+            pd.DataFrame(curve).to_csv(tmp, index=False)
+
+
+def feature_tags(attrs: dict) -> str:
+    """The scheme and noises tags of a store's feature-set name (config.FeatureSet.tags, '' for the
+    defaults; the checkpoint has its own column); '' for a store without features."""
+    if attrs.get("function") is None:
+        return ""
+    return FeatureSet(attrs["function"], int(attrs["K"]), int(attrs["proj_dim"]),
+                      attrs.get("scheme") or "uniform", int(attrs.get("noises") or 1)).tags

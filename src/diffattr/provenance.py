@@ -11,7 +11,7 @@ import numpy as np
 # `checkpoint`: the training step of the weights when they are a kept checkpoint (None: the final ones).
 FEATURE_KEYS = ("model_sha256", "checkpoint", "function", "K", "timesteps", "scheme", "noise_seed", "dtype", "device",
                 "projector", "proj_dim", "proj_seed", "proj_type", "grad_dim", "block_size", "gpu",
-                "sm_count")
+                "sm_count", "noises")
 # What every feature store written by featurize records; a store without them is not trusted.
 REQUIRED_FEATURE_KEYS = ("model_sha256", "function", "K", "timesteps", "projector", "proj_dim",
                          "proj_seed", "query_sha256")

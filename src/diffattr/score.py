@@ -21,7 +21,7 @@ JOURNEY_METHODS = {"journey_trak": None}
 WEIGHTED_METHODS = {"das": "weighted"}
 # Feature attributes a journey store shares with the train features (its timesteps and noise are the
 # sampler's trajectory instead).
-TRAJECTORY_KEYS = ("K", "timesteps", "scheme", "noise_seed")
+TRAJECTORY_KEYS = ("K", "timesteps", "scheme", "noise_seed", "noises")
 NORM_BLOCK_ROWS = 4096  # train rows per block when computing RelatIF's norms
 
 

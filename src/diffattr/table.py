@@ -1,29 +1,37 @@
-"""The experiment's LDS table: every (method, function, K, k, checkpoint, split, lambda rule) row in
-one CSV; function, K and k are empty for the pixel baselines, lambda for methods without one, and
+"""The experiment's LDS table: every (method, function, K, k, checkpoint, tags, split, lambda rule)
+row in one CSV; function, K and k are empty for the pixel baselines, lambda for methods without one,
 checkpoint for methods on the final weights (else the training step of the features, or the steps
-TracInCP / GAS summed over)."""
+TracInCP / GAS summed over), and tags (the scheme and noises tags of the feature-set name,
+config.FeatureSet) for the default timestep scheme and one noise per timestep."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pandas as pd
 
 from .storage import atomic_output
 
-COLUMNS = ["experiment", "method", "function", "timesteps", "proj_dim", "checkpoint", "split", "lambda_rule",
+COLUMNS = ["experiment", "method", "function", "timesteps", "proj_dim", "checkpoint", "tags", "split",
+           "lambda_rule",
            "lambda", "lds", "ci_low", "ci_high", "n_queries", "n_subsets"]
 
 
-def collect(paths, experiment: str, out_path, report_path) -> pd.DataFrame:
+def collect(paths, experiment: str, out_path, report_path, ablations=()) -> pd.DataFrame:
+    """Gather the LDS tables at `paths`; the report links the Markdown tables of the `ablations`
+    (results/<exp>/ablations/<name>.md), given by path."""
     table = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
     table.insert(0, "experiment", experiment)
+    if "tags" not in table:  # no store with tags among the inputs
+        table["tags"] = float("nan")
     checkpoint = table.checkpoint.map(_text).replace("", None)  # text ('150', '150+300+final'), NaN: final
     table = table.assign(checkpoint=checkpoint)[COLUMNS].sort_values(
-        ["split", "lambda_rule", "method", "function", "timesteps", "proj_dim", "checkpoint"],
-        key=lambda column: column.map(_checkpoint_order) if column.name == "checkpoint" else column,
-        ignore_index=True)
+        ["split", "lambda_rule", "method", "function", "timesteps", "proj_dim", "checkpoint", "tags"],
+        key=_sort_key, ignore_index=True)
     with atomic_output(out_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_output(report_path) as tmp:
-        tmp.write_text(report(table, experiment))
+        tmp.write_text(report(table, experiment) + _links(ablations, Path(report_path).parent))
     return table
 
 
@@ -33,7 +41,7 @@ def report(table: pd.DataFrame, experiment: str) -> str:
     for one query split only (Journey-TRAK: gen) in the other split's columns."""
     cell = table.apply(lambda r: f"{100 * r.lds:.2f} [{100 * r.ci_low:.2f}, {100 * r.ci_high:.2f}]"
                        + ("" if pd.isna(r["lambda"]) else f" (lambda {r['lambda']:g})"), axis=1)
-    keys = table[["method", "function", "timesteps", "proj_dim", "checkpoint"]].map(_text)
+    keys = table[["method", "function", "timesteps", "proj_dim", "checkpoint", "tags"]].map(_text)
     wide = keys.assign(cell=cell, column=table.split + ", " + table.lambda_rule).pivot_table(
         index=list(keys.columns), columns="column", values="cell", aggfunc="first")
     # rows in the table's order (numeric K and k), not in the order of their text
@@ -49,6 +57,20 @@ def report(table: pd.DataFrame, experiment: str) -> str:
 def _checkpoint_order(text) -> float:
     """Final weights first, then checkpoints by step, then sums over checkpoints."""
     return -1.0 if pd.isna(text) else float(text) if text.isdigit() else float("inf")
+
+
+def _sort_key(column: pd.Series) -> pd.Series:
+    """Checkpoints in `_checkpoint_order`; default tags (NaN) before any others."""
+    if column.name == "checkpoint":
+        return column.map(_checkpoint_order)
+    return column.fillna("") if column.name == "tags" else column
+
+
+def _links(ablations, folder: Path) -> str:
+    if not len(ablations):
+        return ""
+    return "\n## Ablations\n\n" + "".join(
+        f"- [{Path(path).stem}]({Path(os.path.relpath(path, folder)).as_posix()})\n" for path in ablations)
 
 
 def _text(value) -> str:
