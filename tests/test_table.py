@@ -17,7 +17,7 @@ def test_table_and_report_with_baselines(tmp_path):
                                                                            None, 0.05),
         "pixel_cos": rows("Raw pixel (cos)", None, None, None, None, -0.03),
         "simple_K10_k64": rows("TRAK", "simple", 10, 64, 500.0, 0.3),
-        "simple_K4_k64_cumulative_e2": rows("TRAK", "simple", 4, 64, 200.0, 0.4, "cumulative_e2"),
+        "simple_K4_k64_cumulative_e2": rows("TRAK", "simple", 4, 64, 200.0, 0.4, tags="cumulative_e2"),
     }
     paths = []
     for name, part in parts.items():
@@ -30,15 +30,15 @@ def test_table_and_report_with_baselines(tmp_path):
     pixel = written[written.method == "Raw pixel (cos)"]
     assert pixel[["function", "timesteps", "proj_dim", "lambda"]].isna().all().all()
     assert list(written.timesteps[written.method == "TRAK"][:3]) == [4, 4, 10]
-    assert written.tags[written.method == "TRAK"][:3].fillna("").tolist() == ["", "cumulative_e2", ""]
+    assert written.tags[written.method == "TRAK"][:3].astype(object).fillna("").tolist() == ["", "cumulative_e2", ""]
     pd.testing.assert_frame_equal(written, table, check_dtype=False)
     report = (tmp_path / "lds.md").read_text().splitlines()
     lines = [line for line in report if line.startswith("| ") and "---" not in line]
     body = {line.split(" | ")[0]: line for line in lines[::-1]}  # the first line of each method
-    assert body["| Raw pixel (cos)"].startswith("| Raw pixel (cos) |  |  |  |  | -3.00 [-13.00, 7.00] |")
+    assert body["| Raw pixel (cos)"].startswith("| Raw pixel (cos) |  |  |  |  |  | -3.00 [-13.00, 7.00] |")
     assert "lambda" not in body["| Raw pixel (cos)"] and "nan" not in "\n".join(report)
     assert "20.00 [10.00, 30.00] (lambda 2000)" in body["| TRAK"]
-    assert body["| TRAK"].startswith("| TRAK | simple | 4 | 64 |  |")
+    assert body["| TRAK"].startswith("| TRAK | simple | 4 | 64 |  |  |")
     # a tagged feature set is a row of its own, after the untagged one; K in numeric order: 4, then 10
     assert lines[-2].startswith("| TRAK | simple | 4 | 64 |  | cumulative_e2 | 40.00")
     assert lines[-1].startswith("| TRAK | simple | 10 | 64 |  |  | 30.00")

@@ -63,7 +63,7 @@ def _sort_key(column: pd.Series) -> pd.Series:
     """Checkpoints in `_checkpoint_order`; default tags (NaN) before any others."""
     if column.name == "checkpoint":
         return column.map(_checkpoint_order)
-    return column.fillna("") if column.name == "tags" else column
+    return column.astype(object).fillna("") if column.name == "tags" else column
 
 
 def _links(ablations, folder: Path) -> str:
