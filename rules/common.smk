@@ -145,12 +145,12 @@ def journey_store(experiment, function, k):
 def extra_features(wildcards):
     """The feature stores beside train/val/gen that the experiment's methods read: Journey-TRAK's
     trajectory features (per function and k) and DAS's residual weights (per feature set)."""
-    out = []
-    for f, K, k in config_feature_sets(settings(wildcards)["featurize"]):  # of the final weights
-        if applies(wildcards, "journey_trak", f, "gen"):
-            out.append(journey_store(wildcards.experiment, f, k))
-        if any(applies(wildcards, "das", f, split) for split in QUERY_SPLITS):
-            out.append(f"results/{wildcards.experiment}/features/{feature_set_name(f, K, k)}/train_residual.zarr")
+    out, spec = [], settings(wildcards)
+    for fset in config_feature_sets(spec["featurize"], spec.get("ablations", [])):  # of the final weights
+        if applies(wildcards, "journey_trak", fset.function, "gen"):
+            out.append(journey_store(wildcards.experiment, fset.function, fset.k))
+        if any(applies(wildcards, "das", fset.function, split) for split in QUERY_SPLITS):
+            out.append(f"results/{wildcards.experiment}/features/{fset.name}/train_residual.zarr")
     return list(dict.fromkeys(out))
 
 

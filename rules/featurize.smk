@@ -4,9 +4,12 @@ def featurize_spec(wildcards):
     own scheme and noises per timestep, read from its name. `max_pass_items` is left out (passed to
     `run` beside it): it bounds memory and changes values only by float rounding, so changing it must
     not recompute."""
-    spec, fset = settings(wildcards)["featurize"], FeatureSet.parse(wildcards.fset)
-    return {**{key: spec[key] for key in ("proj_seed", "noise_seed", "batch_size")},
-            "scheme": fset.scheme, "noises": fset.noises}
+    spec = settings(wildcards)["featurize"]
+    shared = {key: spec[key] for key in ("proj_seed", "noise_seed", "batch_size")}
+    if "fset" not in wildcards.keys():  # journey features: the sampler's timesteps and noise
+        return shared
+    fset = FeatureSet.parse(wildcards.fset)
+    return {**shared, "scheme": fset.scheme, "noises": fset.noises}
 
 
 def featurize_timesteps(wildcards):

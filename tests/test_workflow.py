@@ -54,7 +54,7 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     # final weights and of the kept checkpoints; TracInCP and GAS over the checkpoints and the final
     # weights; and the pixel baselines, which have no function, K, k or checkpoint
     methods = ["Gradient (dot)", "Gradient (cos)", "Relative IF", "Renormalized IF"]
-    sets = [(f, K, k, "") for f, K, k in feature_sets(spec)]
+    sets = [(s.function, s.K, s.k, "") for s in feature_sets(spec)]
     sets += [(f, K, k, str(step)) for f, K, k, step in checkpoint_feature_sets(spec)]
     expected = {(name, f, K, k, checkpoint, split, rule) for f, K, k, checkpoint in sets
                 for name in [("TRAK" if f == "simple" else "D-TRAK"), *methods]
@@ -68,8 +68,8 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     # Journey-TRAK: on the simple feature sets of the final weights, for the generated queries only
     # (tiny has no avg features, hence no DAS rows)
     assert "avg" not in spec["functions"]
-    expected |= {("Journey-TRAK", f, K, k, "", "gen", rule) for f, K, k in feature_sets(spec) if f == "simple"
-                 for rule in rules}
+    expected |= {("Journey-TRAK", s.function, s.K, s.k, "", "gen", rule) for s in feature_sets(spec)
+                 if s.function == "simple" for rule in rules}
     keys = table[["function", "timesteps", "proj_dim", "checkpoint"]].fillna(
         {"function": "", "timesteps": -1, "proj_dim": -1, "checkpoint": ""})
     got = list(zip(table.method, keys.function, keys.timesteps, keys.proj_dim, keys.checkpoint, table.split,

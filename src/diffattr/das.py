@@ -41,7 +41,7 @@ import torch
 
 from .data import load_images
 from .device import device_name
-from .ground_truth import loss_simple
+from .ground_truth import query_losses
 from .models import load_model
 from .storage import array_sha256, file_sha256, write_array
 
@@ -60,8 +60,8 @@ def residual_weights(errors: np.ndarray) -> np.ndarray:
 def rms_residuals(model, images: np.ndarray, timesteps, noise_seed: int, batch_size: int,
                   device: torch.device = torch.device("cpu")) -> np.ndarray:
     """(n, K) e_it = sqrt(mean_pixels (eps_theta(x_t, t) - eps)^2) at the featurizer's noise
-    eps(noise_seed, i, t) (`ground_truth.loss_simple` draws the same noise)."""
-    return np.stack([np.sqrt(loss_simple(model, images, [t], [noise_seed], batch_size, device))
+    eps(noise_seed, i, t) (`ground_truth.query_losses` draws the same noise)."""
+    return np.stack([np.sqrt(query_losses(model, images, [t], [noise_seed], batch_size, device))
                      for t in timesteps], axis=1)
 
 
