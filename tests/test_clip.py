@@ -146,8 +146,9 @@ def test_a_directory_without_every_weight_is_refused(tmp_path):
     from transformers import CLIPVisionModel
 
     tiny_model(0, CLIPVisionModel).save_pretrained(tmp_path / "vision")
-    with pytest.raises(ValueError, match=r"score.clip.pretrained: .*vision holds no weights for 1 of the CLIP "
-                                         r"vision model's tensors \(e.g. visual_projection.weight\)"):
+    # transformers 5.24 maps the vision tower's names and misses only the projection; 5.17 maps none
+    with pytest.raises(ValueError, match=r"score.clip.pretrained: .*vision holds no weights for \d+ of the CLIP "
+                                         r"vision model's tensors \(e.g. [a-z_.]+"):
         embed_store(tmp_path / "e.zarr", images(np.random.default_rng(0), 2, 1, 8),
                     spec(pretrained=str(tmp_path / "vision"), architecture=None))
     assert not (tmp_path / "e.zarr").exists()

@@ -182,8 +182,9 @@ def test_trajectories_are_regenerated_bit_for_bit_in_the_generate_batches(run, m
     abar = model.scheduler.alphas_cumprod.double()[timesteps].reshape(4, 1, 1, 1)
     for row, i in enumerate((1, 2)):
         _, states, _ = reference_trajectory(model, i)
-        expected = (states - abar.sqrt() * torch.from_numpy(gen[i]).double()) / (1 - abar).sqrt()
-        np.testing.assert_allclose(eps[row].double().numpy(), expected.numpy(), atol=1e-3)
+        # compared before the division by sqrt(1 - abar), which magnifies float32 round-off 100x at t = 0
+        expected = states - abar.sqrt() * torch.from_numpy(gen[i]).double()
+        np.testing.assert_allclose((eps[row].double() * (1 - abar).sqrt()).numpy(), expected.numpy(), atol=1e-4)
 
 
 def test_trajectory_that_does_not_end_at_the_stored_image_is_refused(run):
