@@ -142,11 +142,14 @@ def test_cifar2_is_the_papers_setup():
     # last the final weights, spread evenly over the 8000 steps
     assert spec["train"]["full_steps"] == 8000 and spec["train"]["keep_checkpoints"] == [2000, 4000, 6000]
     assert trajectories(spec["featurize"]) == {("simple", 10, 32768): [2000, 4000, 6000],
-                                               ("simple", 100, 32768): [2000, 4000, 6000]}
+                                               ("simple", 100, 32768): [2000, 4000, 6000],
+                                               ("simple", 10, 4096): [2000, 4000, 6000],
+                                               ("square", 10, 4096): [2000, 4000, 6000]}
     # the ablations add Fig. 1's eta sweep (11 functions interp<eta>), cumulative timesteps (simple and
     # square at K = 10 and 100) and 2 and 4 noises per timestep (simple and square at K = 10)
-    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 2 + 21 + 2 * 3 + 11 + 4 + 4)
-    assert expected_jobs(spec, False)["tracin"] == 2 * 2
+    # and the checkpoint choice: simple and square at K = 10, k = 4096 for each kept checkpoint
+    assert expected_jobs(spec, False)["featurize"] == 3 * (4 + 2 + 21 + 2 * 3 + 2 * 3 + 11 + 4 + 4)
+    assert expected_jobs(spec, False)["tracin"] == 2 * 4
     # avg for DAS at k = 32768 and K in {10, 100}, as the DAS paper's main comparison (an extra grid:
     # the ensembles keep to the main grid's TRAK and D-TRAK)
     assert {"functions": ["avg"], "timesteps": [10, 100], "proj_dims": [32768]} in spec["featurize"]["extra_grids"]
