@@ -23,7 +23,8 @@ from diffattr.storage import array_sha256, file_sha256, read_array, write_array
 from diffattr.subsets import make_subsets
 
 from dry_run import REPO
-from test_featurize import assert_grad_close, reference_gradient, reference_value
+# double_model and images are test_featurize's fixtures, used here too
+from test_featurize import assert_grad_close, double_model, images, reference_gradient, reference_value  # noqa: F401
 from test_provenance import write_truth
 
 TIMESTEPS, SEED = [0, 400, 999], 7
@@ -113,16 +114,6 @@ def test_two_ablations_of_one_name_are_refused():
 
 
 # ---------------------------------------------------------------- features
-
-@pytest.fixture(scope="module")
-def double_model(make_tiny_model):
-    return make_tiny_model(1, torch.float64)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(5).uniform(-1, 1, size=(2, 1, 8, 8))
-
 
 def reference_noises_gradient(model, image, index, function, timesteps, seed, noises):
     """(1/(K N)) sum_t sum_d grad f(x, t, eps_d), one forward and backward per (t, draw), eps_d drawn

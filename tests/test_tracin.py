@@ -20,6 +20,7 @@ from diffattr.storage import file_sha256, write_array
 from diffattr.tracin import COSINE, score_trajectory, trajectory_predictions
 
 from conftest import TINY_SPEC
+from test_resume import Crash, crash_after
 
 MODEL_SPEC = {**copy.deepcopy(TINY_SPEC), "unet": {**TINY_SPEC["unet"], "dropout": 0.1}}
 TRAIN_SPEC = {"steps": 12, "batch_size": 5, "lr": 1e-3, "betas": [0.95, 0.999], "weight_decay": 1e-6,
@@ -60,24 +61,6 @@ class RecordingAdamW(torch.optim.AdamW):
         RecordingAdamW.states[self.count] = [p.detach().clone() for group in self.param_groups
                                              for p in group["params"]]
         return out
-
-
-class Crash(Exception):
-    """Stands for a kill."""
-
-
-def crash_after(monkeypatch, name, calls):
-    """Make `training.name` raise Crash right after its `calls`-th call has done its work."""
-    real, count = getattr(training, name), [0]
-
-    def wrapper(*args, **kwargs):
-        result = real(*args, **kwargs)
-        count[0] += 1
-        if count[0] == calls:
-            raise Crash
-        return result
-
-    monkeypatch.setattr(training, name, wrapper)
 
 
 def tree(root):
@@ -128,7 +111,7 @@ def test_kept_checkpoints_are_the_trajectorys_states(images_path, tmp_path, monk
 def test_a_resumed_training_writes_every_kept_checkpoint(images_path, tmp_path, monkeypatch, capsys):
     reference = tree(train_full(images_path, tmp_path / "reference"))
     root = tmp_path / "resumed"
-    crash_after(monkeypatch, "_save_checkpoint", 2)  # killed after the step-8 checkpoint: 3 and 7 kept before
+    crash_after(monkeypatch, training, "_save_checkpoint", 2)  # killed after the step-8 checkpoint: 3 and 7 kept before
     with pytest.raises(Crash):
         train_full(images_path, root)
     monkeypatch.undo()
@@ -144,7 +127,7 @@ def test_a_resumed_training_writes_every_kept_checkpoint(images_path, tmp_path, 
 def test_a_checkpoint_past_a_lost_kept_step_is_not_resumed(images_path, tmp_path, monkeypatch, capsys):
     reference = tree(train_full(images_path, tmp_path / "reference"))
     root = tmp_path / "lost"
-    crash_after(monkeypatch, "_save_checkpoint", 2)
+    crash_after(monkeypatch, training, "_save_checkpoint", 2)
     with pytest.raises(Crash):
         train_full(images_path, root)
     monkeypatch.undo()
@@ -161,7 +144,7 @@ def test_a_checkpoint_past_a_lost_kept_step_is_not_resumed(images_path, tmp_path
 def test_kept_weights_of_another_training_are_discarded(images_path, tmp_path, monkeypatch, capsys):
     reference = tree(train_full(images_path, tmp_path / "reference"))
     root = tmp_path / "other"
-    crash_after(monkeypatch, "_save_checkpoint", 1)
+    crash_after(monkeypatch, training, "_save_checkpoint", 1)
     with pytest.raises(Crash):
         train_full(images_path, root, {**TRAIN_SPEC, "lr": 2e-3})
     monkeypatch.undo()
