@@ -46,7 +46,8 @@ rule featurize_retrained:
     resources:
         gpu=GPU_JOB,
     run:
-        run("featurize.py", input, output, params, wildcards, threads, log)
+        run("featurize.py", input, output, params, wildcards, threads, log,
+            max_pass_items=max_pass_items(wildcards))
 
 
 rule score_ensemble:

@@ -12,6 +12,12 @@ def featurize_spec(wildcards):
     return {**shared, "scheme": fset.scheme, "noises": fset.noises}
 
 
+def max_pass_items(wildcards):
+    """featurize.max_pass_items, for every job that computes gradient features (passed to `run`, not
+    a param: see featurize_spec)."""
+    return settings(wildcards)["featurize"].get("max_pass_items")
+
+
 def featurize_timesteps(wildcards):
     fset = FeatureSet.parse(wildcards.fset)
     return select_timesteps(fset.K, fset.scheme, num_train_timesteps(wildcards))
@@ -48,7 +54,7 @@ rule featurize:
         gpu=GPU_JOB,
     run:
         run("featurize.py", input, output, params, wildcards, threads, log,
-            max_pass_items=settings(wildcards)["featurize"].get("max_pass_items"))
+            max_pass_items=max_pass_items(wildcards))
 
 
 # Journey-TRAK's query features (diffattr.journey): gradients along each generated image's regenerated
@@ -70,7 +76,7 @@ rule featurize_journey:
         gpu=GPU_JOB,
     run:
         run("featurize_journey.py", input, output, params, wildcards, threads, log,
-            max_pass_items=settings(wildcards)["featurize"].get("max_pass_items"))
+            max_pass_items=max_pass_items(wildcards))
 
 
 # DAS's residual weights of the train split under the full model (diffattr.das), at the feature
