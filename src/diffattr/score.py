@@ -19,9 +19,9 @@ KERNEL_METHODS = {"trak": None, "relative_if": "relative", "renormalized_if": "r
 # features (diffattr.journey); DAS multiplies train column i by its residual weight (diffattr.das).
 JOURNEY_METHODS = {"journey_trak": None}
 WEIGHTED_METHODS = {"das": "weighted"}
-# Feature attributes a journey store shares with the train features (its timesteps and noise are the
-# sampler's trajectory instead).
-TRAJECTORY_KEYS = ("K", "timesteps", "scheme", "noise_seed", "noises")
+# Feature attributes a journey store does not share with the train features (its timesteps and noise
+# are the sampler's trajectory instead).
+JOURNEY_OWN_KEYS = ("K", "timesteps", "scheme", "noise_seed", "noises")
 NORM_BLOCK_ROWS = 4096  # train rows per block when computing RelatIF's norms
 
 
@@ -213,7 +213,7 @@ def read_journey(path, train_path, train_attrs: dict, query_attrs: dict) -> np.n
     """Journey-TRAK's query features, refused unless projected like the train features (same model,
     function and projector) and computed on the generated images of the query store."""
     journey, attrs = read_features(path)
-    shared = [key for key in FEATURE_KEYS if key not in TRAJECTORY_KEYS]
+    shared = [key for key in FEATURE_KEYS if key not in JOURNEY_OWN_KEYS]
     require_same(shared, (str(train_path), train_attrs), (str(path), attrs))
     if attrs["query_sha256"] != query_attrs["query_sha256"]:
         raise ProvenanceError(f"{path} holds the trajectories of other generated images than the query "
@@ -238,7 +238,6 @@ def score_split(train_path, query_path, subsets_path, spec: dict, out_path, spli
     methods = [method for method in spec.get("methods", FEATURE_METHODS)
                if METHODS[method].applies(train_attrs["function"], split)
                and (final or method not in (*JOURNEY_METHODS, *WEIGHTED_METHODS))]
-    renormalize = {**KERNEL_METHODS, **WEIGHTED_METHODS}  # on the store's own queries
     queries, weights = query, None
     if any(method in JOURNEY_METHODS for method in methods):
         if journey_path is None:
@@ -249,8 +248,8 @@ def score_split(train_path, query_path, subsets_path, spec: dict, out_path, spli
         if residual_path is None:
             raise ValueError(f"{', '.join(WEIGHTED_METHODS)} needs the residual weights of {train_path}")
         weights = read_residuals(residual_path, train_path, train_attrs, len(train))
-    kernel = {method: renormalize.get(method, JOURNEY_METHODS.get(method)) for method in methods
-              if method in renormalize or method in JOURNEY_METHODS}
+    renormalizations = {**KERNEL_METHODS, **WEIGHTED_METHODS, **JOURNEY_METHODS}
+    kernel = {method: renormalizations[method] for method in methods if method in renormalizations}
     by_kernel = (kernel_predictions(train, queries, masks, lambdas, list(dict.fromkeys(kernel.values())), weights)
                  if kernel else {})
     own = slice(0, len(query))
