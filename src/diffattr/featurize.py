@@ -1,10 +1,11 @@
 """Features: per-sample gradients of a model-output function, averaged over K timesteps, projected.
 
 g(x) = (1/K) sum_t grad_theta f(x, t, eps_t), or with N noises per timestep the mean over the K x N
-pairs (t, eps_td). The noised copies of one sample go through the network as one batch and the mean
-of their f values is differentiated once: the same average as separate backward passes (the network
-treats batch items independently in eval mode). Samples are vectorized with torch.func, so a batch
-of B samples is one pass over B x K x N items.
+pairs (t, eps_td). The noised copies of one sample go through the network together and the mean of
+their f values is differentiated once: the same average as separate backward passes (the network
+treats batch items independently in eval mode). A batch of B samples is one pass over B x K x N
+items; per_sample splits its gradient by sample at each featurized layer (torch.func's vmap where
+a layer has no rule there).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import zarr
 
+from . import per_sample
 from .data import load_images
 from .device import device_name, precision
 from .functions import model_output
@@ -25,46 +27,68 @@ from .storage import ResumableOutput, array_sha256, file_sha256
 
 def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
                     noise_seed: int, labels=None, max_pass_items: int | None = None,
-                    eps: torch.Tensor | None = None, noises: int = 1) -> torch.Tensor:
+                    eps: torch.Tensor | None = None, noises: int = 1, engine: str | None = None) -> torch.Tensor:
     """(B, p) fp32: row b is the flat gradient of (1/(K N)) sum_t sum_d f(images[b], t, eps_td), with
     eps_td = noise.gaussian(noise_seed, indices[b], t, draw=d) for the N = `noises` draws d < N
     (N = 1: draw 0, the noise of (noise_seed, indices[b], t)).
 
     `eps` (B, K, ...), when given (with N = 1), replaces the drawn noise: item (b, k) is then f at
     x_t = sqrt(abar_t) images[b] + sqrt(1 - abar_t) eps[b, k] with target eps[b, k] (the journey
-    features use it to put x_t on a sampling trajectory). One vectorized pass (torch.func: vmap of
-    grad) instead of a backward per sample; each sample's K x N noised copies go through the network
-    together. With `max_pass_items`, the (t, d) pairs are split into chunks of at most
-    max(1, max_pass_items // B) so that a pass holds at most that many noised copies (memory at large
-    K), and the chunks' means are combined with weights |chunk| / (K N).
+    features use it to put x_t on a sampling trajectory). All B x K x N noised copies go through the
+    network as one batch. `engine`: "hooks" (per_sample: one ordinary backward pass, per-sample sums
+    at each featurized layer), "vmap" (torch.func: vmap over samples of the gradient of their mean f)
+    or None, hooks when every featurized layer has a rule there. With `max_pass_items`, the (t, d)
+    pairs are split into chunks of at most max(1, max_pass_items // B) so that a pass holds at most
+    that many noised copies (memory at large K), and the chunks' means are combined with weights
+    |chunk| / (K N).
     """
     if eps is not None and noises != 1:
         raise ValueError(f"noises: got {noises}; expected 1 when the noise `eps` is given")
+    if engine is None:
+        engine = "vmap" if per_sample.unsupported(model.network(), model.featurized_parameters()) else "hooks"
+    one_pass = {"hooks": _hooks_pass, "vmap": _vmap_pass}[engine]
     draws = [(int(t), d) for t in timesteps for d in range(noises)]
     per_pass = len(draws) if max_pass_items is None else max(1, max_pass_items // len(images))
-    if per_pass >= len(draws):
-        return _pass_gradients(model, images, indices, function, draws, noise_seed, labels, eps)
     total = None
     for start in range(0, len(draws), per_pass):
         chunk = draws[start:start + per_pass]
-        grads = _pass_gradients(model, images, indices, function, chunk, noise_seed, labels,
+        noised = _noised_copies(model, images, indices, chunk, noise_seed, labels,
                                 None if eps is None else eps[:, start:start + per_pass])
+        grads = one_pass(model, function, *noised)
+        if len(chunk) == len(draws):
+            return grads
         total = grads.mul_(len(chunk) / len(draws)) if total is None else \
             total.add_(grads, alpha=len(chunk) / len(draws))
     return total
 
 
-def _pass_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, draws,
-                    noise_seed: int, labels=None, eps: torch.Tensor | None = None) -> torch.Tensor:
-    """`batch_gradients` in one vectorized pass over all B x len(draws) noised copies, `draws` the
-    (timestep, draw) pairs."""
-    params = {name: p.detach() for name, p in model.featurized_parameters()}
+def _noised_copies(model: DiffusionModel, images: torch.Tensor, indices, draws, noise_seed: int, labels=None,
+                   eps: torch.Tensor | None = None):
+    """x0 (B, ...), t (D,), eps (B, D, ...) and the conditioning for the D = len(draws) (timestep, draw)
+    pairs of each sample."""
     x0 = model.latents(images)
     t = torch.tensor([s for s, _ in draws], device=x0.device)
     if eps is None:
         eps = noise_batch([(noise_seed, int(i), s, d) for i in indices for s, d in draws], x0.shape[1:])
     eps = eps.reshape(len(x0), len(t), *x0.shape[1:]).to(x0.device, x0.dtype)
-    cond = model.conditioning(None if labels is None else torch.as_tensor(labels))
+    return x0, t, eps, model.conditioning(None if labels is None else torch.as_tensor(labels))
+
+
+def _hooks_pass(model: DiffusionModel, function: str, x0, t, eps, cond) -> torch.Tensor:
+    featurized = model.featurized_parameters()
+    t_all, eps_all = t.repeat(len(x0)), eps.flatten(0, 1)
+
+    def objective():  # the sum over samples of each sample's mean f over its copies
+        x_t = model.scheduler.add_noise(x0.repeat_interleave(len(t), 0), eps_all, t_all)
+        pred = model.eps(x_t, t_all, None if cond is None else cond.repeat_interleave(len(t), 0))
+        return model_output(function, pred, eps_all, t_all, model.scheduler).sum() / len(t)
+
+    grads = per_sample.group_gradients(model.network(), featurized, objective, len(x0))
+    return torch.cat([grads[name].reshape(len(x0), -1) for name, _ in featurized], dim=1).float()
+
+
+def _vmap_pass(model: DiffusionModel, function: str, x0, t, eps, cond) -> torch.Tensor:
+    params = {name: p.detach() for name, p in model.featurized_parameters()}
 
     def value(params, x0, eps, cond):
         x_t = model.scheduler.add_noise(x0.expand(len(t), *x0.shape), eps, t)

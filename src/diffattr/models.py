@@ -40,6 +40,11 @@ class DiffusionModel:
     def featurized_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         raise NotImplementedError
 
+    def network(self) -> torch.nn.Module:
+        """The module that `eps` calls and that holds the featurized parameters (the featurizer hooks
+        its layers)."""
+        raise NotImplementedError
+
     def train(self, mode: bool = True) -> "DiffusionModel":
         raise NotImplementedError
 
@@ -107,6 +112,9 @@ class PixelDDPM(DiffusionModel):
 
     def featurized_parameters(self):
         return [(name, p) for name, p in self.unet.named_parameters() if p.requires_grad]
+
+    def network(self):
+        return self.unet
 
     def train(self, mode=True):
         self.unet.train(mode)

@@ -1,0 +1,120 @@
+"""Per-group gradients from one ordinary forward and backward pass, without vmap.
+
+The batch is split into G equal groups of consecutive items (a sample's noised copies) and the
+gradient of each group's share of the objective is wanted: the gradient of sum_g objective_g with
+respect to a separate copy of the weights per group. For the layers whose weights are featurized
+(Conv2d, Linear, GroupNorm) a weight's gradient is a sum over items of products of the layer's input
+and the gradient at its output, so forward hooks keep each layer's input, an identity autograd
+function on its output receives the output's gradient during the backward pass, and the per-group
+sums are formed there (a grouped convolution's weight gradient for Conv2d, batched matmuls for Linear,
+sums for GroupNorm). The backward pass runs towards a dummy scalar that every tapped output depends
+on, so autograd computes no batch weight gradients: the cost is that of an ordinary forward pass and
+input-gradient backward pass plus the per-group weight gradients, where vmap's per-sample rules
+cost more (benchmarks/README.md). Exact only when the network treats batch items independently
+(eval mode: no batch norm, no dropout), as `featurize` requires anyway.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on `output`; hands the gradient arriving at it to `receive` during the backward pass.
+    `anchor` (a scalar leaf) gives every tap a path to one tensor the backward pass is asked for."""
+
+    @staticmethod
+    def forward(ctx, output, anchor, receive):
+        ctx.receive = receive
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.receive(grad)
+        return grad, grad.new_zeros(()), None
+
+
+def _conv_grads(module: torch.nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, groups: int):
+    """Weight gradient per group: the groups become the channel groups of one grouped convolution."""
+    n, c = x.shape[:2]
+    per, o = n // groups, grad.shape[1]
+    x = x.reshape(groups, per, c, *x.shape[2:]).transpose(0, 1).reshape(per, groups * c, *x.shape[2:])
+    g = grad.reshape(groups, per, o, *grad.shape[2:])
+    _, weight, _ = torch.ops.aten.convolution_backward(
+        g.transpose(0, 1).reshape(per, groups * o, *grad.shape[2:]), x, module.weight.repeat(groups, 1, 1, 1),
+        None, module.stride, module.padding, module.dilation, False, [0, 0], groups, [False, True, False])
+    return weight.reshape(groups, *module.weight.shape), g.sum(dim=(1, 3, 4))
+
+
+def _linear_grads(module: torch.nn.Linear, x: torch.Tensor, grad: torch.Tensor, groups: int):
+    x, g = x.reshape(groups, -1, x.shape[-1]), grad.reshape(groups, -1, grad.shape[-1])
+    return torch.bmm(g.transpose(1, 2), x), g.sum(1)
+
+
+def _group_norm_grads(module: torch.nn.GroupNorm, x: torch.Tensor, grad: torch.Tensor, groups: int):
+    normalized = F.group_norm(x, module.num_groups, eps=module.eps)
+    g = grad.reshape(groups, -1, grad.shape[1], grad[0, 0].numel())
+    return (g * normalized.reshape(g.shape)).sum(dim=(1, 3)), g.sum(dim=(1, 3))
+
+
+def _plain_conv(module: torch.nn.Module) -> bool:
+    return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+
+
+# layer type -> (whether this engine handles the instance, (input, output grad, G) -> (weight, bias) grads)
+RULES: dict[type, tuple[Callable, Callable]] = {
+    torch.nn.Conv2d: (_plain_conv, _conv_grads),
+    torch.nn.Linear: (lambda module: True, _linear_grads),
+    torch.nn.GroupNorm: (lambda module: module.affine, _group_norm_grads),
+}
+
+
+def _rule(module: torch.nn.Module):
+    handles, grads = RULES.get(type(module), (None, None))
+    return grads if handles is not None and handles(module) else None
+
+
+def unsupported(network: torch.nn.Module, featurized: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
+    """Names of the featurized parameters this engine cannot handle (their layer has no rule)."""
+    covered = {id(p) for module in network.modules() if _rule(module) is not None
+               for p in module.parameters(recurse=False)}
+    return [name for name, p in featurized if id(p) not in covered]
+
+
+def group_gradients(network: torch.nn.Module, featurized: list[tuple[str, torch.nn.Parameter]],
+                    objective: Callable[[], torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
+    """name -> (groups, *shape): the gradient of `objective()` (a scalar, the sum over groups, computed
+    by calling `network`) with respect to each featurized parameter, split by group. Every input batch
+    of a featurized layer must hold the groups' items in order, the same number per group."""
+    if missing := unsupported(network, featurized):
+        raise ValueError(f"no per-group gradient rule for the layers of: {', '.join(missing)}")
+    names = {id(p): name for name, p in featurized}
+    grads: dict[str, torch.Tensor] = {}
+    first = featurized[0][1]
+    anchor = torch.zeros((), dtype=first.dtype, device=first.device, requires_grad=True)
+
+    def tap(module, inputs, output):
+        wanted = [(attr, names[id(p)]) for attr, p in (("weight", module.weight), ("bias", module.bias))
+                  if p is not None and id(p) in names]
+        if not wanted:
+            return None
+        x = [inputs[0].detach()]
+        if len(x[0]) % groups:
+            raise ValueError(f"a batch of {len(x[0])} items cannot be split into {groups} equal groups")
+
+        def receive(grad):
+            result = dict(zip(("weight", "bias"), _rule(module)(module, x.pop(), grad, groups)))
+            for attr, name in wanted:  # a layer called more than once adds up
+                grads[name] = grads[name] + result[attr] if name in grads else result[attr]
+
+        return _Tap.apply(output, anchor, receive)
+
+    hooks = [module.register_forward_hook(tap) for module in network.modules() if _rule(module) is not None]
+    try:
+        torch.autograd.grad(objective(), anchor)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return grads
