@@ -76,11 +76,12 @@ def _noised_copies(model: DiffusionModel, images: torch.Tensor, indices, draws, 
 
 def _hooks_pass(model: DiffusionModel, function: str, x0, t, eps, cond) -> torch.Tensor:
     featurized = model.featurized_parameters()
-    t_all, eps_all = t.repeat(len(x0)), eps.flatten(0, 1)
+    # item j B + b is sample b's copy j (per_sample's groups in turn)
+    t_all, eps_all = t.repeat_interleave(len(x0)), eps.transpose(0, 1).flatten(0, 1)
 
     def objective():  # the sum over samples of each sample's mean f over its copies
-        x_t = model.scheduler.add_noise(x0.repeat_interleave(len(t), 0), eps_all, t_all)
-        pred = model.eps(x_t, t_all, None if cond is None else cond.repeat_interleave(len(t), 0))
+        x_t = model.scheduler.add_noise(x0.repeat(len(t), *[1] * (x0.dim() - 1)), eps_all, t_all)
+        pred = model.eps(x_t, t_all, None if cond is None else cond.repeat(len(t), *[1] * (cond.dim() - 1)))
         return model_output(function, pred, eps_all, t_all, model.scheduler).sum() / len(t)
 
     grads = per_sample.group_gradients(model.network(), featurized, objective, len(x0))

@@ -1,7 +1,7 @@
 """Per-group gradients from one ordinary forward and backward pass, without vmap.
 
-The batch is split into G equal groups of consecutive items (a sample's noised copies) and the
-gradient of each group's share of the objective is wanted: the gradient of sum_g objective_g with
+The batch's items belong to G groups in turn (item i to group i mod G: copy j of every sample, then
+copy j + 1) and the gradient of each group's share of the objective is wanted: the gradient of sum_g objective_g with
 respect to a separate copy of the weights per group. For the layers whose weights are featurized
 (Conv2d, Linear, GroupNorm) a weight's gradient is a sum over items of products of the layer's input
 and the gradient at its output, so forward hooks keep each layer's input, an identity autograd
@@ -37,26 +37,28 @@ class _Tap(torch.autograd.Function):
 
 
 def _conv_grads(module: torch.nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, groups: int):
-    """Weight gradient per group: the groups become the channel groups of one grouped convolution."""
-    n, c = x.shape[:2]
-    per, o = n // groups, grad.shape[1]
-    x = x.reshape(groups, per, c, *x.shape[2:]).transpose(0, 1).reshape(per, groups * c, *x.shape[2:])
-    g = grad.reshape(groups, per, o, *grad.shape[2:])
+    """Weight gradient per group: the groups become the channel groups of one grouped convolution
+    (with items in turn, (N, C, H, W) -> (N / G, G C, H, W) is a view)."""
+    per = len(x) // groups
     _, weight, _ = torch.ops.aten.convolution_backward(
-        g.transpose(0, 1).reshape(per, groups * o, *grad.shape[2:]), x, module.weight.repeat(groups, 1, 1, 1),
-        None, module.stride, module.padding, module.dilation, False, [0, 0], groups, [False, True, False])
-    return weight.reshape(groups, *module.weight.shape), g.sum(dim=(1, 3, 4))
+        grad.reshape(per, -1, *grad.shape[2:]), x.reshape(per, -1, *x.shape[2:]),
+        module.weight.repeat(groups, 1, 1, 1), None, module.stride, module.padding, module.dilation, False,
+        [0, 0], groups, [False, True, False])
+    return weight.reshape(groups, *module.weight.shape), grad.reshape(per, groups, grad.shape[1], -1).sum((0, 3))
 
 
 def _linear_grads(module: torch.nn.Linear, x: torch.Tensor, grad: torch.Tensor, groups: int):
-    x, g = x.reshape(groups, -1, x.shape[-1]), grad.reshape(groups, -1, grad.shape[-1])
-    return torch.bmm(g.transpose(1, 2), x), g.sum(1)
+    def by_group(a):  # (N, ..., features) -> (G, N / G x ..., features)
+        return a.reshape(len(a) // groups, groups, -1, a.shape[-1]).transpose(0, 1).reshape(groups, -1, a.shape[-1])
+
+    g = by_group(grad)
+    return torch.bmm(g.transpose(1, 2), by_group(x)), g.sum(1)
 
 
 def _group_norm_grads(module: torch.nn.GroupNorm, x: torch.Tensor, grad: torch.Tensor, groups: int):
     normalized = F.group_norm(x, module.num_groups, eps=module.eps)
-    g = grad.reshape(groups, -1, grad.shape[1], grad[0, 0].numel())
-    return (g * normalized.reshape(g.shape)).sum(dim=(1, 3)), g.sum(dim=(1, 3))
+    g = grad.reshape(len(grad) // groups, groups, grad.shape[1], -1)
+    return (g * normalized.reshape(g.shape)).sum(dim=(0, 3)), g.sum(dim=(0, 3))
 
 
 def _plain_conv(module: torch.nn.Module) -> bool:
@@ -87,7 +89,7 @@ def group_gradients(network: torch.nn.Module, featurized: list[tuple[str, torch.
                     objective: Callable[[], torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
     """name -> (groups, *shape): the gradient of `objective()` (a scalar, the sum over groups, computed
     by calling `network`) with respect to each featurized parameter, split by group. Every input batch
-    of a featurized layer must hold the groups' items in order, the same number per group."""
+    of a featurized layer must hold the same number of items per group, item i in group i mod G."""
     if missing := unsupported(network, featurized):
         raise ValueError(f"no per-group gradient rule for the layers of: {', '.join(missing)}")
     names = {id(p): name for name, p in featurized}
