@@ -1,12 +1,16 @@
 """Throughput of the GPU stages on a preset's model, for sizing a cluster run: training steps/s,
 ground-truth evaluations/s (per precision) and DDIM images/s. No reference: these are the stages'
 own code (`train.train`, `ground_truth.query_losses`, `generate.sample`) on random weights and images.
+One comparison for the question how many models a training job should train: the forward and
+backward pass of a training step for 3 models one after another against the same 3 models stacked
+(torch.func.stack_module_state, vmap over the weights, dropout drawn per model).
 
     PYTHONPATH=src python benchmarks/stage_throughput.py [preset] [--device cuda]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -28,6 +32,47 @@ def timed(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def stacked_against_sequential(settings: dict, images: np.ndarray, device, models: int = 3,
+                               repeats: int = 10) -> str:
+    """Median seconds of the gradient of a training step's loss (batch `train.batch_size` each) for
+    `models` models one after another and for the same models stacked into one vmapped call."""
+    import copy
+
+    nets = [build_model(settings["model"], seed=r).to(device).train(True).unet for r in range(models)]
+    batch = int(settings["train"]["batch_size"])
+    x = torch.from_numpy(images[:batch]).to(device).expand(models, *images[:batch].shape).contiguous()
+    t = torch.randint(0, 1000, (models, batch), device=device)
+    noise = torch.randn_like(x)
+
+    def loss(net, params, x, t, noise):
+        return (torch.func.functional_call(net, params, (x, t)).sample - noise).square().mean()
+
+    def sequential():  # as train.train: autograd on each model in turn
+        return [dict(zip(dict(net.named_parameters()), torch.autograd.grad(
+            (net(x[r], t[r]).sample - noise[r]).square().mean(), list(net.parameters()))))
+            for r, net in enumerate(nets)]
+
+    params, buffers = torch.func.stack_module_state(nets)
+    template = copy.deepcopy(nets[0]).to("meta")
+    stacked_grad = torch.func.vmap(torch.func.grad(lambda p, b, *data: loss(template, (p, b), *data)),
+                                   randomness="different")
+    for net in [*nets, template]:  # the same gradients without dropout: the two do the same work
+        net.train(False)
+    stacked, one_by_one = stacked_grad(params, buffers, x, t, noise), sequential()
+    for name, value in stacked.items():
+        expected = torch.stack([grads[name] for grads in one_by_one])
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    for net in [*nets, template]:
+        net.train(True)
+    times = {}
+    for name, fn in (("one after another", sequential),
+                     ("stacked", lambda: stacked_grad(params, buffers, x, t, noise))):
+        fn()
+        times[name] = statistics.median(timed(fn) for _ in range(repeats))
+    return (f"batch {batch} each, fp32: one after another {times['one after another']:.3g} s, stacked "
+            f"{times['stacked']:.3g} s per step ({times['one after another'] / times['stacked']:.2f}x)")
 
 
 def main(argv=None) -> None:
@@ -52,6 +97,8 @@ def main(argv=None) -> None:
                                   seed=0, device=device))
     batch = int(settings["train"]["batch_size"])
     print(f"| train | batch {batch}, fp32 | {args.steps / seconds:.3g} steps/s ({batch * args.steps / seconds:.4g} images/s) |")
+
+    print(f"| train, 3 models | {stacked_against_sequential(settings, images, device)} |")
 
     gt = settings["ground_truth"]
     timesteps = list(range(0, 1000, 10))

@@ -11,6 +11,8 @@ import bench_featurize  # noqa: E402
 import bench_project  # noqa: E402
 import bench_score  # noqa: E402
 import run  # noqa: E402
+import stage_throughput  # noqa: E402
+from presets import preset_settings  # noqa: E402
 
 
 @pytest.mark.parametrize("bench", [bench_featurize, bench_project, bench_score])
@@ -39,3 +41,15 @@ def test_run_prints_the_table_and_fails_on_a_difference(capsys, monkeypatch):
     assert "| engine | case | ours (s)" in out and "score: LDS per lambda" in out
     monkeypatch.setattr(bench_score, "TOL_LDS", -1.0)  # no difference can pass a negative tolerance
     assert run.main(["score"]) == 1
+
+
+def test_stacked_training_comparison_runs_the_same_gradients():
+    """stage_throughput's comparison checks (without dropout) that the stacked models' gradients are
+    the models' own, then times both ways; here at the tiny preset's size."""
+    import numpy as np
+    import torch
+
+    images = np.random.default_rng(0).uniform(-1, 1, (64, 1, 8, 8)).astype(np.float32)
+    line = stage_throughput.stacked_against_sequential(preset_settings("tiny"), images, torch.device("cpu"),
+                                                       repeats=1)
+    assert line.startswith("batch 16 each, fp32: one after another ") and " s per step (" in line
