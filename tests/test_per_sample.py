@@ -64,6 +64,14 @@ def test_hooks_are_removed_and_no_batch_gradient_is_left(net):
     assert all(p.grad is None for p in net.parameters())
 
 
+def test_a_layer_the_objective_does_not_reach_gets_zeros(net):
+    net.spare = torch.nn.Linear(4, 2).double()
+    x = torch.randn(GROUPS, 2, 9, 9, dtype=torch.float64)
+    got = per_sample.group_gradients(net, featurized(net), objective_of(net, x), GROUPS)
+    assert torch.equal(got["spare.weight"], torch.zeros(GROUPS, 2, 4, dtype=torch.float64))
+    assert torch.equal(got["spare.bias"], torch.zeros(GROUPS, 2, dtype=torch.float64))
+
+
 def test_unsupported_layers_are_named_and_refused(net):
     net.norm = torch.nn.LayerNorm([6, 4, 4]).double()
     net.mix = torch.nn.Conv2d(6, 4, 1, padding_mode="reflect").double()

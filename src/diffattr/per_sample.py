@@ -1,8 +1,8 @@
 """Per-group gradients from one ordinary forward and backward pass, without vmap.
 
-The batch's items belong to G groups in turn (item i to group i mod G: copy j of every sample, then
-copy j + 1) and the gradient of each group's share of the objective is wanted: the gradient of sum_g objective_g with
-respect to a separate copy of the weights per group. For the layers whose weights are featurized
+The batch's items belong to G groups in turn (item i to group i mod G; featurize puts copy j of
+every sample before copy j + 1) and the gradient of each group's share of the objective is wanted:
+the gradient of sum_g objective_g with respect to a separate copy of the weights per group. For the layers whose weights are featurized
 (Conv2d, Linear, GroupNorm) a weight's gradient is a sum over items of products of the layer's input
 and the gradient at its output, so forward hooks keep each layer's input, an identity autograd
 function on its output receives the output's gradient during the backward pass, and the per-group
@@ -89,7 +89,8 @@ def group_gradients(network: torch.nn.Module, featurized: list[tuple[str, torch.
                     objective: Callable[[], torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
     """name -> (groups, *shape): the gradient of `objective()` (a scalar, the sum over groups, computed
     by calling `network`) with respect to each featurized parameter, split by group. Every input batch
-    of a featurized layer must hold the same number of items per group, item i in group i mod G."""
+    of a featurized layer must hold the same number of items per group, item i in group i mod G.
+    A parameter that the objective does not depend on gets zeros (as torch.func.grad gives)."""
     if missing := unsupported(network, featurized):
         raise ValueError(f"no per-group gradient rule for the layers of: {', '.join(missing)}")
     names = {id(p): name for name, p in featurized}
@@ -119,4 +120,4 @@ def group_gradients(network: torch.nn.Module, featurized: list[tuple[str, torch.
     finally:
         for hook in hooks:
             hook.remove()
-    return grads
+    return {name: grads[name] if name in grads else p.new_zeros(groups, *p.shape) for name, p in featurized}
