@@ -10,13 +10,14 @@ backward pass of a training step for 3 models one after another against the same
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from diffattr.device import device_name, resolve_device
+from diffattr.device import device_name, precision, resolve_device
 from diffattr.generate import sample
 from diffattr.ground_truth import query_losses
 from diffattr.models import build_model
@@ -38,8 +39,6 @@ def stacked_against_sequential(settings: dict, images: np.ndarray, device, model
                                repeats: int = 10) -> str:
     """Median seconds of the gradient of a training step's loss (batch `train.batch_size` each) for
     `models` models one after another and for the same models stacked into one vmapped call."""
-    import copy
-
     nets = [build_model(settings["model"], seed=r).to(device).train(True).unet for r in range(models)]
     batch = int(settings["train"]["batch_size"])
     x = torch.from_numpy(images[:batch]).to(device).expand(models, *images[:batch].shape).contiguous()
@@ -60,7 +59,8 @@ def stacked_against_sequential(settings: dict, images: np.ndarray, device, model
                                    randomness="different")
     for net in [*nets, template]:  # the same gradients without dropout: the two do the same work
         net.train(False)
-    stacked, one_by_one = stacked_grad(params, buffers, x, t, noise), sequential()
+    with precision("fp32", device):  # no TF32 on a GPU for the comparison
+        stacked, one_by_one = stacked_grad(params, buffers, x, t, noise), sequential()
     for name, value in stacked.items():
         expected = torch.stack([grads[name] for grads in one_by_one])
         torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
