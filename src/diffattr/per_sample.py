@@ -7,7 +7,7 @@ the gradient of sum_g objective_g with respect to a separate copy of the weights
 and the gradient at its output, so forward hooks keep each layer's input, an identity autograd
 function on its output receives the output's gradient during the backward pass, and the per-group
 sums are formed there (a grouped convolution's weight gradient for Conv2d, batched matmuls for Linear,
-sums for GroupNorm). The backward pass runs towards a dummy scalar that every tapped output depends
+GroupNorm's backward kernel over a grouped view). The backward pass runs towards a dummy scalar that every tapped output depends
 on, so autograd computes no batch weight gradients: the cost is that of an ordinary forward pass and
 input-gradient backward pass plus the per-group weight gradients, where vmap's per-sample rules
 cost more (benchmarks/README.md). Exact only when the network treats batch items independently
@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 
 class _Tap(torch.autograd.Function):
@@ -37,14 +36,14 @@ class _Tap(torch.autograd.Function):
 
 
 def _conv_grads(module: torch.nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, groups: int):
-    """Weight gradient per group: the groups become the channel groups of one grouped convolution
-    (with items in turn, (N, C, H, W) -> (N / G, G C, H, W) is a view)."""
-    per = len(x) // groups
-    _, weight, _ = torch.ops.aten.convolution_backward(
+    """Weight and bias gradients per group: the groups become the channel groups of one grouped
+    convolution (with items in turn, (N, C, H, W) -> (N / G, G C, H, W) is a view)."""
+    per, out = len(x) // groups, grad.shape[1]
+    _, weight, bias = torch.ops.aten.convolution_backward(
         grad.reshape(per, -1, *grad.shape[2:]), x.reshape(per, -1, *x.shape[2:]),
-        module.weight.repeat(groups, 1, 1, 1), None, module.stride, module.padding, module.dilation, False,
-        [0, 0], groups, [False, True, False])
-    return weight.reshape(groups, *module.weight.shape), grad.reshape(per, groups, grad.shape[1], -1).sum((0, 3))
+        module.weight.repeat(groups, 1, 1, 1), [groups * out], module.stride, module.padding, module.dilation,
+        False, [0, 0], groups, [False, True, True])
+    return weight.reshape(groups, *module.weight.shape), bias.reshape(groups, out)
 
 
 def _linear_grads(module: torch.nn.Linear, x: torch.Tensor, grad: torch.Tensor, groups: int):
@@ -56,9 +55,18 @@ def _linear_grads(module: torch.nn.Linear, x: torch.Tensor, grad: torch.Tensor, 
 
 
 def _group_norm_grads(module: torch.nn.GroupNorm, x: torch.Tensor, grad: torch.Tensor, groups: int):
-    normalized = F.group_norm(x, module.num_groups, eps=module.eps)
-    g = grad.reshape(len(grad) // groups, groups, grad.shape[1], -1)
-    return (g * normalized.reshape(g.shape)).sum(dim=(0, 3)), g.sum(dim=(0, 3))
+    """GroupNorm's own backward kernel, per group: with items in turn, (N, C, ...) viewed as
+    (N / G, G C, ...) with G x num_groups channel groups normalizes exactly as before, and the gamma
+    and beta gradients of that view are the per-group ones."""
+    per, channels, size = len(x) // groups, x.shape[1], x[0, 0].numel()
+    x, norm_groups = x.reshape(per, groups * channels, size).contiguous(), groups * module.num_groups
+    # the forward kernel's mean and 1 / std (far faster here than torch.var_mean, and the same values)
+    _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, per, groups * channels, size, norm_groups,
+                                                     module.eps)
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        grad.reshape(x.shape).contiguous(), x, mean, rstd, module.weight.repeat(groups), per, groups * channels, size,
+        norm_groups, [False, True, True])
+    return weight.reshape(groups, channels), bias.reshape(groups, channels)
 
 
 def _plain_conv(module: torch.nn.Module) -> bool:
