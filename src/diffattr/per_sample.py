@@ -2,16 +2,17 @@
 
 The batch's items belong to G groups in turn (item i to group i mod G; featurize puts copy j of
 every sample before copy j + 1) and the gradient of each group's share of the objective is wanted:
-the gradient of sum_g objective_g with respect to a separate copy of the weights per group. For the layers whose weights are featurized
-(Conv2d, Linear, GroupNorm) a weight's gradient is a sum over items of products of the layer's input
-and the gradient at its output, so forward hooks keep each layer's input, an identity autograd
-function on its output receives the output's gradient during the backward pass, and the per-group
-sums are formed there (a grouped convolution's weight gradient for Conv2d, batched matmuls for Linear,
-GroupNorm's backward kernel over a grouped view). The backward pass runs towards a dummy scalar that every tapped output depends
-on, so autograd computes no batch weight gradients: the cost is that of an ordinary forward pass and
-input-gradient backward pass plus the per-group weight gradients, where vmap's per-sample rules
-cost more (benchmarks/README.md). Exact only when the network treats batch items independently
-(eval mode: no batch norm, no dropout), as `featurize` requires anyway.
+the gradient of sum_g objective_g with respect to a separate copy of the weights per group. For the
+layers whose weights are featurized (Conv2d, Linear, GroupNorm) a weight's gradient is a sum over
+items of products of the layer's input and the gradient at its output, so forward hooks keep each
+layer's input, an identity autograd function on its output receives the output's gradient during
+the backward pass, and the per-group sums are formed there (a grouped convolution's weight gradient
+for Conv2d, batched matmuls for Linear, GroupNorm's backward kernel over a grouped view). The
+backward pass runs towards a dummy scalar that every tapped output depends on, so autograd computes
+no batch weight gradients: the cost is that of an ordinary forward pass and input-gradient backward
+pass plus the per-group weight gradients, where vmap's per-sample rules cost more
+(benchmarks/README.md). Exact only when the network treats batch items independently (eval mode: no
+batch norm, no dropout), as `featurize` requires anyway.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def _group_norm_grads(module: torch.nn.GroupNorm, x: torch.Tensor, grad: torch.T
     _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, per, groups * channels, size, norm_groups,
                                                      module.eps)
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
-        grad.reshape(x.shape).contiguous(), x, mean, rstd, module.weight.repeat(groups), per, groups * channels, size,
-        norm_groups, [False, True, True])
+        grad.reshape(x.shape).contiguous(), x, mean, rstd, module.weight.repeat(groups), per,
+        groups * channels, size, norm_groups, [False, True, True])
     return weight.reshape(groups, channels), bias.reshape(groups, channels)
 
 
