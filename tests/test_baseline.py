@@ -34,14 +34,36 @@ def stores(tmp_path):
     return tmp_path / "train.zarr", tmp_path / "val.zarr", subsets, train, query
 
 
-@pytest.mark.parametrize("baseline", ["pixel_dot", "pixel_cos"])
-def test_query_equal_to_a_train_image_ranks_its_subsets_first(baseline, stores, tmp_path):
+def baseline_predictions(stores, baseline: str, folder):
+    """Run `baseline` on `stores` (train path, query path, subsets path, train, query) into `folder`;
+    check that the store holds its predictions alone, without lambdas, and the hashes of its inputs;
+    return the predictions, the store's attributes and its path."""
     train_path, query_path, subsets, train, query = stores
-    out = tmp_path / "scores" / baseline / "val.zarr"
+    out = folder / "scores" / baseline / "val.zarr"
     baseline_split(train_path, query_path, subsets, baseline, out)
     predictions, attrs = read_predictions(out)
     preds, lambdas = predictions[baseline]
-    assert list(predictions) == [baseline] and np.isnan(lambdas).all() and preds.shape == (1, 2, 6)
+    assert list(predictions) == [baseline] and np.isnan(lambdas).all()
+    assert attrs["train_sha256"] == array_sha256(train) and attrs["query_sha256"] == array_sha256(query)
+    assert attrs["subsets_sha256"] == file_sha256(subsets)
+    return preds, attrs, out
+
+
+def baseline_lds(stores, baseline: str, folder):
+    """`baseline`'s LDS table (val queries) against ground truth that is its first query's predictions
+    plus noise: the table's rows, the store's path, the predictions and the ground truth."""
+    _, _, subsets, _, query = stores
+    preds, _, out = baseline_predictions(stores, baseline, folder)
+    truth = preds[0] + np.random.default_rng(1).normal(size=preds[0].shape)
+    lds_table(out, subsets, truth_stores(folder, truth, array_sha256(query)), "val", LDS_SPEC, folder / "lds.csv")
+    return pd.read_csv(folder / "lds.csv"), out, preds, truth
+
+
+@pytest.mark.parametrize("baseline", ["pixel_dot", "pixel_cos"])
+def test_query_equal_to_a_train_image_ranks_its_subsets_first(baseline, stores, tmp_path):
+    train_path, query_path, subsets, train, query = stores
+    preds, _, _ = baseline_predictions(stores, baseline, tmp_path)
+    assert preds.shape == (1, 2, 6)
     masks = membership_matrix(pd.read_csv(subsets), N)
     assert 0 < masks[:, 3].sum() < len(masks)  # some subsets hold image 3, some do not
     # query 0 meets only image 3 (the others are orthogonal to it): -cos = -1, or -||x_3||^2 for dot
@@ -54,8 +76,6 @@ def test_query_equal_to_a_train_image_ranks_its_subsets_first(baseline, stores, 
              for i in range(N)]
     np.testing.assert_allclose(preds[0, 1], [-sum(score[i] for i in range(N) if masks[j, i]) for j in range(6)],
                                rtol=1e-10)
-    assert attrs["train_sha256"] == array_sha256(train) and attrs["query_sha256"] == array_sha256(query)
-    assert attrs["subsets_sha256"] == file_sha256(subsets)
 
 
 def test_bad_inputs_are_refused(stores, tmp_path):
@@ -83,14 +103,8 @@ def truth_stores(tmp_path, truth, query_sha256):
 
 
 def test_baseline_lds_rows(stores, tmp_path):
-    train_path, query_path, subsets, _, query = stores
-    out = tmp_path / "scores" / "pixel_cos" / "val.zarr"
-    baseline_split(train_path, query_path, subsets, "pixel_cos", out)
-    preds = read_predictions(out)[0]["pixel_cos"][0]
-    truth = preds[0] + np.random.default_rng(1).normal(size=preds[0].shape)
-    lds_table(out, subsets, truth_stores(tmp_path, truth, array_sha256(query)), "val", LDS_SPEC,
-              tmp_path / "lds.csv")
-    rows = pd.read_csv(tmp_path / "lds.csv")
+    _, _, subsets, _, query = stores
+    rows, out, preds, truth = baseline_lds(stores, "pixel_cos", tmp_path)
     assert list(rows.lambda_rule) == ["oracle", "heldout"] and set(rows.method) == {"Raw pixel (cos)"}
     assert rows[["function", "timesteps", "proj_dim", "lambda"]].isna().all().all()
     assert rows.lds[0] == pytest.approx(lds(preds[0], truth), rel=1e-12)
