@@ -11,7 +11,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from diffattr.config import select_timesteps
+from diffattr.protocol import select_timesteps
 from diffattr.device import precision
 from diffattr.featurize import batch_gradients, gradient_dim
 from diffattr.functions import model_output

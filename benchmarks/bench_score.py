@@ -12,7 +12,8 @@ import numpy as np
 from scipy import stats
 
 from diffattr.lds import spearman_rows
-from diffattr.score import lambda_grid, subset_predictions
+from diffattr.protocol import lambda_grid
+from diffattr.score import subset_predictions
 from harness import max_rel_diff, median_time, row
 
 TOL_PRED, TOL_LDS = 1e-6, 1e-9

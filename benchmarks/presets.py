@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from diffattr.config import experiment
+from diffattr.settings import experiment
 from diffattr.models import build_model
 
 CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"

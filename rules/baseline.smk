@@ -1,12 +1,13 @@
 # Similarity baselines (score.baselines): the train split against one query split, as flattened
-# images (pixel_*) or CLIP image embeddings (clip_*), in a predictions store of the same layout as a
-# score job's (diffattr.methods).
+# images (Method.reads 'pixels') or CLIP image embeddings ('embeddings'), in a predictions store of
+# the same layout as a score job's (diffattr.methods).
 def baseline_input(split):
-    """What a baseline compares for a split: the images, or their CLIP embeddings."""
+    """An input function: what a baseline compares for a split, the images or their CLIP embeddings."""
     def paths(w):
-        if METHODS[w.baseline].inputs == "embeddings":
-            return f"results/{w.experiment}/embeddings/clip/{split}.zarr"
-        return images(split).format(experiment=w.experiment)
+        split_ = w.qsplit if split == "{qsplit}" else split
+        if METHODS[w.baseline].reads == "embeddings":
+            return PATHS["embeddings"].format(experiment=w.experiment, split=split_)
+        return plan(w).images(split_)
 
     return paths
 
@@ -14,12 +15,14 @@ def baseline_input(split):
 rule baseline:
     input:
         train=baseline_input("train"),
-        query=lambda w: baseline_input(w.qsplit)(w),
-        subsets="results/{experiment}/subsets.csv",
+        query=baseline_input("{qsplit}"),
+        subsets=PATHS["subsets"],
     output:
-        predictions=directory("results/{experiment}/scores/{baseline}/{qsplit}.zarr"),
+        predictions=directory(PATHS["scores"].replace("{scores}", "{baseline}")),
     log:
         "logs/{experiment}/baseline/{baseline}_{qsplit}.log",
+    benchmark:
+        benchmark("logs/{experiment}/baseline/{baseline}_{qsplit}.log")
     threads: 1
     run:
         run("baseline.py", input, output, params, wildcards, threads, log)
@@ -37,12 +40,14 @@ def clip_spec(wildcards):
 # One job per split: the CLIP image embeddings that clip_dot and clip_cos compare (diffattr.clip).
 rule embed_clip:
     input:
-        images=lambda w: images(w.split).format(experiment=w.experiment),
+        images=images("{split}"),
         pretrained=lambda w: [p] if (p := clip_spec(w).get("pretrained")) else [],  # a model directory
     output:
-        embeddings=directory("results/{experiment}/embeddings/clip/{split}.zarr"),
+        embeddings=directory(PATHS["embeddings"]),
     log:
         "logs/{experiment}/embed_clip/{split}.log",
+    benchmark:
+        benchmark("logs/{experiment}/embed_clip/{split}.log")
     params:
         clip=clip_spec,
     threads: 1

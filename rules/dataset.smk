@@ -1,12 +1,8 @@
-CIFAR10_ARCHIVE = "data/downloads/cifar-10-python.tar.gz"
-
-
 def dataset_spec(wildcards):
-    """The experiment's dataset settings. A CIFAR-10 preset with `path: null` reads the top-level
-    `cifar10_path` (a local copy for every CIFAR preset), else the downloaded official archive."""
+    """The experiment's dataset settings, its local copy resolved (diffattr.plan.Plan.dataset_path)."""
     spec = dict(settings(wildcards)["dataset"])
-    if spec["source"] == "cifar10" and spec.get("path") is None:
-        spec["path"] = config.get("cifar10_path") or CIFAR10_ARCHIVE
+    if spec["source"] == "cifar10":
+        spec["path"] = plan(wildcards).dataset_path()
     return spec
 
 
@@ -40,6 +36,8 @@ rule download_cifar10:
         CIFAR10_ARCHIVE,
     log:
         "logs/downloads/cifar-10-python.log",
+    benchmark:
+        benchmark("logs/downloads/cifar-10-python.log")
     localrule: True
     threads: 1
     run:
@@ -50,12 +48,14 @@ rule dataset:
     input:
         unpack(dataset_source),
     output:
-        train_images=directory("results/{experiment}/data/train.zarr"),
-        val_images=directory("results/{experiment}/data/val.zarr"),
-        train_index="results/{experiment}/data/train.csv",
-        val_index="results/{experiment}/data/val.csv",
+        train_images=directory(PATHS["images"].replace("{split}", "train")),
+        val_images=directory(PATHS["images"].replace("{split}", "val")),
+        train_index=PATHS["index"].replace("{split}", "train"),
+        val_index=PATHS["index"].replace("{split}", "val"),
     log:
         "logs/{experiment}/dataset.log",
+    benchmark:
+        benchmark("logs/{experiment}/dataset.log")
     params:
         spec=dataset_spec,
     threads: 1

@@ -19,32 +19,33 @@ def max_pass_items(wildcards):
 
 
 def featurize_timesteps(wildcards):
-    fset = FeatureSet.parse(wildcards.fset)
-    return select_timesteps(fset.K, fset.scheme, num_train_timesteps(wildcards))
+    return FeatureSet.parse(wildcards.fset).timesteps(plan(wildcards).num_train_timesteps)
 
 
 def featurize_model(wildcards):
     """The weights a feature set is computed from: the full model's, or for `_step<S>` the folder of
     its kept training checkpoints (a step the experiment does not keep stops the plan here)."""
-    step = parse_feature_set(wildcards.fset)[3]
+    step = FeatureSet.parse(wildcards.fset).step
     if step is None:
-        return f"results/{wildcards.experiment}/models/full/diffusion_pytorch_model.safetensors"
+        return f"{at('full_model')(wildcards)}/{ARTIFACTS['weights']}"
     train = settings(wildcards)["train"]
     if step not in train.get("keep_checkpoints", []) or step >= train["full_steps"]:
         raise ConfigError(f"{wildcards.fset}: experiments.{wildcards.experiment} keeps no weights of step "
                           f"{step}; expected one of train.keep_checkpoints below train.full_steps "
                           f"({[s for s in train.get('keep_checkpoints', []) if s < train['full_steps']]})")
-    return f"results/{wildcards.experiment}/models/full/trajectory"
+    return at("trajectory")(wildcards)
 
 
 rule featurize:
     input:
         model=featurize_model,
-        images=lambda w: images(w.split).format(experiment=w.experiment),
+        images=images("{split}"),
     output:
-        features=directory("results/{experiment}/features/{fset}/{split}.zarr"),
+        features=directory(PATHS["features"]),
     log:
         "logs/{experiment}/featurize/{fset}_{split}.log",
+    benchmark:
+        benchmark("logs/{experiment}/featurize/{fset}_{split}.log")
     params:
         spec=featurize_spec,
         model=lambda w: settings(w)["model"],
@@ -61,12 +62,14 @@ rule featurize:
 # DDIM trajectory; one store per (function, k), shared by the feature sets of every K.
 rule featurize_journey:
     input:
-        weights="results/{experiment}/models/full/diffusion_pytorch_model.safetensors",
+        weights=lambda w: f"{at('full_model')(w)}/{ARTIFACTS['weights']}",
         images=images("gen"),
     output:
-        features=directory("results/{experiment}/features/{function}_journey_k{k}/gen.zarr"),
+        features=directory(PATHS["journey"]),
     log:
         "logs/{experiment}/featurize/{function}_journey_k{k}_gen.log",
+    benchmark:
+        benchmark("logs/{experiment}/featurize/{function}_journey_k{k}_gen.log")
     params:
         spec=featurize_spec,
         model=lambda w: settings(w)["model"],
@@ -83,12 +86,14 @@ rule featurize_journey:
 # set's timesteps and noises; forward passes only, batched as the ground truth's.
 rule residual:
     input:
-        weights="results/{experiment}/models/full/diffusion_pytorch_model.safetensors",
+        weights=lambda w: f"{at('full_model')(w)}/{ARTIFACTS['weights']}",
         images=images("train"),
     output:
-        residuals=directory("results/{experiment}/features/{fset}/train_residual.zarr"),
+        residuals=directory(PATHS["residual"]),
     log:
         "logs/{experiment}/featurize/{fset}_train_residual.log",
+    benchmark:
+        benchmark("logs/{experiment}/featurize/{fset}_train_residual.log")
     wildcard_constraints:
         fset=FEATURE_SET,
     params:

@@ -1,10 +1,12 @@
 rule generate:
     input:
-        **model_files("results/{experiment}/models/full"),
+        **model_files(PATHS["full_model"]),
     output:
-        images=directory("results/{experiment}/generated/gen.zarr"),
+        images=directory(PATHS["generated"]),
     log:
         "logs/{experiment}/generate.log",
+    benchmark:
+        benchmark("logs/{experiment}/generate.log")
     params:
         spec=lambda w: settings(w)["generate"],
         model=lambda w: settings(w)["model"],

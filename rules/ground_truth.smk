@@ -2,14 +2,14 @@ def evaluated_model(wildcards) -> str:
     """The folder of the model a ground truth job evaluates: models/lds/<model> for an LDS model, and
     models/retrain/<name> for a model of the retraining pool (model wildcard `retrain/<name>`)."""
     family, _, name = wildcards.model.rpartition("/")
-    return f"results/{wildcards.experiment}/models/{family or 'lds'}/{name}"
+    return PATHS["model"].format(experiment=wildcards.experiment, family=family or "lds", model=name)
 
 
 def ground_truth_spec(wildcards) -> dict:
     """ground_truth's settings; a pool model's outputs use retrain.timesteps and retrain.noise_seeds."""
     spec = settings(wildcards)["ground_truth"]
     if wildcards.model.startswith("retrain/"):
-        retrain = retrain_settings(settings(wildcards))
+        retrain = plan(wildcards).retrain
         spec.update(timesteps=retrain["timesteps"], noise_seeds=retrain["noise_seeds"])
     return spec
 
@@ -18,14 +18,16 @@ def ground_truth_spec(wildcards) -> dict:
 # the retraining pool's models that Empirical IF and Datamodel fit (rules/retrain.smk).
 rule ground_truth:
     input:
-        weights=lambda w: f"{evaluated_model(w)}/diffusion_pytorch_model.safetensors",
-        training=lambda w: f"{evaluated_model(w)}/training.json",
+        weights=lambda w: f"{evaluated_model(w)}/{ARTIFACTS['weights']}",
+        training=lambda w: f"{evaluated_model(w)}/{ARTIFACTS['training']}",
         val=images("val"),
         gen=images("gen"),
     output:
-        losses=directory("results/{experiment}/ground_truth/{model}.zarr"),
+        losses=directory(PATHS["ground_truth"].replace("{root}", TRUTH_ROOT)),
     log:
         "logs/{experiment}/ground_truth/{model}.log",
+    benchmark:
+        benchmark("logs/{experiment}/ground_truth/{model}.log")
     params:
         spec=ground_truth_spec,
         model=lambda w: settings(w)["model"],
@@ -33,7 +35,7 @@ rule ground_truth:
     resources:
         gpu=GPU_JOB,
     wildcard_constraints:
-        model=r"(retrain/)?s\d{3}-r\d+",
+        model=f"(retrain/)?{MODEL_NAME}",
     run:
         run("ground_truth.py", input, output, params, wildcards, threads, log)
 
@@ -42,9 +44,11 @@ rule ground_truth:
 # the same way, in stores of its own (results/<exp>/truth_<function>/).
 use rule ground_truth as ground_truth_other_function with:
     output:
-        losses=directory("results/{experiment}/truth_{gt}/ground_truth/{model}.zarr"),
+        losses=directory(PATHS["ground_truth"].replace("{root}", OTHER_TRUTH_ROOT)),
     log:
         "logs/{experiment}/truth_{gt}/ground_truth/{model}.log",
+    benchmark:
+        benchmark("logs/{experiment}/truth_{gt}/ground_truth/{model}.log")
     params:
         spec=lambda w: {**settings(w)["ground_truth"], "function": w.gt},
         model=lambda w: settings(w)["model"],

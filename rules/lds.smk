@@ -1,19 +1,26 @@
-# One job per predictions store (a feature set's methods, or a pixel baseline) and query split.
+def truth_stores(wildcards):
+    """The ground truth of every LDS model, for the L_Simple root or the {gt} of the target."""
+    root = truth_root(wildcards.experiment, wildcards.get("gt", DEFAULT_GT_FUNCTION))
+    return [PATHS["ground_truth"].format(root=root, model=m) for m in plan(wildcards).lds_models]
+
+
+# One job per predictions store (a feature set's methods, or a baseline) and query split.
 rule lds:
     input:
-        predictions="results/{experiment}/scores/{scores}/{qsplit}.zarr",
-        subsets="results/{experiment}/subsets.csv",
-        truth=lambda w: expand("results/{experiment}/ground_truth/{model}.zarr",
-                               experiment=w.experiment, model=lds_models(w)),
+        predictions=PATHS["scores"],
+        subsets=PATHS["subsets"],
+        truth=truth_stores,
     output:
-        table="results/{experiment}/lds/{scores}_{qsplit}.csv",
+        table=PATHS["lds"].replace("{root}", TRUTH_ROOT),
         # the LDS at every lambda of the grid, none chosen: what the lambda ablations tabulate
-        curve="results/{experiment}/lds/{scores}_{qsplit}.lambdas.csv",
+        curve=PATHS["lds_curve"].replace("{root}", TRUTH_ROOT),
     log:
         "logs/{experiment}/lds/{scores}_{qsplit}.log",
+    benchmark:
+        benchmark("logs/{experiment}/lds/{scores}_{qsplit}.log")
     params:
         spec=lambda w: settings(w)["lds"],
-        models=lds_models,
+        models=lambda w: plan(w).lds_models,
     threads: 1
     run:
         run("lds.py", input, output, params, wildcards, threads, log)
@@ -21,13 +28,10 @@ rule lds:
 
 # The same against the ground truth of another model-output function (an ablation's gt_function).
 use rule lds as lds_other_truth with:
-    input:
-        predictions="results/{experiment}/scores/{scores}/{qsplit}.zarr",
-        subsets="results/{experiment}/subsets.csv",
-        truth=lambda w: expand("results/{experiment}/truth_{gt}/ground_truth/{model}.zarr",
-                               experiment=w.experiment, gt=w.gt, model=lds_models(w)),
     output:
-        table="results/{experiment}/truth_{gt}/lds/{scores}_{qsplit}.csv",
-        curve="results/{experiment}/truth_{gt}/lds/{scores}_{qsplit}.lambdas.csv",
+        table=PATHS["lds"].replace("{root}", OTHER_TRUTH_ROOT),
+        curve=PATHS["lds_curve"].replace("{root}", OTHER_TRUTH_ROOT),
     log:
         "logs/{experiment}/truth_{gt}/lds/{scores}_{qsplit}.log",
+    benchmark:
+        benchmark("logs/{experiment}/truth_{gt}/lds/{scores}_{qsplit}.log")

@@ -1,10 +1,12 @@
 rule subsets:
     input:
-        train_index="results/{experiment}/data/train.csv",
+        train_index=PATHS["index"].replace("{split}", "train"),
     output:
-        table="results/{experiment}/subsets.csv",
+        table=PATHS["subsets"],
     log:
         "logs/{experiment}/subsets.log",
+    benchmark:
+        benchmark("logs/{experiment}/subsets.log")
     params:
         spec=lambda w: settings(w)["subsets"],
     threads: 1

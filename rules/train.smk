@@ -14,13 +14,15 @@ def checkpoint_every(wildcards) -> int:
 
 rule train_full:
     input:
-        images="results/{experiment}/data/train.zarr",
+        images=PATHS["images"].replace("{split}", "train"),
     output:
-        **model_files("results/{experiment}/models/full"),
-        # the weights after each step of train.keep_checkpoints: trajectory/step<S>/ (see `trajectory`)
-        trajectory=directory("results/{experiment}/models/full/trajectory"),
+        **model_files(PATHS["full_model"]),
+        # the weights after each step of train.keep_checkpoints: trajectory/step<S>/ (diffattr.train)
+        trajectory=directory(PATHS["trajectory"]),
     log:
         "logs/{experiment}/train/full.log",
+    benchmark:
+        benchmark("logs/{experiment}/train/full.log")
     params:
         spec=lambda w: train_spec(w, "full_steps"),
         subset=None,
@@ -35,16 +37,18 @@ rule train_full:
 
 rule train_lds:
     input:
-        images="results/{experiment}/data/train.zarr",
-        subsets="results/{experiment}/subsets.csv",
+        images=PATHS["images"].replace("{split}", "train"),
+        subsets=PATHS["subsets"],
     output:
-        **model_files("results/{experiment}/models/lds/{model}"),
+        **model_files(PATHS["model"].replace("{family}", "lds")),
     log:
         "logs/{experiment}/train/{model}.log",
+    benchmark:
+        benchmark("logs/{experiment}/train/{model}.log")
     params:
         spec=lambda w: train_spec(w, "lds_steps"),
-        subset=lambda w: int(w.model[1:4]),
-        seed=lambda w: int(w.model.split("-r")[1]),
+        subset=lambda w: ModelName.parse(w.model).subset,
+        seed=lambda w: ModelName.parse(w.model).seed,
     threads: 1
     resources:
         gpu=GPU_JOB,

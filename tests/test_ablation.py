@@ -13,8 +13,9 @@ import zarr
 
 from diffattr import noise
 from diffattr.ablation import collect
-from diffattr.config import (FEATURE_SET, FEATURE_SET_ANY, ConfigError, FeatureSet, ablation_points, feature_sets,
-                             parse_feature_set, resolve_all, select_timesteps)
+from diffattr.plan import ablation_points, feature_sets
+from diffattr.protocol import FEATURE_SET, FEATURE_SET_ANY, FeatureSet, select_timesteps
+from diffattr.settings import ConfigError, resolve_all
 from diffattr.featurize import batch_gradients, featurize_split
 from diffattr.ground_truth import compute_and_save, query_losses
 from diffattr.lds import lds, lds_table
@@ -43,15 +44,15 @@ TIMESTEPS, SEED = [0, 400, 999], 7
 def test_feature_set_names_round_trip(fset, name):
     assert fset.name == name and FeatureSet.parse(name) == fset
     assert re.fullmatch(FEATURE_SET_ANY, name)
-    assert fset.tags == name[len(f"{fset.function}_K{fset.K}_k{fset.k}") + 1:]
+    assert fset.tags == name[len(f"{fset.function}_K{fset.n_timesteps}_k{fset.proj_dim}") + 1:]
     assert bool(re.fullmatch(FEATURE_SET, name)) == (fset.step is None)  # the final weights' sets
-    assert parse_feature_set(name) == (fset.function, fset.K, fset.k, fset.step)
 
 
 @pytest.mark.parametrize("name", ["square_K10_k512_e1", "square_K10_k512_uniform", "square_K10_k512_e2_cumulative",
                                   "square_K10", "cube_K10_k512", "square_K0_k512", "square_K10_k512_e0",
                                   "square_K010_k512", "square_K10_k512_step100_e2",
-                                  "square_K10_k512_step100_cumulative"])
+                                  "square_K10_k512_step100_cumulative", "square_K10_k512_step",
+                                  "square_K10_k512_step1_x", "Square_K10_k512", "square_k512_K10"])
 def test_names_that_are_not_canonical_are_refused(name):
     """One feature set, one name: a default tag written out, tags out of order, bad values."""
     with pytest.raises(ValueError, match=re.escape(repr(name))):
@@ -184,10 +185,10 @@ def test_featurize_split_with_noises_and_cumulative_timesteps(make_tiny_model, t
     weights = tmp_path / "model" / "diffusion_pytorch_model.safetensors"
     write_array(tmp_path / "val.zarr", tiny_images[:3], {})
     fset = FeatureSet.parse("square_K3_k8_cumulative_e2")
-    timesteps = select_timesteps(fset.K, fset.scheme)
+    timesteps = select_timesteps(fset.n_timesteps, fset.scheme)
     assert timesteps == [0, 1, 2]
     spec = {"batch_size": 2, "proj_seed": 0, "noise_seed": SEED, "scheme": fset.scheme, "noises": fset.noises}
-    featurize_split(weights, tiny_spec, tmp_path / "val.zarr", fset.function, timesteps, fset.k, spec,
+    featurize_split(weights, tiny_spec, tmp_path / "val.zarr", fset.function, timesteps, fset.proj_dim, spec,
                     tmp_path / "e2.zarr")
     rows, attrs = read_array(tmp_path / "e2.zarr")
     assert (attrs["scheme"], attrs["noises"], attrs["timesteps"], attrs["K"]) == ("cumulative", 2, [0, 1, 2], 3)

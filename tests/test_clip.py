@@ -13,7 +13,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 from diffattr.baseline import baseline_split
 from diffattr.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, embed_split, preprocess, preprocessing
-from diffattr.config import ConfigError, deep_merge, resolve_all
+from diffattr.settings import ConfigError, deep_merge, resolve_all
 from diffattr.methods import label, read_predictions
 from diffattr.provenance import ProvenanceError
 from diffattr.storage import array_sha256, file_sha256, read_array, write_array

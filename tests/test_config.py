@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from diffattr import config as cfg
-from diffattr.config import ConfigError, deep_merge, experiment, resolve_all, schema, validate_config
+from diffattr import settings as cfg
+from diffattr.settings import ConfigError, deep_merge, experiment, resolve_all, schema, validate_config
 
 from dry_run import REPO, copy_workflow
 
@@ -251,20 +251,19 @@ def test_snakemake_stops_before_any_job(tmp_path, args, line):
 
 
 def test_score_methods_and_baselines():
-    """The schema lists exactly the methods diffattr computes; a preset without the keys gets all,
-    but the CLIP baselines only with an encoder configured (score.clip)."""
-    from diffattr.methods import BASELINES, FEATURE_METHODS
+    """A preset without the keys gets every registered method of each kind (diffattr.methods), but
+    only the pixel baselines: CLIP needs an encoder configured (score.clip). Unknown names are refused."""
+    from diffattr.methods import methods_reading
 
     keys = schema()["$defs"]["experiment"]["properties"]["score"]["properties"]
-    assert tuple(keys["methods"]["items"]["enum"]) == tuple(keys["methods"]["default"]) == FEATURE_METHODS
-    assert tuple(keys["baselines"]["items"]["enum"]) == BASELINES
-    assert keys["baselines"]["default"] == [name for name in BASELINES if not name.startswith("clip_")]
+    assert keys["baselines"]["default"] == [name for name in methods_reading("pixels")]
     spec = resolve_all(edited(tiny(score={"methods": ["relative_if"], "baselines": []},
                                    ablations=[])))["tiny"]["score"]
     assert cfg.score_methods(spec, "methods") == ["relative_if"] and cfg.score_methods(spec, "baselines") == []
     default = experiment(CONFIG, "default")["score"]
-    assert cfg.score_methods(default, "methods") == list(FEATURE_METHODS)
-    assert {"journey_trak", "das"} <= set(FEATURE_METHODS)
+    assert cfg.score_methods(default, "methods") == list(methods_reading("features"))
+    assert {"journey_trak", "das"} <= set(methods_reading("features"))
+    assert cfg.score_methods(default, "trajectory_methods") == ["tracincp", "gas"]
     assert cfg.score_methods(default, "baselines") == ["pixel_dot", "pixel_cos", "clip_dot", "clip_cos"]
     with pytest.raises(ConfigError, match=r'^experiments\.tiny\.score\.methods\[1\]: got "tracin"; expected one '
                                           r'of "trak", "gradient_dot", '):

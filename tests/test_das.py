@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffattr import noise
-from diffattr.config import select_timesteps
+from diffattr.protocol import FeatureSet, select_timesteps
 from diffattr.das import compute_residuals, residual_weights, rms_residuals
 from diffattr.featurize import featurize_split
 from diffattr.methods import METHODS, read_predictions
@@ -111,7 +111,7 @@ def stores(make_tiny_model, tmp_path):
 def test_score_job_computes_das_from_the_residual_store(stores, tmp_path):
     out = tmp_path / "scores.zarr"
     score_split(stores["train"], stores["val"], stores["subsets"], {"lambda_exponents": [-1, 1]}, out, "val",
-                residual_path=stores["residual"])
+                extra_paths={"residual": stores["residual"]})
     predictions, _ = read_predictions(out)
     assert "das" in predictions and "journey_trak" not in predictions
     x, xq = read_array(stores["train"])[0].astype(np.float64), read_array(stores["val"])[0].astype(np.float64)
@@ -133,13 +133,15 @@ def test_residuals_of_other_timesteps_or_another_model_are_refused(stores, tmp_p
                       select_timesteps(2, "uniform"), 1, 5, other)
     with pytest.raises(ProvenanceError, match="differ in timesteps"):
         score_split(stores["train"], stores["val"], stores["subsets"], {"lambda_exponents": [0, 0]},
-                    tmp_path / "s.zarr", "val", residual_path=other)
-    with pytest.raises(ValueError, match="das needs the residual weights"):
+                    tmp_path / "s.zarr", "val", extra_paths={"residual": other})
+    with pytest.raises(ValueError, match="das needs the residual"):
         score_split(stores["train"], stores["val"], stores["subsets"], {"lambda_exponents": [0, 0]},
                     tmp_path / "s.zarr", "val")
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_das_is_scored_on_avg_features_only():
-    assert METHODS["das"].applies("avg", "val") and METHODS["das"].applies("avg", "gen")
-    assert not any(METHODS["das"].applies(f, "val") for f in ("simple", "square", "l2"))
+def test_das_is_scored_on_avg_features_of_the_final_weights_only():
+    das = METHODS["das"]
+    assert das.applies(FeatureSet("avg", 10, 64), "val") and das.applies(FeatureSet("avg", 10, 64), "gen")
+    assert not any(das.applies(FeatureSet(f, 10, 64), "val") for f in ("simple", "square", "l2"))
+    assert not das.applies(FeatureSet("avg", 10, 64, step=100), "val")  # the residuals are the full model's

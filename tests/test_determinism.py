@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffattr import noise
-from diffattr.config import parse_function, select_timesteps
+from diffattr.protocol import parse_function, select_timesteps
 from diffattr.generate import sample
 from diffattr.ground_truth import query_losses
 from diffattr.models import build_model, load_model

@@ -8,7 +8,8 @@ from diffattr.ensemble import ensemble_predictions, ensemble_split
 from diffattr.lds import lds
 from diffattr.methods import label, read_predictions
 from diffattr.provenance import ProvenanceError
-from diffattr.score import lambda_grid, scores
+from diffattr.protocol import lambda_grid
+from diffattr.score import scores
 from diffattr.storage import array_sha256, file_sha256, write_array
 from diffattr.subsets import make_subsets, membership_matrix
 
@@ -92,7 +93,7 @@ def test_ensemble_split_stores_the_average_with_its_model_count(members):
     predictions, attrs = read_predictions(out)
     preds, lambdas = predictions["trak_ens"]
     masks = membership_matrix(pd.read_csv(root / "subsets.csv"), 12)
-    np.testing.assert_allclose(lambdas, lambda_grid(range(-1, 2)))
+    np.testing.assert_allclose(lambdas, lambda_grid((-1, 1)))
     np.testing.assert_allclose(preds, dense_ensemble(pairs, masks, lambdas), rtol=1e-7, atol=1e-9)
     assert attrs["models"] == 3 and attrs["model_sha256"] == [f"{c}" * 64 for c in range(3)]
     assert (attrs["function"], attrs["K"], attrs["proj_dim"]) == ("square", 10, 5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffattr import noise
-from diffattr.config import select_timesteps
+from diffattr.protocol import select_timesteps
 from diffattr.featurize import features, featurize_split, batch_gradients, gradient_dim
 from diffattr.project import make_projector
 from diffattr.storage import read_array, write_array

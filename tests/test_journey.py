@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diffattr.config import select_timesteps
+from diffattr.protocol import FeatureSet, select_timesteps
 from diffattr.featurize import batch_gradients, featurize_split, gradient_dim
 from diffattr.generate import ddim_scheduler, denoise, generate_set, sample
 from diffattr import journey
@@ -153,7 +153,7 @@ def test_journey_trak_is_the_mean_of_the_per_step_trak_scores(run, subsets_csv):
     f = run["root"] / "f"
     out = run["root"] / "scores.zarr"
     score_split(f / "train.zarr", f / "gen.zarr", subsets_csv, {"lambda_exponents": [-1, 1]}, out, "gen",
-                journey_path=f / "gen_journey.zarr")
+                extra_paths={"journey": f / "gen_journey.zarr"})
     predictions, _ = read_predictions(out)
     assert "journey_trak" in predictions and "trak" in predictions
     x = read_array(f / "train.zarr")[0].astype(np.float64)
@@ -224,7 +224,7 @@ def test_journey_trak_ranks_the_train_image_the_trajectory_points_to(tmp_path):
     pd.DataFrame({"subset": range(n), "train_position": range(n)}).to_csv(subsets, index=False)
     out = tmp_path / "scores.zarr"
     score_split(train, query, subsets, {"lambda_exponents": [-2, 2], "methods": ["trak", "journey_trak"]}, out,
-                "gen", journey_path=path)
+                "gen", extra_paths={"journey": path})
     predictions, _ = read_predictions(out)
     for preds in predictions["journey_trak"][0]:
         assert np.argmin(preds[0]) == 3  # the largest score: the most negative prediction
@@ -233,21 +233,21 @@ def test_journey_trak_ranks_the_train_image_the_trajectory_points_to(tmp_path):
 
 
 def test_journey_trak_exists_for_generated_simple_features_only(tmp_path):
-    assert METHODS["journey_trak"].applies("simple", "gen")
-    assert not METHODS["journey_trak"].applies("simple", "val")
-    assert not METHODS["journey_trak"].applies("square", "gen")
+    assert METHODS["journey_trak"].applies(FeatureSet("simple", 1, 1), "gen")
+    assert not METHODS["journey_trak"].applies(FeatureSet("simple", 1, 1), "val")
+    assert not METHODS["journey_trak"].applies(FeatureSet("square", 1, 1), "gen")
     train = feature_store(tmp_path / "train.zarr", np.eye(4), query_sha256="t" * 64)
     query = feature_store(tmp_path / "val.zarr", np.ones((2, 4)))
     subsets = tmp_path / "subsets.csv"
     pd.DataFrame({"subset": [0, 1], "train_position": [0, 1]}).to_csv(subsets, index=False)
     score_split(train, query, subsets, {"lambda_exponents": [0, 0]}, tmp_path / "val_scores.zarr", "val")
     assert "journey_trak" not in read_predictions(tmp_path / "val_scores.zarr")[0]
-    with pytest.raises(ValueError, match="journey_trak needs the journey features"):
+    with pytest.raises(ValueError, match="journey_trak needs the journey"):
         score_split(train, query, subsets, {"lambda_exponents": [0, 0]}, tmp_path / "gen_scores.zarr", "gen")
     other = feature_store(tmp_path / "other.zarr", np.ones((2, 4)), query_sha256="o" * 64, K=4)
     with pytest.raises(Exception, match="other generated images"):
         score_split(train, query, subsets, {"lambda_exponents": [0, 0]}, tmp_path / "gen_scores.zarr", "gen",
-                    journey_path=other)
+                    extra_paths={"journey": other})
 
 
 def test_journey_features_in_timestep_chunks_are_the_same(run):

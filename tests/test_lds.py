@@ -3,7 +3,8 @@ import pytest
 from scipy import stats
 
 from diffattr.lds import lds, lds_interval, select_lambda, spearman_rows
-from diffattr.score import lambda_grid, subset_predictions
+from diffattr.protocol import lambda_grid
+from diffattr.score import subset_predictions
 
 
 def loop_spearman(pred, truth):

@@ -5,13 +5,14 @@ import pandas as pd
 import pytest
 import zarr
 
-from diffattr.config import select_timesteps
+from diffattr.protocol import FeatureSet, select_timesteps
 from diffattr.featurize import featurize_split
 from diffattr.ground_truth import compute_and_save
 from diffattr.lds import lds_table, select_lambda
-from diffattr.methods import FEATURE_METHODS, METHODS, read_predictions, write_predictions
+from diffattr.methods import METHODS, methods_reading, read_predictions, write_predictions
 from diffattr.provenance import FEATURE_KEYS, ProvenanceError
-from diffattr.score import lambda_grid, score_split, subset_predictions
+from diffattr.protocol import lambda_grid
+from diffattr.score import score_split, subset_predictions
 from diffattr.storage import array_sha256, file_sha256, read_array, write_array
 from diffattr.subsets import make_subsets, membership_matrix
 
@@ -60,13 +61,14 @@ def test_features_of_two_projector_seeds_are_refused(saved_model, tiny_spec, sub
     score_split(train, query, subsets_csv, SCORE_SPEC, out, "val")  # one seed: accepted, right scores
     predictions, attrs = read_predictions(out)
     # every method that applies to square features on val when the spec names none
-    assert list(predictions) == [m for m in FEATURE_METHODS if METHODS[m].applies("square", "val")]
+    assert list(predictions) == [m for m in methods_reading("features")
+                                 if METHODS[m].applies(FeatureSet("square", 2, 16), "val")]
     assert "trak" in predictions and "journey_trak" not in predictions and "das" not in predictions
     preds, lambdas = predictions["trak"]
     masks = membership_matrix(pd.read_csv(subsets_csv), 12)
-    expected = subset_predictions(read_array(train)[0], read_array(query)[0], masks, lambda_grid(range(-1, 2)))
+    expected = subset_predictions(read_array(train)[0], read_array(query)[0], masks, lambda_grid((-1, 1)))
     np.testing.assert_allclose(preds, expected, rtol=1e-10)
-    np.testing.assert_array_equal(lambdas, lambda_grid(range(-1, 2)))
+    np.testing.assert_array_equal(lambdas, lambda_grid((-1, 1)))
     assert attrs["proj_seed"] == 0 and attrs["subsets_sha256"] == file_sha256(subsets_csv)
 
 

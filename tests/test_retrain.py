@@ -10,11 +10,11 @@ from sklearn.linear_model import Ridge
 from diffattr.methods import label, read_predictions
 from diffattr.provenance import ProvenanceError
 from diffattr.retrain import datamodel, empirical_if, retrain_split
-from diffattr.score import lambda_grid
+from diffattr.protocol import lambda_grid
 from diffattr.storage import file_sha256
 from diffattr.subsets import make_subsets, membership_matrix
 
-ALPHAS = lambda_grid(range(-2, 4))
+ALPHAS = lambda_grid((-2, 3))
 
 
 def random_pool(n_models=12, n=10, m=3, seed=0):
@@ -135,7 +135,7 @@ def test_retrain_split_stores_both_methods_subset_predictions(pool):
     pool_masks = membership_matrix(pd.read_csv(root / "pool.csv"), 12)[:5]
     lds_masks = membership_matrix(pd.read_csv(root / "subsets.csv"), 12)
     expected = {"empirical_if": empirical_if(outputs, pool_masks),
-                "datamodel": datamodel(outputs, pool_masks, lambda_grid(range(-2, 4)))[0]}
+                "datamodel": datamodel(outputs, pool_masks, lambda_grid((-2, 3)))[0]}
     for method, scores in expected.items():
         preds, lambdas = predictions[method]
         assert preds.shape == (1, 3, 4) and np.isnan(lambdas).all()

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 
 from diffattr import score
-from diffattr.score import lambda_grid, method_predictions, scores, subset_predictions
+from diffattr.protocol import lambda_grid
+from diffattr.methods import predictions
+from diffattr.score import FeatureJob, scores, subset_predictions
 
 
 def explicit_scores(x, xq, lam):
@@ -99,6 +101,11 @@ def dense_method_scores(method, x, xq, lam):
     return out
 
 
+def method_predictions(method, x, xq, masks, lambdas):
+    """One method's (predictions, lambdas) as the score job computes them, through the registry."""
+    return predictions([method], FeatureJob(x, xq, masks, lambdas, {}))[method]
+
+
 def loop_method_predictions(method, x, xq, masks, lambdas):
     out = np.zeros((len(lambdas), len(xq), len(masks)))
     for l, lam in enumerate(lambdas):
@@ -172,8 +179,8 @@ def test_score_split_decomposes_once_for_every_kernel_method(n, k, monkeypatch):
     calls = []
     eigh = np.linalg.eigh
     monkeypatch.setattr(score.np.linalg, "eigh", lambda a: calls.append(a.shape) or eigh(a))
-    together = score.kernel_predictions(x, xq, masks, lambdas, list(score.KERNEL_METHODS.values()))
+    kernel = {"trak": None, "relative_if": "relative", "renormalized_if": "renormalized"}
+    together = predictions(list(kernel), FeatureJob(x, xq, masks, lambdas, {}))
     assert len(calls) == 1
-    for method, renormalize in score.KERNEL_METHODS.items():
-        alone = method_predictions(method, x, xq, masks, lambdas)[0]
-        np.testing.assert_array_equal(together[renormalize], alone)
+    for method, renormalize in kernel.items():
+        np.testing.assert_array_equal(together[method][0], subset_predictions(x, xq, masks, lambdas, renormalize))

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from diffattr.config import deep_merge, experiment
+from diffattr.settings import deep_merge, experiment
 
 from dry_run import job_counts
 

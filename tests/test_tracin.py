@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from diffattr import train as training
-from diffattr.config import parse_feature_set, feature_set_name
 from diffattr.lds import checkpoint_label
-from diffattr.methods import METHODS, label, read_predictions
+from diffattr.methods import label, methods_reading, read_predictions
 from diffattr.models import load_model
+from diffattr.protocol import FeatureSet
 from diffattr.provenance import ProvenanceError
 from diffattr.subsets import make_subsets
 from diffattr.storage import file_sha256, write_array
-from diffattr.tracin import COSINE, score_trajectory, trajectory_predictions
+from diffattr.tracin import score_trajectory, trajectory_predictions
 
 from conftest import TINY_SPEC
 from test_resume import Crash, crash_after
@@ -27,25 +27,8 @@ TRAIN_SPEC = {"steps": 12, "batch_size": 5, "lr": 1e-3, "betas": [0.95, 0.999], 
               "grad_clip": 1.0, "warmup_fraction": 0.2, "hflip": True, "checkpoint_every": 4,
               "keep_checkpoints": [3, 7, 12], "model": MODEL_SPEC}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-# ---------------------------------------------------------------- feature-set names
-
-@pytest.mark.parametrize("name, parts", [
-    ("square_K10_k512", ("square", 10, 512, None)),
-    ("square_K10_k512_step100", ("square", 10, 512, 100)),
-    ("interp0.25_K1000_k32768_step7999", ("interp0.25", 1000, 32768, 7999)),
-])
-def test_feature_set_names_round_trip(name, parts):
-    assert parse_feature_set(name) == parts
-    assert feature_set_name(*parts) == name
-
-
-@pytest.mark.parametrize("name", ["square_K10", "square_K10_k512_step", "square_K10_k512_step1_x",
-                                  "Square_K10_k512", "square_k512_K10"])
-def test_malformed_feature_set_names_are_refused(name):
-    with pytest.raises(ValueError, match="expected {function}_K{K}_k{k}"):
-        parse_feature_set(name)
+# Whether each trajectory method sums cosines (GAS) or plain products (TracInCP).
+COSINE_OF = {"tracincp": False, "gas": True}
 
 
 # ---------------------------------------------------------------- kept checkpoints of training
@@ -190,8 +173,8 @@ def test_predictions_equal_an_explicit_loop_over_checkpoints(method):
     queries = [rng.normal(size=(4, 5)) for _ in range(3)]
     trains[1][2] = 0.0  # a zero gradient: cosine 0, not NaN
     masks = rng.random((6, 7)) < 0.5
-    got = trajectory_predictions(trains, queries, masks, COSINE[method])
-    np.testing.assert_allclose(got, loop_predictions(trains, queries, masks, COSINE[method]), rtol=1e-12,
+    got = trajectory_predictions(trains, queries, masks, COSINE_OF[method])
+    np.testing.assert_allclose(got, loop_predictions(trains, queries, masks, COSINE_OF[method]), rtol=1e-12,
                                atol=1e-12)
 
 
@@ -214,7 +197,7 @@ def test_ranking_known_by_construction():
 
 
 def test_trajectory_methods_are_table_methods():
-    assert set(COSINE) == {name for name, method in METHODS.items() if method.inputs == "trajectory"}
+    assert methods_reading("trajectory") == tuple(COSINE_OF)
     assert (label("tracincp", "simple"), label("gas", "square")) == ("TracInCP", "GAS")
 
 
@@ -239,7 +222,7 @@ def checkpoint_stores(tmp_path, steps=(3, 7, None), change=None):
     paths = {"train": [], "val": []}
     for step in steps:
         for split, rows in (("train", 10), ("val", 3)):
-            path = tmp_path / "features" / feature_set_name("simple", 2, 4, step) / f"{split}.zarr"
+            path = tmp_path / "features" / FeatureSet("simple", 2, 4, step=step).name / f"{split}.zarr"
             attrs = {**FEATURES, "model_sha256": f"{step}" * 64, "checkpoint": step,
                      "query_sha256": ("t" if split == "train" else "v") * 64,
                      **(change or {}).get((step, split), {})}
@@ -259,7 +242,7 @@ def test_score_job_writes_the_sums_with_their_checkpoints(subsets_csv, tmp_path)
     masks = read_masks(subsets_csv, 10, trains[0])
     for method in ("tracincp", "gas"):
         preds, lambdas = predictions[method]
-        np.testing.assert_allclose(preds, loop_predictions(x, xq, masks, COSINE[method]), rtol=1e-9)
+        np.testing.assert_allclose(preds, loop_predictions(x, xq, masks, COSINE_OF[method]), rtol=1e-9)
         assert np.isnan(lambdas).all() and len(lambdas) == 1
     assert attrs["checkpoints"] == [3, 7, None] and checkpoint_label(attrs) == "3+7+final"
     assert (attrs["function"], attrs["K"], attrs["proj_dim"]) == ("simple", 2, 4)

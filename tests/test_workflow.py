@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from diffattr.config import checkpoint_feature_sets, experiment, feature_sets, trajectories
-from diffattr.score import lambda_grid
+from diffattr.plan import Plan
+from diffattr.settings import experiment
+from diffattr.protocol import lambda_grid
 
 from dry_run import REPO, copy_workflow, job_counts
 
@@ -54,13 +55,13 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     # final weights and of the kept checkpoints; TracInCP and GAS over the checkpoints and the final
     # weights; and the pixel baselines, which have no function, K, k or checkpoint
     methods = ["Gradient (dot)", "Gradient (cos)", "Relative IF", "Renormalized IF"]
-    sets = [(s.function, s.K, s.k, "") for s in feature_sets(spec)]
-    sets += [(f, K, k, str(step)) for f, K, k, step in checkpoint_feature_sets(spec)]
+    plan = Plan("tiny", tiny)
+    sets = [(s.function, s.n_timesteps, s.proj_dim, "" if s.step is None else str(s.step)) for s in plan.feature_sets]
     expected = {(name, f, K, k, checkpoint, split, rule) for f, K, k, checkpoint in sets
                 for name in [("TRAK" if f == "simple" else "D-TRAK"), *methods]
                 for split in splits for rule in rules}
-    expected |= {(name, f, K, k, "+".join(map(str, steps)) + "+final", split, rule)
-                 for (f, K, k), steps in trajectories(spec).items() for name in ("TracInCP", "GAS")
+    expected |= {(name, s.function, s.n_timesteps, s.proj_dim, "+".join(map(str, steps)) + "+final", split, rule)
+                 for s, steps in plan.trajectories.items() for name in ("TracInCP", "GAS")
                  for split in splits for rule in rules}
     assert any(name == "TracInCP" for name, *_ in expected)
     expected |= {(name, "", -1, -1, "", split, rule) for name in ("Raw pixel (dot)", "Raw pixel (cos)")
@@ -68,7 +69,7 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     # Journey-TRAK: on the simple feature sets of the final weights, for the generated queries only
     # (tiny has no avg features, hence no DAS rows)
     assert "avg" not in spec["functions"]
-    expected |= {("Journey-TRAK", s.function, s.K, s.k, "", "gen", rule) for s in feature_sets(spec)
+    expected |= {("Journey-TRAK", s.function, s.n_timesteps, s.proj_dim, "", "gen", rule) for s in plan.final_sets
                  if s.function == "simple" for rule in rules}
     keys = table[["function", "timesteps", "proj_dim", "checkpoint"]].fillna(
         {"function": "", "timesteps": -1, "proj_dim": -1, "checkpoint": ""})
@@ -77,7 +78,7 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     assert len(got) == len(set(got)) and set(got) == expected
     assert set(table.experiment) == {"tiny"}
     assert table.lds.between(-1, 1).all()
-    grid = lambda_grid(range(tiny["score"]["lambda_exponents"][0], tiny["score"]["lambda_exponents"][1] + 1))
+    grid = lambda_grid(tiny["score"]["lambda_exponents"])
     with_lambda = table.method.isin(["TRAK", "D-TRAK", "Relative IF", "Renormalized IF", "Journey-TRAK"])
     assert all(any(math.isclose(value, g) for g in grid) for value in table["lambda"][with_lambda])
     assert table["lambda"][~with_lambda].isna().all()
@@ -100,12 +101,11 @@ def test_the_lambda_ablation_holds_the_lds_at_every_lambda(workdir, tiny):
     (ablation,) = tiny["ablations"]
     at = ablation["at"]
     table = pd.read_csv(workdir / f"results/tiny/ablations/{ablation['name']}.csv")
-    low, high = tiny["score"]["lambda_exponents"]
     for split in ("val", "gen"):
         curve = pd.read_csv(workdir / f"results/tiny/lds/{at['function']}_K{at['K']}_k{at['k']}_{split}.lambdas.csv")
         curve = curve[curve.method == "D-TRAK"]
         rows = table[table.split == split]
-        assert list(rows["lambda"]) == pytest.approx(lambda_grid(range(low, high + 1)), rel=1e-5)
+        assert list(rows["lambda"]) == pytest.approx(lambda_grid(tiny["score"]["lambda_exponents"]), rel=1e-5)
         assert list(rows.lds) == pytest.approx(list(curve.lds), rel=1e-5, abs=1e-6)
         assert rows.lds.between(-1, 1).all() and rows.lds.nunique() > 1
     assert f"](tiny/ablations/{ablation['name']}.md)" in (workdir / "results/lds_tiny.md").read_text()
@@ -121,10 +121,7 @@ def test_deleting_one_model_reruns_only_it_and_its_dependents(workdir, tiny):
     weights = workdir / "results/tiny/models/lds/s001-r1/diffusion_pytorch_model.safetensors"
     weights.unlink()
     # every LDS job reads every model's ground truth: one per (feature set or pixel baseline, query split)
-    baselines = tiny["score"].get("baselines", ["pixel_dot", "pixel_cos"])
-    stores = [*feature_sets(tiny["featurize"]), *checkpoint_feature_sets(tiny["featurize"]),
-              *trajectories(tiny["featurize"]), *baselines]
-    n_lds = len(stores) * 2
+    n_lds = len(Plan("tiny", tiny).score_stores()) * 2
     assert planned_jobs(workdir, *EVERYTHING) == {"train_lds": 1, "ground_truth": 1, "lds": n_lds,
                                                    "ablation": len(tiny["ablations"]), "table": 1, "all": 1}
     snakemake(workdir, *EVERYTHING)

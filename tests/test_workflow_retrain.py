@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from diffattr.config import experiment, retrain_settings
+from diffattr.settings import experiment, retrain_settings
 from diffattr.ensemble import ensemble_predictions
 from diffattr.lds import ground_truth_matrix
 from diffattr.methods import read_predictions
 from diffattr.retrain import empirical_if
-from diffattr.score import lambda_grid
+from diffattr.protocol import lambda_grid
 from diffattr.storage import read_array
 from diffattr.subsets import membership_matrix
 
@@ -50,7 +50,7 @@ def test_table_has_the_retraining_based_rows(root, spec):
     rows = table[table.method.str.contains("ensemble|Empirical|Datamodel")]
     got = list(zip(rows.method, rows.function.fillna(""), rows.split, rows.lambda_rule))
     assert len(got) == len(set(got)) and set(got) == ensembles | pool
-    lambdas = lambda_grid(range(spec["score"]["lambda_exponents"][0], spec["score"]["lambda_exponents"][1] + 1))
+    lambdas = lambda_grid(spec["score"]["lambda_exponents"])
     with_lambda = rows.method.str.contains("ensemble")
     assert all(any(math.isclose(value, g) for g in lambdas) for value in rows["lambda"][with_lambda])
     assert rows["lambda"][~with_lambda].isna().all() and rows.lds.between(-1, 1).all()

@@ -1,4 +1,4 @@
-"""Ablation tables: one named sweep of a preset's `ablations:` (config.ablation_points), its LDS
+"""Ablation tables: one named sweep of a preset's `ablations:` (plan.ablation_points), its LDS
 gathered from the LDS tables of the feature sets and ground truths it sweeps over.
 
 A sweep without `lambda` reads each point's LDS table (`results/<exp>/lds/<set>_<split>.csv`, the
@@ -18,7 +18,7 @@ from .storage import atomic_output
 
 def collect(spec: dict, entries, out_path, report_path, experiment: str) -> pd.DataFrame:
     """The ablation `spec`'s table from `entries`, a list of (swept values, split, LDS table path)
-    with the swept values as a dict (lambda aside) of one point of `config.ablation_points`."""
+    with the swept values as a dict (lambda aside) of one point of `plan.ablation_points`."""
     lambdas = spec["sweep"].get("lambda")
     keys = [key for key in spec["sweep"] if key != "lambda"]
     rows = []

@@ -11,9 +11,9 @@ import numpy as np
 
 from .clip import CLIP_KEYS, read_embeddings
 from .data import load_images
-from .methods import BASELINES, METHODS, write_predictions
+from .methods import METHODS, methods_reading, predictions, write_predictions
 from .provenance import ProvenanceError, require_finite
-from .score import method_predictions, read_masks
+from .score import DotJob, read_masks
 from .storage import array_sha256, file_sha256
 
 
@@ -21,9 +21,10 @@ def baseline_split(train_path, query_path, subsets_path, baseline: str, out_path
     """Subset predictions (1, m, M) of one baseline, with the hashes of both image sets and of the
     subsets table (and, for CLIP, the model, weights and preprocessing the embeddings record).
     `train_path` and `query_path` are image stores, or CLIP embedding stores for the CLIP baselines."""
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; expected one of {', '.join(BASELINES)}")
-    if METHODS[baseline].inputs == "embeddings":
+    known = methods_reading("pixels", "embeddings")
+    if baseline not in known:
+        raise ValueError(f"unknown baseline {baseline!r}; expected one of {', '.join(known)}")
+    if METHODS[baseline].reads == "embeddings":
         train, query, train_attrs, query_attrs = read_embeddings(train_path, query_path)
         attrs = {"train_sha256": train_attrs["images_sha256"], "query_sha256": query_attrs["images_sha256"],
                  **{key: train_attrs.get(key) for key in (*CLIP_KEYS, "clip_pretrained")}}
@@ -31,9 +32,8 @@ def baseline_split(train_path, query_path, subsets_path, baseline: str, out_path
         train, query = _pixels(train_path, query_path)
         attrs = {"train_sha256": array_sha256(train), "query_sha256": array_sha256(query)}
     masks = read_masks(subsets_path, len(train), train_path, rows="")
-    preds, lambdas = method_predictions(baseline, train.reshape(len(train), -1), query.reshape(len(query), -1),
-                                        masks, None)
-    write_predictions(out_path, {baseline: (preds, lambdas)}, {**attrs, "subsets_sha256": file_sha256(subsets_path)})
+    job = DotJob(train.reshape(len(train), -1), query.reshape(len(query), -1), masks)
+    write_predictions(out_path, predictions([baseline], job), {**attrs, "subsets_sha256": file_sha256(subsets_path)})
 
 
 def _pixels(train_path, query_path) -> tuple[np.ndarray, np.ndarray]:

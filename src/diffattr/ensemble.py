@@ -8,9 +8,10 @@ from collections.abc import Iterable
 import numpy as np
 import zarr
 
-from .methods import write_predictions
+from .methods import predictions, write_predictions
 from .provenance import FEATURE_KEYS, ProvenanceError, require_same
-from .score import kernel_predictions, lambda_grid, read_features, read_masks
+from .protocol import lambda_grid
+from .score import kernel_predictions, read_features, read_masks
 from .storage import file_sha256
 
 # What every model's features must share: all of their provenance but the model itself.
@@ -32,14 +33,26 @@ def ensemble_predictions(models: Iterable[tuple[np.ndarray, np.ndarray]], masks:
     return total / count
 
 
+class EnsembleJob:
+    """The inputs of the methods that read several retrained models' features (Method.reads
+    'ensemble'): `models` yields each model's (train, query) features once."""
+
+    def __init__(self, models: Iterable[tuple[np.ndarray, np.ndarray]], masks: np.ndarray, lambdas):
+        self.models, self.masks, self.lambdas = models, masks, lambdas
+
+    def kernel(self, renormalize: None) -> np.ndarray:
+        if renormalize is not None:
+            raise ValueError(f"an ensemble averages TRAK's kernel scores; got renormalization {renormalize!r}")
+        return ensemble_predictions(self.models, self.masks, self.lambdas)
+
+
 def ensemble_split(train_paths, query_paths, subsets_path, spec: dict, out_path) -> None:
     """The `trak_ens` predictions of the C = len(train_paths) models whose features are given (model c's
     train and query features at position c), in one predictions store that records C as `models`."""
     if len(train_paths) != len(query_paths) or not len(train_paths):
         raise ValueError(f"an ensemble needs the train and query features of each model; got "
                          f"{len(train_paths)} train and {len(query_paths)} query stores")
-    low, high = spec["lambda_exponents"]
-    lambdas = lambda_grid(range(int(low), int(high) + 1))
+    lambdas = lambda_grid(spec["lambda_exponents"])
     n = zarr.open_array(train_paths[0], mode="r").shape[0]
     masks = read_masks(subsets_path, n, train_paths[0])
     seen: dict[str, tuple] = {}  # model_sha256 -> ((train path, attrs), (query path, attrs))
@@ -61,9 +74,9 @@ def ensemble_split(train_paths, query_paths, subsets_path, spec: dict, out_path)
             seen[train_attrs["model_sha256"]] = train_store, query_store
             yield train, query
 
-    preds = ensemble_predictions(models(), masks, lambdas)
+    stored = predictions(["trak_ens"], EnsembleJob(models(), masks, lambdas))
     (_, train_attrs), (_, query_attrs) = next(iter(seen.values()))
-    write_predictions(out_path, {"trak_ens": (preds, list(lambdas))}, {
+    write_predictions(out_path, stored, {
         **{key: train_attrs.get(key) for key in SHARED_KEYS}, "model_sha256": list(seen),
         "models": len(seen), "query_sha256": query_attrs["query_sha256"],
         "subsets_sha256": file_sha256(subsets_path)})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import parse_function
+from .protocol import parse_function
 
 
 def _mean(x):

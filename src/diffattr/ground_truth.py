@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import zarr
 
-from .config import DEFAULT_GT_FUNCTION, select_timesteps
+from .protocol import DEFAULT_GT_FUNCTION, select_timesteps
 from .data import load_images
 from .device import device_name, precision
 from .functions import model_output

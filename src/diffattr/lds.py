@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .config import FeatureSet
+from .protocol import FeatureSet, ModelName
 from .methods import label, read_predictions
 from .provenance import (GROUND_TRUTH_KEYS, REQUIRED_GROUND_TRUTH_KEYS, ProvenanceError, require_finite,
                          require_present, require_same)
@@ -140,14 +140,15 @@ def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int,
         if subsets_sha256 is not None and attrs.get("subsets_sha256") not in (None, subsets_sha256):
             raise ProvenanceError(f"{path}: its model was trained on another subsets table "
                                   f"(subsets_sha256 {attrs['subsets_sha256']}, table in use {subsets_sha256})")
-        if attrs.get("subset") not in (None, int(name[1:4])):
+        model = ModelName.parse(name)
+        if attrs.get("subset") not in (None, model.subset):
             raise ProvenanceError(f"{path}: the ground truth of a model trained on subset {attrs['subset']}, "
                                   f"given as {name}'s")
-        if attrs.get("train_seed") not in (None, int(name.split("-r")[1])):
+        if attrs.get("train_seed") not in (None, model.seed):
             raise ProvenanceError(f"{path}: the ground truth of a model trained with seed {attrs['train_seed']}, "
                                   f"given as {name}'s")
         require_finite(f"{path} ({split})", losses)
-        per_subset.setdefault(int(name[1:4]), []).append(losses)
+        per_subset.setdefault(model.subset, []).append(losses)
     missing = sorted(set(range(n_subsets)) - set(per_subset))
     if missing:
         raise ValueError(f"ground truth is missing for subsets {missing}")
@@ -211,7 +212,7 @@ def lds_table(predictions_path, subsets_path, truth_paths: dict, split: str, spe
 
 
 def feature_tags(attrs: dict) -> str:
-    """The scheme and noises tags of a store's feature-set name (config.FeatureSet.tags, '' for the
+    """The scheme and noises tags of a store's feature-set name (protocol.FeatureSet.tags, '' for the
     defaults; the checkpoint has its own column); '' for a store without features."""
     if attrs.get("function") is None:
         return ""

@@ -14,8 +14,16 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 
+# A trained model's folder, the same for every kind (the workflow's rules name these files before they
+# know an experiment's kind): the weights the kind trains, its network's config, the trainer's loss log
+# and training record (diffattr.train).
+ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "config": "config.json",
+             "loss_log": "train_log.csv", "training": "training.json"}
+
+
 class DiffusionModel:
     scheduler: DDPMScheduler
+    weights_file = ARTIFACTS["weights"]
 
     def latents(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -69,8 +77,6 @@ def ddpm_scheduler(spec: dict | None = None) -> DDPMScheduler:
 
 class PixelDDPM(DiffusionModel):
     """A diffusers UNet2DModel on pixels; every UNet parameter is featurized."""
-
-    weights_file = "diffusion_pytorch_model.safetensors"
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler):
         self.unet = unet

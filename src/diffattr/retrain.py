@@ -13,13 +13,11 @@ import pandas as pd
 from sklearn.linear_model import RidgeCV
 
 from .lds import ground_truth_matrix
-from .methods import write_predictions
+from .methods import methods_reading, predictions, write_predictions
 from .provenance import ProvenanceError
-from .score import lambda_grid, read_masks
+from .protocol import lambda_grid
+from .score import read_masks
 from .storage import file_sha256
-
-RETRAIN_METHODS = ("empirical_if", "datamodel")
-
 
 def _check(outputs, masks) -> tuple[np.ndarray, np.ndarray]:
     outputs = np.asarray(outputs, dtype=np.float64)
@@ -61,6 +59,28 @@ def datamodel(outputs: np.ndarray, masks: np.ndarray, alphas) -> tuple[np.ndarra
     return -np.atleast_2d(ridge.coef_), np.atleast_1d(ridge.alpha_).astype(np.float64)
 
 
+class RetrainJob:
+    """The inputs of the methods that read retrained models' outputs (Method.reads 'outputs'): the
+    pool's outputs (N, m) and subsets (N, n), the LDS subsets (M, n) the predictions sum over, and
+    the datamodel's ridge grid. `attrs` collects what a method chose (the datamodel's alphas)."""
+
+    lambdas: list = []
+
+    def __init__(self, outputs: np.ndarray, pool: np.ndarray, masks: np.ndarray, alphas):
+        self.outputs, self.pool, self.masks, self.alphas, self.attrs = outputs, pool, masks, alphas, {}
+
+    def _subset_sums(self, scores: np.ndarray) -> np.ndarray:
+        return -(scores @ self.masks.T.astype(np.float64))[None]
+
+    def empirical_if(self) -> np.ndarray:
+        return self._subset_sums(empirical_if(self.outputs, self.pool))
+
+    def datamodel(self) -> np.ndarray:
+        scores, chosen = datamodel(self.outputs, self.pool, self.alphas)
+        self.attrs["datamodel_alphas"] = chosen.tolist()
+        return self._subset_sums(scores)
+
+
 def retrain_split(output_paths: dict, split: str, pool_subsets_path, subsets_path, train_index_path,
                   spec: dict, out_path) -> None:
     """Subset predictions (1, m, M) of Empirical IF and Datamodel on one query split, from the first
@@ -79,18 +99,13 @@ def retrain_split(output_paths: dict, split: str, pool_subsets_path, subsets_pat
                               "models whose outputs were given")
     masks = read_masks(subsets_path, n, train_index_path, rows="")
     outputs, pool = truth.T, pool[:n_models]   # (N, m), (N, n)
-    predictions, extra = {}, {}
-    for method in spec.get("methods", RETRAIN_METHODS):
-        if method == "empirical_if":
-            scores = empirical_if(outputs, pool)
-        elif method == "datamodel":
-            low, high = spec["datamodel_alpha_exponents"]
-            scores, chosen = datamodel(outputs, pool, lambda_grid(range(int(low), int(high) + 1)))
-            extra["datamodel_alphas"] = chosen.tolist()
-        else:
-            raise ValueError(f"retrain.methods: got {method!r}; expected one of {', '.join(RETRAIN_METHODS)}")
-        predictions[method] = -(scores @ masks.T.astype(np.float64))[None], [None]
-    write_predictions(out_path, predictions, {
+    known = methods_reading("outputs")
+    methods = spec.get("methods", known)
+    for method in [m for m in methods if m not in known]:
+        raise ValueError(f"retrain.methods: got {method!r}; expected one of {', '.join(known)}")
+    job = RetrainJob(outputs, pool, masks, lambda_grid(spec["datamodel_alpha_exponents"]))
+    stored = predictions(methods, job)
+    write_predictions(out_path, stored, {
         "query_sha256": attrs["query_sha256"], "subsets_sha256": file_sha256(subsets_path),
         "pool_subsets_sha256": file_sha256(pool_subsets_path), "models": n_models,
-        "output_timesteps": attrs["timesteps"], "output_noise_seeds": attrs["noise_seeds"], **extra})
+        "output_timesteps": attrs["timesteps"], "output_noise_seeds": attrs["noise_seeds"], **job.attrs})

@@ -8,17 +8,12 @@ import pandas as pd
 
 from .provenance import (FEATURE_KEYS, REQUIRED_FEATURE_KEYS, RESIDUAL_KEYS, ProvenanceError,
                          require_finite, require_present, require_same)
-from .methods import FEATURE_METHODS, METHODS, write_predictions
+from .methods import METHODS, methods_reading, predictions, write_predictions
+from .protocol import FeatureSet, lambda_grid
 from .storage import file_sha256, read_array
 from .subsets import membership_matrix
 
 RENORMALIZATIONS = (None, "relative", "renormalized", "weighted")
-# The methods scored with the kernel (X^T X + lambda I)^-1, and the renormalization of each.
-KERNEL_METHODS = {"trak": None, "relative_if": "relative", "renormalized_if": "renormalized"}
-# Kernel methods on other inputs than the store's own: Journey-TRAK is TRAK on the trajectory query
-# features (diffattr.journey); DAS multiplies train column i by its residual weight (diffattr.das).
-JOURNEY_METHODS = {"journey_trak": None}
-WEIGHTED_METHODS = {"das": "weighted"}
 # Feature attributes a journey store does not share with the train features (its timesteps and noise
 # are the sampler's trajectory instead).
 JOURNEY_OWN_KEYS = ("K", "timesteps", "scheme", "noise_seed", "noises")
@@ -48,63 +43,72 @@ def subset_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, 
 
 def kernel_predictions(train: np.ndarray, query: np.ndarray, masks: np.ndarray, lambdas,
                        renormalizations, weights: np.ndarray | None = None) -> dict:
-    """{renormalization: predictions (L, m, M)} of `subset_predictions`, for several renormalizations.
+    """{renormalization: predictions (L, m, M)} of `subset_predictions`, for several renormalizations,
+    from one `Kernel`."""
+    kernel = Kernel(train, query, masks, lambdas)
+    return {renormalize: kernel.predictions(renormalize, weights) for renormalize in renormalizations}
+
+
+class Kernel:
+    """Subset predictions of the kernel (X^T X + lambda I)^-1 for one set of train and query rows and
+    every renormalization, over the whole lambda grid.
 
     One eigendecomposition serves every renormalization and the whole lambda grid, and the (m, n)
     score matrix is never formed: the masks are applied on the train side first. The k x k matrix
     X^T X is decomposed when k <= n, otherwise the n x n Gram matrix X X^T, using
-    (X^T X + lambda I)^{-1} X^T = X^T (X X^T + lambda I)^{-1}. 'weighted' multiplies train column i
-    by `weights[i]` (DAS's residuals), which it requires.
+    (X^T X + lambda I)^{-1} X^T = X^T (X X^T + lambda I)^{-1}.
     """
-    x = np.asarray(train, dtype=np.float64)
-    xq = np.asarray(query, dtype=np.float64)
-    _check_features(x, xq)
-    masks = _check_masks(masks, len(x))
-    lambdas = np.asarray(lambdas, dtype=np.float64)
-    n, k = x.shape
-    if lambdas.ndim != 1 or not np.all(lambdas > 0):
-        raise ValueError(f"lambdas must be a 1-D sequence of positive values, got {lambdas}")
-    for renormalize in renormalizations:
+
+    def __init__(self, train: np.ndarray, query: np.ndarray, masks: np.ndarray, lambdas):
+        x = np.asarray(train, dtype=np.float64)
+        xq = np.asarray(query, dtype=np.float64)
+        _check_features(x, xq)
+        self.sums = _check_masks(masks, len(x)).astype(np.float64).T  # (n, M)
+        self.lambdas = np.asarray(lambdas, dtype=np.float64)
+        if self.lambdas.ndim != 1 or not np.all(self.lambdas > 0):
+            raise ValueError(f"lambdas must be a 1-D sequence of positive values, got {self.lambdas}")
+        self.x, (n, k) = x, x.shape
+        self.primal = k <= n
+        if self.primal:
+            e, self.basis = np.linalg.eigh(x.T @ x)
+            self.left = xq @ self.basis
+        else:
+            e, self.basis = np.linalg.eigh(x @ x.T)
+            self.left = (xq @ x.T) @ self.basis
+        self.e = np.clip(e, 0.0, None)  # round-off can make a PSD matrix's smallest eigenvalues slightly negative
+
+    def _right(self, weights: np.ndarray) -> np.ndarray:
+        """V^T X^T diag(weights) masks^T (primal), U^T diag(weights) masks^T (Gram)."""
+        if self.primal:
+            return self.basis.T @ (self.x.T @ (self.sums * weights[:, None]))
+        return self.basis.T @ (self.sums * weights[:, None])
+
+    def _coordinates(self, rows):
+        """V^T x_i, so that H^{-1} x_i = V diag(1/(e + lambda)) V^T x_i (primal); U^T e_i, so that
+        H^{-1} x_i = X^T U diag(1/(e + lambda)) U^T e_i (Gram)."""
+        return self.x[rows] @ self.basis if self.primal else self.basis[rows]
+
+    def predictions(self, renormalize: str | None, weights: np.ndarray | None = None) -> np.ndarray:
+        """(L, m, M) of `subset_predictions` with renormalization `renormalize`; 'weighted' multiplies
+        train column i by `weights[i]` (DAS's residuals), which it requires."""
+        n = len(self.x)
         if renormalize not in RENORMALIZATIONS:
             raise ValueError(f"renormalize must be one of {RENORMALIZATIONS}, got {renormalize!r}")
-    if "weighted" in renormalizations:
-        if weights is None or np.shape(weights) != (n,) or not np.all(np.isfinite(weights)):
-            raise ValueError(f"'weighted' needs {n} finite train weights, got "
-                             f"{None if weights is None else np.shape(weights)}")
-        weights = np.asarray(weights, dtype=np.float64)
-    sums = masks.astype(np.float64).T  # (n, M)
-    if k <= n:
-        e, v = np.linalg.eigh(x.T @ x)
-        left = xq @ v
-
-        def right(weights):  # V^T X^T diag(weights) masks^T
-            return v.T @ (x.T @ (sums * weights[:, None]))
-
-        def coordinates(rows):  # V^T x_i, so that H^{-1} x_i = V diag(1/(e + lambda)) V^T x_i
-            return x[rows] @ v
-    else:
-        e, u = np.linalg.eigh(x @ x.T)
-        left = (xq @ x.T) @ u
-
-        def right(weights):
-            return u.T @ (sums * weights[:, None])
-
-        def coordinates(rows):  # H^{-1} x_i = X^T U diag(1/(e + lambda)) U^T e_i
-            return u[rows]
-    e = np.clip(e, 0.0, None)  # round-off can make a PSD matrix's smallest eigenvalues slightly negative
-    row_norms = np.linalg.norm(x, axis=1)
-    out = {}
-    for renormalize in renormalizations:
+        if renormalize == "weighted":
+            if weights is None or np.shape(weights) != (n,) or not np.all(np.isfinite(weights)):
+                raise ValueError(f"'weighted' needs {n} finite train weights, got "
+                                 f"{None if weights is None else np.shape(weights)}")
+            weights = np.asarray(weights, dtype=np.float64)
+        e, left = self.e, self.left
+        row_norms = np.linalg.norm(self.x, axis=1)
         if renormalize == "relative":  # w = 0 exactly for a zero row, whatever the round-off in the norms
-            norms = _relative_norms(coordinates, e, k <= n, lambdas, n) * (row_norms > 0)[:, None]
-            out[renormalize] = np.stack([-(left / (e + lam)) @ right(_inverse(norms[:, l]))
-                                         for l, lam in enumerate(lambdas)])
-        else:
-            column = {None: lambda: np.ones(n), "renormalized": lambda: _inverse(row_norms),
-                      "weighted": lambda: weights}[renormalize]
-            fixed = right(column())
-            out[renormalize] = np.stack([-(left / (e + lam)) @ fixed for lam in lambdas])
-    return out
+            norms = _relative_norms(self._coordinates, e, self.primal, self.lambdas, n) * (row_norms > 0)[:, None]
+            return np.stack([-(left / (e + lam)) @ self._right(_inverse(norms[:, l]))
+                             for l, lam in enumerate(self.lambdas)])
+        column = {None: lambda: np.ones(n), "renormalized": lambda: _inverse(row_norms),
+                  "weighted": lambda: weights}[renormalize]
+        fixed = self._right(column())
+        return np.stack([-(left / (e + lam)) @ fixed for lam in self.lambdas])
 
 
 def _relative_norms(coordinates, e: np.ndarray, primal: bool, lambdas: np.ndarray, n: int) -> np.ndarray:
@@ -146,14 +150,6 @@ def _check_masks(masks, n: int) -> np.ndarray:
     return masks
 
 
-def lambda_grid(exponents=range(-2, 7), mantissas=(1, 2, 5)) -> list[float]:
-    """Ascending grid mantissa x 10^exponent: 0.01, 0.02, 0.05, ..., 5e6 by default.
-
-    Values are parsed from text, so 3 x 10^-1 gives exactly the float 0.3 (3 * 10.0**-1 does not).
-    """
-    return sorted(float(f"{m}e{e}") for e in exponents for m in mantissas)
-
-
 def _check_features(x: np.ndarray, xq: np.ndarray) -> None:
     if x.ndim != 2 or xq.ndim != 2:
         raise ValueError(f"train and query features must be 2-D, got shapes {x.shape} and {xq.shape}")
@@ -172,18 +168,17 @@ def read_features(path) -> tuple[np.ndarray, dict]:
     return features, attrs
 
 
-def method_predictions(method: str, train: np.ndarray, query: np.ndarray, masks: np.ndarray,
-                       lambdas) -> tuple[np.ndarray, list]:
-    """(predictions (L, m, M), their lambdas) of one method of `methods.METHODS` on train and query
-    rows (gradient features, flattened images or CLIP embeddings for the baselines); [None] when the method
-    has no lambda."""
-    if method in KERNEL_METHODS:
-        return subset_predictions(train, query, masks, lambdas, KERNEL_METHODS[method]), list(lambdas)
-    cosine = {"gradient_dot": False, "gradient_cos": True, "pixel_dot": False, "pixel_cos": True,
-              "clip_dot": False, "clip_cos": True}
-    if method in cosine:
-        return dot_predictions(train, query, masks, cosine[method]), [None]
-    raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
+class DotJob:
+    """What methods on one matrix of train rows and one of query rows compute (gradient features,
+    flattened images or CLIP embeddings): kernel-free dot products or cosines."""
+
+    lambdas: list = []
+
+    def __init__(self, train: np.ndarray, query: np.ndarray, masks: np.ndarray):
+        self.train, self.query, self.masks = train, query, masks
+
+    def dot(self, cosine: bool) -> np.ndarray:
+        return dot_predictions(self.train, self.query, self.masks, cosine)
 
 
 def read_masks(subsets_path, n: int, train_path, rows: str = "features of ") -> np.ndarray:
@@ -221,45 +216,59 @@ def read_journey(path, train_path, train_attrs: dict, query_attrs: dict) -> np.n
     return journey
 
 
+class FeatureJob(DotJob):
+    """A score job's inputs: train and query features, the subsets, the lambda grid, and the extra
+    inputs its methods read (`extras`: Journey-TRAK's query features, DAS's residual weights). Every
+    kernel method shares one eigendecomposition: the query rows of every query matrix are stacked."""
+
+    def __init__(self, train: np.ndarray, query: np.ndarray, masks: np.ndarray, lambdas, extras: dict):
+        super().__init__(train, query, masks)
+        self.lambdas, self.extras = lambdas, extras
+        self._rows = {"query": slice(0, len(query))}
+        if "journey" in extras:  # stacked under the store's queries: one eigendecomposition serves both
+            self._rows["journey"] = slice(len(query), len(query) + len(extras["journey"]))
+        self._stacked = np.concatenate([query, extras["journey"]]) if "journey" in extras else query
+        self._kernel, self._by_renormalization = None, {}
+
+    def kernel(self, renormalize: str | None, queries: str = "query", weights: str | None = None) -> np.ndarray:
+        """Predictions of the kernel with `renormalize` for the rows of `queries` ('query' or an extra
+        input of query features), train columns weighted by the extra input `weights`."""
+        if self._kernel is None:
+            self._kernel = Kernel(self.train, self._stacked, self.masks, self.lambdas)
+        key = (renormalize, weights)
+        if key not in self._by_renormalization:
+            self._by_renormalization[key] = self._kernel.predictions(
+                renormalize, None if weights is None else self.extras[weights])
+        return self._by_renormalization[key][:, self._rows[queries]]
+
+
+READERS = {"journey": lambda path, train_path, train_attrs, query_attrs, n:
+           read_journey(path, train_path, train_attrs, query_attrs),
+           "residual": lambda path, train_path, train_attrs, query_attrs, n:
+           read_residuals(path, train_path, train_attrs, n)}
+
+
 def score_split(train_path, query_path, subsets_path, spec: dict, out_path, split: str | None = None,
-                journey_path=None, residual_path=None) -> None:
-    """Subset predictions g_j(z) of every method in `spec['methods']` (default all feature methods)
-    that applies to the features' function and query `split` (`Method.applies`), each over the
-    lambda grid or at its single point, in one store with their provenance. Journey-TRAK reads its
-    query features from `journey_path`, DAS its residual weights from `residual_path`."""
+                extra_paths: dict | None = None) -> None:
+    """Subset predictions g_j(z) of every method in `spec['methods']` (default every method on
+    features) that applies to the features' feature set and query `split` (`Method.applies`), each
+    over the lambda grid or at its single point, in one store with their provenance. `extra_paths`
+    gives the stores of the extra inputs those methods read ({'journey': ..., 'residual': ...})."""
     train, train_attrs = read_features(train_path)
     query, query_attrs = read_features(query_path)
     require_same(FEATURE_KEYS, (str(train_path), train_attrs), (str(query_path), query_attrs))
     masks = read_masks(subsets_path, len(train), train_path)
-    low, high = spec["lambda_exponents"]
-    lambdas = lambda_grid(range(int(low), int(high) + 1))
-    # Journey-TRAK's trajectories and DAS's residuals are the full model's: final-weights features only
-    final = train_attrs.get("checkpoint") is None
-    methods = [method for method in spec.get("methods", FEATURE_METHODS)
-               if METHODS[method].applies(train_attrs["function"], split)
-               and (final or method not in (*JOURNEY_METHODS, *WEIGHTED_METHODS))]
-    queries, weights = query, None
-    if any(method in JOURNEY_METHODS for method in methods):
-        if journey_path is None:
-            raise ValueError(f"{', '.join(JOURNEY_METHODS)} needs the journey features of {query_path}")
-        # stacked under the store's queries: one eigendecomposition serves both
-        queries = np.concatenate([query, read_journey(journey_path, train_path, train_attrs, query_attrs)])
-    if any(method in WEIGHTED_METHODS for method in methods):
-        if residual_path is None:
-            raise ValueError(f"{', '.join(WEIGHTED_METHODS)} needs the residual weights of {train_path}")
-        weights = read_residuals(residual_path, train_path, train_attrs, len(train))
-    renormalizations = {**KERNEL_METHODS, **WEIGHTED_METHODS, **JOURNEY_METHODS}
-    kernel = {method: renormalizations[method] for method in methods if method in renormalizations}
-    by_kernel = (kernel_predictions(train, queries, masks, lambdas, list(dict.fromkeys(kernel.values())), weights)
-                 if kernel else {})
-    own = slice(0, len(query))
-    predictions = {}
-    for method in methods:
-        if method in kernel:
-            rows = slice(len(query), None) if method in JOURNEY_METHODS else own
-            predictions[method] = by_kernel[kernel[method]][:, rows], list(lambdas)
-        else:
-            predictions[method] = method_predictions(method, train, query, masks, lambdas)
+    fset = FeatureSet(train_attrs["function"], int(train_attrs["K"]), int(train_attrs["proj_dim"]),
+                      step=train_attrs.get("checkpoint"))
+    methods = [name for name in spec.get("methods", methods_reading("features"))
+               if METHODS[name].applies(fset, split)]
+    extras, extra_paths = {}, extra_paths or {}
+    for extra in dict.fromkeys(e for name in methods for e in METHODS[name].extra_inputs):
+        if extra not in extra_paths:
+            raise ValueError(f"{', '.join(n for n in methods if extra in METHODS[n].extra_inputs)} needs the "
+                             f"{extra} store of {train_path}")
+        extras[extra] = READERS[extra](extra_paths[extra], train_path, train_attrs, query_attrs, len(train))
+    job = FeatureJob(train, query, masks, lambda_grid(spec["lambda_exponents"]), extras)
     attrs = {key: train_attrs.get(key) for key in FEATURE_KEYS}
-    write_predictions(out_path, predictions, {**attrs, "query_sha256": query_attrs["query_sha256"],
-                                              "subsets_sha256": file_sha256(subsets_path)})
+    write_predictions(out_path, predictions(methods, job), {**attrs, "query_sha256": query_attrs["query_sha256"],
+                                                            "subsets_sha256": file_sha256(subsets_path)})

@@ -2,7 +2,7 @@
 row in one CSV; function, K and k are empty for the pixel baselines, lambda for methods without one,
 checkpoint for methods on the final weights (else the training step of the features, or the steps
 TracInCP / GAS summed over), and tags (the scheme and noises tags of the feature-set name,
-config.FeatureSet) for the default timestep scheme and one noise per timestep."""
+protocol.FeatureSet) for the default timestep scheme and one noise per timestep."""
 from __future__ import annotations
 
 import os

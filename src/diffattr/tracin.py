@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .methods import write_predictions
+from .methods import methods_reading, predictions, write_predictions
 from .provenance import FEATURE_KEYS, ProvenanceError, require_same
 from .score import dot_predictions, read_features, read_masks
 from .storage import file_sha256
 
-COSINE = {"tracincp": False, "gas": True}
 # What the features of every checkpoint share: everything but the weights they were computed from.
 TRAJECTORY_KEYS = tuple(key for key in FEATURE_KEYS if key not in ("model_sha256", "checkpoint"))
 
@@ -31,6 +30,19 @@ def trajectory_predictions(trains, queries, masks: np.ndarray, cosine: bool = Fa
         raise ValueError(f"expected train and query features of the same checkpoints, at least one; got "
                          f"{len(trains)} train and {len(queries)} query feature matrices")
     return sum(dot_predictions(x, xq, masks, cosine) for x, xq in zip(trains, queries))
+
+
+class TrajectoryJob:
+    """The inputs of the methods that read the features of several checkpoints (Method.reads
+    'trajectory'): each checkpoint's train and query features."""
+
+    lambdas: list = []
+
+    def __init__(self, trains, queries, masks: np.ndarray):
+        self.trains, self.queries, self.masks = trains, queries, masks
+
+    def dot(self, cosine: bool) -> np.ndarray:
+        return trajectory_predictions(self.trains, self.queries, self.masks, cosine)
 
 
 def read_trajectory(train_paths, query_paths) -> tuple[list, list, list[dict], list[dict]]:
@@ -66,15 +78,13 @@ def score_trajectory(train_paths, query_paths, subsets_path, methods, out_path) 
     """Subset predictions of TracInCP and / or GAS (`methods`) over the checkpoints whose feature stores
     are given (train and query stores in the same order), in one predictions store whose `checkpoints`
     attribute lists their training steps (None for the final weights)."""
-    unknown = [method for method in methods if method not in COSINE]
-    if unknown or not methods:
-        raise ValueError(f"trajectory methods {list(methods)}: expected a non-empty list of "
-                         f"{', '.join(COSINE)}")
+    known = methods_reading("trajectory")
+    if not methods or any(method not in known for method in methods):
+        raise ValueError(f"trajectory methods {list(methods)}: expected a non-empty list of {', '.join(known)}")
     trains, queries, train_attrs, query_attrs = read_trajectory(train_paths, query_paths)
     masks = read_masks(subsets_path, len(trains[0]), train_paths[0])
-    predictions = {method: (trajectory_predictions(trains, queries, masks, COSINE[method]), [None])
-                   for method in methods}
-    write_predictions(out_path, predictions, {
+    job = TrajectoryJob(trains, queries, masks)
+    write_predictions(out_path, predictions(methods, job), {
         **{key: train_attrs[0].get(key) for key in TRAJECTORY_KEYS},
         "checkpoints": [each.get("checkpoint") for each in train_attrs],
         "model_sha256": [each["model_sha256"] for each in train_attrs],

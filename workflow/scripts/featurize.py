@@ -1,11 +1,11 @@
-from diffattr.config import parse_feature_set
 from diffattr.device import resolve_device
 from diffattr.featurize import featurize_split
+from diffattr.protocol import FeatureSet
 from diffattr.train import trajectory_weights
 
-function, _, k, step = parse_feature_set(snakemake.wildcards.fset)
-weights = snakemake.input.model if step is None else trajectory_weights(snakemake.input.model, step)
-featurize_split(weights, snakemake.params.model, snakemake.input.images, function,
-                snakemake.params.timesteps, k, snakemake.params.spec, snakemake.output.features,
+fset = FeatureSet.parse(snakemake.wildcards.fset)
+weights = snakemake.input.model if fset.step is None else trajectory_weights(snakemake.input.model, fset.step)
+featurize_split(weights, snakemake.params.model, snakemake.input.images, fset.function,
+                snakemake.params.timesteps, fset.proj_dim, snakemake.params.spec, snakemake.output.features,
                 resolve_device(snakemake.config["device"]), snakemake.config.get("max_pass_items"),
-                checkpoint=step)
+                checkpoint=fset.step)

@@ -9,20 +9,16 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import itertools
 import importlib.util
 import json
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-FUNCTIONS = ("simple", "elbo", "square", "avg", "l1", "l2", "linf")
-FUNCTION_EXPECTED = (f"one of {', '.join(FUNCTIONS)} or interp<eta> with eta in [0, 1] "
-                     "(e.g. interp0.25)")
-_INTERP = re.compile(r"^interp(\d*\.?\d+)$")
+from .methods import METHODS, READS, methods_reading
+from .protocol import FUNCTION_EXPECTED, lambda_grid, parse_function
+
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 # Multiple of which trak's CudaProjector (fast_jl) needs its projection dimension to be.
 CUDA_PROJ_MULTIPLE = 512
@@ -241,12 +237,17 @@ def cuda_projector_possible(device: str) -> bool:
     return device != "cpu" and importlib.util.find_spec("fast_jl") is not None
 
 
+def num_train_timesteps(settings: dict) -> int:
+    """T of the experiment's DDPM scheduler (the protocol's 1000 unless model.scheduler says otherwise)."""
+    return int((settings["model"].get("scheduler") or {}).get("num_train_timesteps", 1000))
+
+
 def check(settings: dict, name: str, device: str = "auto") -> None:
     """The rules between keys that the schema cannot state; one line per fault."""
     where = f"experiments.{name}"
     faults = []
     model, featurize = settings["model"], settings["featurize"]
-    T = int((model.get("scheduler") or {}).get("num_train_timesteps", 1000))
+    T = num_train_timesteps(settings)
     within_T = f"at most T = {T} (model.scheduler.num_train_timesteps)"
     grids = {"featurize": featurize, **{f"featurize.extra_grids[{j}]": grid
                                         for j, grid in enumerate(featurize.get("extra_grids", []))}}
@@ -277,6 +278,7 @@ def check(settings: dict, name: str, device: str = "auto") -> None:
     if "heldout" in settings["lds"]["lambda_rules"] and settings["subsets"]["m"] < 4:
         faults.append(f"subsets.m: got {settings['subsets']['m']}; expected at least 4 for the heldout "
                       "lambda rule (it selects on half of the subsets and reports on the other half)")
+    faults += _check_method_names(settings)
     faults += _check_unet(settings["dataset"], model["unet"])
     faults += _check_retrain(settings, within_T, T)
     faults += _check_clip(settings["score"])
@@ -315,6 +317,7 @@ def retrain_settings(settings: dict) -> dict:
     spec.update(copy.deepcopy(settings.get("retrain") or {}))
     for key in ("timesteps", "noise_seeds"):
         spec.setdefault(key, copy.deepcopy(settings["ground_truth"][key]))
+    spec.setdefault("methods", list(methods_reading("outputs")))
     spec["pool"] = max([0, *spec["ensembles"], *spec["n_models"]])
     return spec
 
@@ -393,156 +396,6 @@ def _check_clip(score: dict) -> list[str]:
     return []
 
 
-SCHEMES = ("uniform", "cumulative")
-# A feature-set name: `{function}_K{K}_k{k}`, then each tag only where it differs from the default, in
-# this order: `_cumulative` (timestep scheme; default uniform), `_e{N}` (noises per timestep; default 1),
-# `_step{S}` (the features of the full model's kept training checkpoint at step S; default the final
-# weights).
-_FEATURE_SET = re.compile(r"(?P<function>[a-z0-9.]+)_K(?P<K>\d+)_k(?P<k>\d+)(?P<cumulative>_cumulative)?"
-                          r"(?:_e(?P<noises>\d+))?(?:_step(?P<step>\d+))?")
-# The same names as Snakemake wildcard constraints (which must not hold named groups of their own):
-# FEATURE_SET for the final weights' sets, FEATURE_SET_ANY for those of kept checkpoints too.
-FEATURE_SET_ANY = re.sub(r"\(\?P<\w+>", "(?:", _FEATURE_SET.pattern)
-FEATURE_SET = FEATURE_SET_ANY.removesuffix(r"(?:_step(?:\d+))?")
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """One feature store's settings: model-output function, K timesteps, projection dimension k,
-    timestep scheme, noises per timestep and training step of the weights (None: the final ones).
-    `name` and `parse` are each other's inverse."""
-    function: str
-    K: int
-    k: int
-    scheme: str = "uniform"
-    noises: int = 1
-    step: int | None = None
-
-    def __post_init__(self):
-        parse_function(self.function)
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"timestep scheme {self.scheme!r}: expected one of {', '.join(SCHEMES)}")
-        for key in ("K", "k", "noises"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"feature set {key}: got {getattr(self, key)!r}; expected an integer >= 1")
-        if self.step is not None and (not isinstance(self.step, int) or self.step < 0):
-            raise ValueError(f"feature set step: got {self.step!r}; expected an integer >= 0 or None")
-
-    @property
-    def name(self) -> str:
-        return (f"{self.function}_K{self.K}_k{self.k}" + ("_cumulative" if self.scheme == "cumulative" else "")
-                + (f"_e{self.noises}" if self.noises != 1 else "") + ("" if self.step is None else f"_step{self.step}"))
-
-    @property
-    def tags(self) -> str:
-        """The name's tags without the leading '_' ('' for the defaults, 'cumulative_e2', ...)."""
-        return self.name[len(f"{self.function}_K{self.K}_k{self.k}") + 1:]
-
-    @classmethod
-    def parse(cls, name: str) -> "FeatureSet":
-        """The feature set named `name`; refused unless `name` is exactly its canonical name."""
-        match = _FEATURE_SET.fullmatch(name)
-        try:
-            fset = match and cls(match["function"], int(match["K"]), int(match["k"]),
-                                 "cumulative" if match["cumulative"] else "uniform",
-                                 int(match["noises"] or 1), None if match["step"] is None else int(match["step"]))
-        except ValueError:
-            fset = None
-        if not fset or fset.name != name:
-            raise ValueError(f"feature set name {name!r}: expected {{function}}_K{{K}}_k{{k}}, then "
-                             "_cumulative for cumulative timesteps, _e{N} for N > 1 noises per timestep and "
-                             "_step{S} for a kept training checkpoint's weights, in this order "
-                             "(e.g. square_K10_k512_cumulative_e2 or square_K10_k512_step100)")
-        return fset
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def feature_sets(featurize: dict, ablations=()) -> list[FeatureSet]:
-    """Every feature store of an experiment, each once, in config order: the featurize block's grid
-    and that of each entry of its `extra_grids` (the paper's function table at k = 4096, say), each
-    functions x timesteps x proj_dims x scheme x noises (an extra grid's scheme and noises default to
-    the block's), then the sets that the `ablations` sweep over and the grids lack."""
-    sets: dict[FeatureSet, None] = {}
-    for grid in [featurize, *featurize.get("extra_grids", [])]:
-        schemes = _as_list(grid.get("scheme", featurize.get("scheme", "uniform")))
-        noises = _as_list(grid.get("noises", featurize.get("noises", 1)))
-        for function, K, k, scheme, n in itertools.product(grid["functions"], grid["timesteps"],
-                                                           grid["proj_dims"], schemes, noises):
-            sets[FeatureSet(str(function), int(K), int(k), str(scheme), int(n))] = None
-    for ablation in ablations:
-        sets.update(dict.fromkeys(point.features for point in ablation_points(ablation)))
-    return list(sets)
-
-
-def checkpoint_feature_sets(featurize: dict) -> list[tuple[str, int, int, int]]:
-    """(function, K, k, step) of every feature store of a kept training checkpoint: each grid's
-    (function, K, k) at each step of its `checkpoints`, each combination once, in config order."""
-    sets: dict[tuple[str, int, int, int], None] = {}
-    for grid in [featurize, *featurize.get("extra_grids", [])]:
-        for function, k, dim, step in itertools.product(grid["functions"], grid["timesteps"],
-                                                        grid["proj_dims"], grid.get("checkpoints", [])):
-            sets[(str(function), int(k), int(dim), int(step))] = None
-    return list(sets)
-
-
-def trajectories(featurize: dict) -> dict[tuple[str, int, int], list[int]]:
-    """{(function, K, k): its checkpoint steps, ascending}: the (function, K, k) of every grid that
-    lists `checkpoints`, with the union of the steps listed for it (TracInCP sums over these and
-    the final weights)."""
-    out: dict[tuple[str, int, int], set[int]] = {}
-    for function, k, dim, step in checkpoint_feature_sets(featurize):
-        out.setdefault((function, k, dim), set()).add(step)
-    return {key: sorted(steps) for key, steps in out.items()}
-
-
-def feature_set_name(function: str, K: int, k: int, step: int | None = None) -> str:
-    """'square', 10, 512, 100 -> 'square_K10_k512_step100' (default scheme and noises; no tag for the
-    final weights)."""
-    return FeatureSet(str(function), int(K), int(k), step=None if step is None else int(step)).name
-
-
-def parse_feature_set(name: str) -> tuple[str, int, int, int | None]:
-    """'square_K10_k512_step100' -> ('square', 10, 512, 100); step None for the final weights.
-    FeatureSet.parse gives the scheme and noises too."""
-    fset = FeatureSet.parse(name)
-    return fset.function, fset.K, fset.k, fset.step
-
-
-# ---------------------------------------------------------------- ablations
-
-# The ground truth's model-output function in the protocol (L_Simple): its stores and LDS tables keep
-# their usual paths; another one (an ablation's gt_function) gets its own (rules/ground_truth.smk).
-DEFAULT_GT_FUNCTION = "simple"
-# The values of what an ablation may leave out of `sweep:` and `at:` (function, K and k it may not).
-ABLATION_DEFAULTS = {"scheme": "uniform", "noises": 1, "gt_function": DEFAULT_GT_FUNCTION}
-
-
-@dataclass(frozen=True)
-class AblationPoint:
-    """One point of an ablation's sweep: the swept values (lambda aside), the feature set and the
-    ground-truth function they select."""
-    values: tuple[tuple[str, object], ...]
-    features: FeatureSet
-    gt_function: str
-
-
-def ablation_points(ablation: dict) -> list[AblationPoint]:
-    """The product of the ablation's `sweep` lists (in their order; a `lambda` sweep selects rows of
-    each point's per-lambda table instead), each completed by `at` and ABLATION_DEFAULTS."""
-    swept = {key: _as_list(values) for key, values in ablation["sweep"].items() if key != "lambda"}
-    points = []
-    for combination in itertools.product(*swept.values()):
-        values = dict(zip(swept, combination))
-        chosen = {**ABLATION_DEFAULTS, **ablation.get("at", {}), **values}
-        fset = FeatureSet(str(chosen["function"]), int(chosen["K"]), int(chosen["k"]), str(chosen["scheme"]),
-                          int(chosen["noises"]))
-        points.append(AblationPoint(tuple(values.items()), fset, str(chosen["gt_function"])))
-    return points
-
-
 def _check_ablations(settings: dict, T: int) -> list[str]:
     """Each ablation names a new table, fixes or sweeps function, K and k, and sweeps valid values."""
     faults, names = [], set()
@@ -562,21 +415,17 @@ def _check_ablations(settings: dict, T: int) -> list[str]:
             faults.append(f"{key}.methods: got {_show(name)}{default}; expected methods the preset scores "
                           f"(score.methods): {', '.join(methods)}")
         if "lambda" in sweep:
-            from .methods import METHODS
-            from .score import lambda_grid
-
             for name in [m for m in ablation.get("methods", ["trak"]) if not METHODS[m].uses_lambda]:
                 faults.append(f"{key}.methods: got {_show(name)}; expected methods with a lambda for a "
                               "lambda sweep")
-            low, high = settings["score"]["lambda_exponents"]
-            grid = lambda_grid(range(int(low), int(high) + 1))
-            for value in [v for v in _as_list(sweep["lambda"]) if v != "grid" and float(v) not in grid]:
+            grid = lambda_grid(settings["score"]["lambda_exponents"])
+            for value in [v for v in as_list(sweep["lambda"]) if v != "grid" and float(v) not in grid]:
                 faults.append(f"{key}.sweep.lambda: got {_show(value)}; expected values of the lambda grid "
                               f"(score.lambda_exponents) or grid")
         for where, leaf, value in ((f"{key}.{part}.{leaf}", leaf, value)
                                    for part, values in (("at", at), ("sweep", sweep))
                                    for leaf, value in values.items()):
-            for i, item in enumerate(_as_list(value)):
+            for i, item in enumerate(as_list(value)):
                 place = f"{where}[{i}]" if isinstance(value, list) else where
                 if leaf in ("function", "gt_function"):
                     try:
@@ -589,30 +438,32 @@ def _check_ablations(settings: dict, T: int) -> list[str]:
     return faults
 
 
+def as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def score_methods(score: dict, key: str) -> list[str]:
-    """`score.methods` (methods on the gradient features), `score.baselines` (pixel baselines) or
-    `score.trajectory_methods` (over training checkpoints) of a preset, the schema's default where the
-    preset leaves it out."""
-    default = schema()["$defs"]["experiment"]["properties"]["score"]["properties"][key]["default"]
-    return [str(name) for name in score.get(key, default)]
+    """`score.methods` (methods on the gradient features), `score.baselines` (similarity baselines) or
+    `score.trajectory_methods` (over training checkpoints) of a preset. Left out, the methods lists
+    name every registered method of their kind (diffattr.methods.READS), the baselines the schema's
+    default."""
+    if key in score:
+        return [str(name) for name in score[key]]
+    if key == "baselines":
+        return list(schema()["$defs"]["experiment"]["properties"]["score"]["properties"][key]["default"])
+    return list(methods_reading(*(reads for reads, where in READS.items() if where == ("score", key))))
 
 
-def parse_function(name: str) -> tuple[str, float | None]:
-    """'square' -> ('square', None); 'interp0.25' -> ('interp', 0.25)."""
-    if name in FUNCTIONS:
-        return name, None
-    match = _INTERP.match(name)
-    if match and 0.0 <= float(match.group(1)) <= 1.0:
-        return "interp", float(match.group(1))
-    raise ValueError(f"unknown model-output function '{name}': expected {FUNCTION_EXPECTED}")
-
-
-def select_timesteps(k: int, scheme: str, num_train_timesteps: int = 1000) -> list[int]:
-    """The protocol's timestep selections: uniform range(0, T, T // K) or cumulative range(K)."""
-    if not 1 <= k <= num_train_timesteps:
-        raise ValueError(f"number of timesteps K={k} must be in [1, {num_train_timesteps}]")
-    if scheme == "uniform":
-        return list(range(0, num_train_timesteps, num_train_timesteps // k))[:k]
-    if scheme == "cumulative":
-        return list(range(k))
-    raise ValueError(f"timestep scheme '{scheme}': expected 'uniform' or 'cumulative'")
+def _check_method_names(settings: dict) -> list[str]:
+    """Every method a config list names is a registered method of a kind that list holds."""
+    faults = []
+    for section, key in dict.fromkeys(READS.values()):
+        if (section, key) == ("retrain", "ensembles"):  # sizes, not names
+            continue
+        names = score_methods(settings["score"], key) if section == "score" else retrain_settings(settings)[key]
+        known = methods_reading(*(reads for reads, where in READS.items() if where == (section, key)))
+        for i, name in enumerate(names):
+            if name not in known:
+                faults.append(f"{section}.{key}[{i}]: got {_show(name)}; expected one of "
+                              f"{', '.join(_show(k) for k in known)}")
+    return faults
