@@ -20,7 +20,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from .data import load_images, load_labels
 from .device import precision
-from .models import DiffusionModel, build_model
+from .models import DiffusionModel, build_model, model_class
 from .storage import array_sha256, atomic_output, file_sha256
 
 TRAINING_RECORD = "training.json"  # beside the weights: the training images, subset and seed
@@ -228,9 +228,10 @@ def kept_path(weights_path) -> Path:
     return folder.with_name(f".{folder.name}.kept")
 
 
-def trajectory_weights(trajectory_path, step: int) -> Path:
-    """The weights file of kept step `step` in a trajectory folder (models/full/trajectory)."""
-    return Path(trajectory_path) / f"step{int(step)}" / "diffusion_pytorch_model.safetensors"
+def trajectory_weights(trajectory_path, step: int, model_spec: dict) -> Path:
+    """The weights file of kept step `step` in a trajectory folder (models/full/trajectory) of a model
+    of `model_spec`'s kind."""
+    return Path(trajectory_path) / f"step{int(step)}" / model_class(model_spec).weights_file
 
 
 def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, weights_path,
