@@ -59,10 +59,12 @@ class LabelledV(PixelDDPM):
         return self.unet(x_t, t.to(x_t.device), class_labels=cond).sample
 
     def predict_with(self, params, x_t, t, cond=None):
-        return torch.func.functional_call(self.unet, params, (x_t, t.to(x_t.device)), {"class_labels": cond}).sample
+        return torch.func.functional_call(self.unet, params, (x_t, t.to(x_t.device)),
+                                          {"class_labels": cond}).sample
 
     def featurized_parameters(self):
-        return [(name, p) for name, p in super().featurized_parameters() if not name.startswith("class_embedding.")]
+        return [(name, p) for name, p in super().featurized_parameters()
+                if not name.startswith("class_embedding.")]
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +274,8 @@ def test_feature_rows_are_autograd_of_f_with_the_v_target_and_the_rows_label(run
     model = double(run).for_per_sample_gradients()
     images = load_images(run["root"] / "train.zarr")[:3].astype(np.float64)
     labels, timesteps = np.array([2, 0, 1]), [0, 300, 999]
-    got = batch_gradients(model, torch.from_numpy(images), [4, 5, 6], function, timesteps, 7, labels, engine=engine)
+    got = batch_gradients(model, torch.from_numpy(images), [4, 5, 6], function, timesteps, 7, labels,
+                          engine=engine)
     assert got.shape == (3, gradient_dim(model))
     for b in range(3):
         pairs = noised_pairs(model, images[b], 4 + b, timesteps, 7)

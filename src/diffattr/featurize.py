@@ -36,12 +36,12 @@ def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, functi
     `eps` (B, K, ...), when given (with N = 1), replaces the drawn noise: item (b, k) is then f at
     x_t = sqrt(abar_t) x0_b + sqrt(1 - abar_t) eps[b, k], x0_b the encoded images[b] (the journey
     features use it to put x_t on a sampling trajectory; the target is eps[b, k] or its velocity).
-    All B x K x N noised copies go through the network as one batch. `engine`: "hooks" (per_sample: one ordinary backward pass, per-sample sums
-    at each featurized layer), "vmap" (torch.func: vmap over samples of the gradient of their mean f)
-    or None, hooks when every featurized layer has a rule there. With `max_pass_items`, the (t, d)
-    pairs are split into chunks of at most max(1, max_pass_items // B) so that a pass holds at most
-    that many noised copies (memory at large K), and the chunks' means are combined with weights
-    |chunk| / (K N).
+    All B x K x N noised copies go through the network as one batch. `engine`: "hooks" (per_sample:
+    one ordinary backward pass, per-sample sums at each featurized layer), "vmap" (torch.func: vmap
+    over samples of the gradient of their mean f) or None, hooks when every featurized layer has a
+    rule there. With `max_pass_items`, the (t, d) pairs are split into chunks of at most
+    max(1, max_pass_items // B) so that a pass holds at most that many noised copies (memory at
+    large K), and the chunks' means are combined with weights |chunk| / (K N).
     """
     if eps is not None and noises != 1:
         raise ValueError(f"noises: got {noises}; expected 1 when the noise `eps` is given")
@@ -128,8 +128,8 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
         rows = None if labels is None else labels[start:stop]
         with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
             grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
-                                    function, timesteps, noise_seed, rows, max_pass_items=max_pass_items, eps=eps,
-                                    noises=noises)
+                                    function, timesteps, noise_seed, rows, max_pass_items=max_pass_items,
+                                    eps=eps, noises=noises)
         yield start, projector.project(grads, model_id=0).float().cpu().numpy()
 
 
