@@ -34,7 +34,7 @@ def reference_gradients(model, images, indices, function, timesteps, noise_seed)
     params = {name: p.detach() for name, p in model.featurized_parameters()}
 
     def value(params, x_t, t, eps):
-        pred = model.eps_with(params, x_t[None], t[None])
+        pred = model.predict_with(params, x_t[None], t[None])
         return model_output(function, pred, eps[None], t[None], model.scheduler)[0]
 
     per_sample_grad = torch.func.vmap(torch.func.grad(value), in_dims=(None, 0, 0, 0))
@@ -56,7 +56,7 @@ def floor_gradient(model, images, indices, function, timesteps, noise_seed) -> t
     eps = noise_batch([(noise_seed, int(i), int(s)) for i in indices for s in timesteps],
                       images.shape[1:]).to(images.device)
     x_t = model.scheduler.add_noise(images.repeat_interleave(len(timesteps), 0), eps, t)
-    value = model_output(function, model.eps(x_t, t), eps, t, model.scheduler).sum() / len(timesteps)
+    value = model_output(function, model.predict(x_t, t), eps, t, model.scheduler).sum() / len(timesteps)
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
 
 
@@ -68,7 +68,7 @@ def backward_flops(model, images, timesteps) -> float:
     t = torch.tensor(list(timesteps), device=images.device).repeat(len(images))
     x_t = images.repeat_interleave(len(timesteps), 0)
     with FlopCounterMode(display=False) as counter:
-        model.eps(x_t, t).square().mean().backward()
+        model.predict(x_t, t).square().mean().backward()
     model.unet.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 

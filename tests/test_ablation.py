@@ -152,14 +152,14 @@ def legacy_batch_gradients(model, images, indices, function, timesteps, noise_se
     from diffattr.functions import model_output
 
     params = {name: p.detach() for name, p in model.featurized_parameters()}
-    x0 = model.latents(images)
+    x0 = model.encode(images)
     t = torch.tensor(list(timesteps), device=x0.device)
     eps = noise.noise_batch([(noise_seed, int(i), int(s)) for i in indices for s in timesteps], x0.shape[1:])
     eps = eps.reshape(len(x0), len(t), *x0.shape[1:]).to(x0.device, x0.dtype)
 
     def value(params, x0, eps):
         x_t = model.scheduler.add_noise(x0.expand(len(t), *x0.shape), eps, t)
-        return model_output(function, model.eps_with(params, x_t, t, None), eps, t, model.scheduler).mean()
+        return model_output(function, model.predict_with(params, x_t, t, None), eps, t, model.scheduler).mean()
 
     grads = torch.func.vmap(torch.func.grad(value), in_dims=(None, 0, 0))(params, x0, eps)
     return torch.cat([grads[name].reshape(len(x0), -1) for name in params], dim=1).float()
@@ -224,9 +224,9 @@ def legacy_loss_simple(model, images, timesteps, noise_seeds, batch_size):
             chunk = triples[start:start + batch_size]
             index = np.array([i for _, i, _ in chunk])
             t = torch.tensor([t for _, _, t in chunk])
-            x0 = model.latents(torch.from_numpy(images[index]))
+            x0 = model.encode(torch.from_numpy(images[index]))
             eps = noise.noise_batch(chunk, x0.shape[1:])
-            pred = model.eps(model.scheduler.add_noise(x0, eps, t), t, model.conditioning(None)).float()
+            pred = model.predict(model.scheduler.add_noise(x0, eps, t), t, model.conditioning(None)).float()
             np.add.at(totals, index, (pred - eps).pow(2).flatten(1).mean(1).double().cpu().numpy())
     return totals / (len(timesteps) * len(noise_seeds))
 

@@ -70,7 +70,7 @@ def test_attention_unet_gradients_equal_a_per_sample_loop():
         t = torch.tensor(timesteps)
         eps = noise_batch([(5, b, s) for s in timesteps], images.shape[1:])
         x_t = model.scheduler.add_noise(images[b:b + 1].expand(len(t), -1, -1, -1), eps, t)
-        model_output("square", model.eps(x_t, t), eps, t, model.scheduler).mean().backward()
+        model_output("square", model.predict(x_t, t), eps, t, model.scheduler).mean().backward()
         expected.append(torch.cat([p.grad.reshape(-1) for _, p in model.featurized_parameters()]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -2,7 +2,7 @@
 images (raw pixel) or of their CLIP embeddings (diffattr.clip).
 
 The protocol's pixel baseline is for pixel-space models. A latent model (Stable Diffusion) would
-compare VAE latents instead; that needs the model layer's `latents()` and is not built yet. CLIP
+compare VAE latents instead (the model layer's `encode()`); that is not built yet. CLIP
 embeds the images themselves for every model kind.
 """
 from __future__ import annotations

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import load_images
+from .data import load_images, load_labels
 from .device import device_name
 from .ground_truth import query_losses
 from .models import load_model
@@ -58,11 +58,12 @@ def residual_weights(errors: np.ndarray) -> np.ndarray:
 
 
 def rms_residuals(model, images: np.ndarray, timesteps, noise_seed: int, batch_size: int,
-                  device: torch.device = torch.device("cpu")) -> np.ndarray:
+                  device: torch.device = torch.device("cpu"), labels: np.ndarray | None = None) -> np.ndarray:
     """(n, K) e_it = sqrt(mean_pixels (eps_theta(x_t, t) - eps)^2) at the featurizer's noise
-    eps(noise_seed, i, t) (`ground_truth.query_losses` draws the same noise)."""
-    return np.stack([np.sqrt(query_losses(model, images, [t], [noise_seed], batch_size, device))
-                     for t in timesteps], axis=1)
+    eps(noise_seed, i, t) (`ground_truth.query_losses` draws the same noise), image i conditioned on
+    labels[i]; for a v-prediction model the residual of v_theta against the velocity."""
+    return np.stack([np.sqrt(query_losses(model, images, [t], [noise_seed], batch_size, device,
+                                          labels=labels)) for t in timesteps], axis=1)
 
 
 def compute_residuals(weights_path, model_spec: dict, images_path, timesteps, noise_seed: int, batch_size: int,
@@ -71,7 +72,8 @@ def compute_residuals(weights_path, model_spec: dict, images_path, timesteps, no
     `batch_size` noised images per forward pass (as the ground truth's)."""
     model = load_model(model_spec, Path(weights_path).parent)
     images = load_images(images_path)
-    errors = rms_residuals(model, images, timesteps, int(noise_seed), int(batch_size), device)
+    errors = rms_residuals(model, images, timesteps, int(noise_seed), int(batch_size), device,
+                           load_labels(images_path))
     write_array(out_path, residual_weights(errors), {
         "model_sha256": file_sha256(weights_path), "timesteps": list(timesteps),
         "noise_seed": int(noise_seed), "query_sha256": array_sha256(images),

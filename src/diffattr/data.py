@@ -1,5 +1,8 @@
 """Datasets: load a source, split it stratified, store images (zarr) and an index table per split.
 
+Each image store carries its images' class labels in its attribute `labels` (`load_labels`), so
+that the stages condition a model on them without the index table.
+
 Sources (`dataset.source`):
 - `sklearn_digits`: one pool of images, split stratified into train and val;
 - `cifar10`, `celeba`, `image_folder`: sources with their own train/test partition (read by
@@ -16,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from .storage import atomic_output, read_array, write_array
+from .storage import atomic_output, read_array, read_attrs, write_array
 
 
 PARTITIONED_SOURCES = ("cifar10", "celeba", "image_folder")
@@ -192,7 +195,7 @@ def _build_partitioned(spec: dict, out: dict) -> None:
 
 
 def _write_split(out: dict, split: str, images: np.ndarray, attrs: dict, columns: dict) -> None:
-    write_array(out[f"{split}_images"], images, attrs)
+    write_array(out[f"{split}_images"], images, {**attrs, "labels": [int(c) for c in columns["label"]]})
     table = pd.DataFrame({"position": np.arange(len(images)), **columns})
     with atomic_output(out[f"{split}_index"]) as tmp:
         table.to_csv(tmp, index=False)
@@ -200,3 +203,10 @@ def _write_split(out: dict, split: str, images: np.ndarray, attrs: dict, columns
 
 def load_images(path) -> np.ndarray:
     return read_array(path)[0]
+
+
+def load_labels(path) -> np.ndarray | None:
+    """(N,) int64 class labels of an image store's images; None for a store without them (a
+    generation set of an unconditional model, or a store written before labels were stored)."""
+    labels = read_attrs(path).get("labels")
+    return None if labels is None else np.asarray(labels, dtype=np.int64)

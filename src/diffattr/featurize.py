@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from . import per_sample
-from .data import load_images
+from .data import load_images, load_labels
 from .device import device_name, precision
 from .functions import model_output
 from .models import DiffusionModel, load_model
@@ -30,17 +30,18 @@ def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, functi
                     eps: torch.Tensor | None = None, noises: int = 1, engine: str | None = None) -> torch.Tensor:
     """(B, p) fp32: row b is the flat gradient of (1/(K N)) sum_t sum_d f(images[b], t, eps_td), with
     eps_td = noise.gaussian(noise_seed, indices[b], t, draw=d) for the N = `noises` draws d < N
-    (N = 1: draw 0, the noise of (noise_seed, indices[b], t)).
+    (N = 1: draw 0, the noise of (noise_seed, indices[b], t)), the model conditioned on labels[b]
+    and f comparing its prediction with `model.target` of (encoded images[b], eps_td, t).
 
     `eps` (B, K, ...), when given (with N = 1), replaces the drawn noise: item (b, k) is then f at
-    x_t = sqrt(abar_t) images[b] + sqrt(1 - abar_t) eps[b, k] with target eps[b, k] (the journey
-    features use it to put x_t on a sampling trajectory). All B x K x N noised copies go through the
-    network as one batch. `engine`: "hooks" (per_sample: one ordinary backward pass, per-sample sums
-    at each featurized layer), "vmap" (torch.func: vmap over samples of the gradient of their mean f)
-    or None, hooks when every featurized layer has a rule there. With `max_pass_items`, the (t, d)
-    pairs are split into chunks of at most max(1, max_pass_items // B) so that a pass holds at most
-    that many noised copies (memory at large K), and the chunks' means are combined with weights
-    |chunk| / (K N).
+    x_t = sqrt(abar_t) x0_b + sqrt(1 - abar_t) eps[b, k], x0_b the encoded images[b] (the journey
+    features use it to put x_t on a sampling trajectory; the target is eps[b, k] or its velocity).
+    All B x K x N noised copies go through the network as one batch. `engine`: "hooks" (per_sample:
+    one ordinary backward pass, per-sample sums at each featurized layer), "vmap" (torch.func: vmap
+    over samples of the gradient of their mean f) or None, hooks when every featurized layer has a
+    rule there. With `max_pass_items`, the (t, d) pairs are split into chunks of at most
+    max(1, max_pass_items // B) so that a pass holds at most that many noised copies (memory at
+    large K), and the chunks' means are combined with weights |chunk| / (K N).
     """
     if eps is not None and noises != 1:
         raise ValueError(f"noises: got {noises}; expected 1 when the noise `eps` is given")
@@ -66,12 +67,12 @@ def _noised_copies(model: DiffusionModel, images: torch.Tensor, indices, draws, 
                    eps: torch.Tensor | None = None):
     """x0 (B, ...), t (D,), eps (B, D, ...) and the conditioning for the D = len(draws) (timestep, draw)
     pairs of each sample."""
-    x0 = model.latents(images)
+    x0 = model.encode(images)
     t = torch.tensor([s for s, _ in draws], device=x0.device)
     if eps is None:
         eps = noise_batch([(noise_seed, int(i), s, d) for i in indices for s, d in draws], x0.shape[1:])
     eps = eps.reshape(len(x0), len(t), *x0.shape[1:]).to(x0.device, x0.dtype)
-    return x0, t, eps, model.conditioning(None if labels is None else torch.as_tensor(labels))
+    return x0, t, eps, model.conditioning(None if labels is None else torch.as_tensor(labels, device=x0.device))
 
 
 def _hooks_pass(model: DiffusionModel, function: str, x0, t, eps, cond) -> torch.Tensor:
@@ -80,9 +81,11 @@ def _hooks_pass(model: DiffusionModel, function: str, x0, t, eps, cond) -> torch
     t_all, eps_all = t.repeat_interleave(len(x0)), eps.transpose(0, 1).flatten(0, 1)
 
     def objective():  # the sum over samples of each sample's mean f over its copies
-        x_t = model.scheduler.add_noise(x0.repeat(len(t), *[1] * (x0.dim() - 1)), eps_all, t_all)
-        pred = model.eps(x_t, t_all, None if cond is None else cond.repeat(len(t), *[1] * (cond.dim() - 1)))
-        return model_output(function, pred, eps_all, t_all, model.scheduler).sum() / len(t)
+        x0_all = x0.repeat(len(t), *[1] * (x0.dim() - 1))
+        x_t = model.scheduler.add_noise(x0_all, eps_all, t_all)
+        pred = model.predict(x_t, t_all, None if cond is None else cond.repeat(len(t), *[1] * (cond.dim() - 1)))
+        return model_output(function, pred, model.target(x0_all, eps_all, t_all), t_all,
+                            model.scheduler).sum() / len(t)
 
     grads = per_sample.group_gradients(model.network(), featurized, objective, len(x0))
     return torch.cat([grads[name].reshape(len(x0), -1) for name, _ in featurized], dim=1).float()
@@ -92,13 +95,17 @@ def _vmap_pass(model: DiffusionModel, function: str, x0, t, eps, cond) -> torch.
     params = {name: p.detach() for name, p in model.featurized_parameters()}
 
     def value(params, x0, eps, cond):
-        x_t = model.scheduler.add_noise(x0.expand(len(t), *x0.shape), eps, t)
+        x0 = x0.expand(len(t), *x0.shape)
+        x_t = model.scheduler.add_noise(x0, eps, t)
         cond = None if cond is None else cond.expand(len(t), *cond.shape)
-        pred = model.eps_with(params, x_t, t, cond)
-        return model_output(function, pred, eps, t, model.scheduler).mean()
+        pred = model.predict_with(params, x_t, t, cond)
+        return model_output(function, pred, model.target(x0, eps, t), t, model.scheduler).mean()
 
-    grads = torch.func.vmap(torch.func.grad(value), in_dims=(None, 0, 0, None if cond is None else 0))(
-        params, x0, eps, cond)
+    # torch.func.grad differentiates under no_grad too; no_grad keeps the trainable parameters left out
+    # of `params` (e.g. a class embedding that is not featurized) from recording a graph
+    with torch.no_grad():
+        grads = torch.func.vmap(torch.func.grad(value), in_dims=(None, 0, 0, None if cond is None else 0))(
+            params, x0, eps, cond)
     return torch.cat([grads[name].reshape(len(x0), -1) for name in params], dim=1).float()
 
 
@@ -108,19 +115,21 @@ def gradient_dim(model: DiffusionModel) -> int:
 
 def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps, noise_seed: int,
              projector, batch_size: int, starts=None, max_pass_items: int | None = None, noise=None,
-             noises: int = 1):
+             noises: int = 1, labels: np.ndarray | None = None):
     """Yield (start, projected features of rows start..start+len) for batches of samples (only those
-    beginning at `starts`, when given), computed on the model's device. `noise(rows)`, when given,
-    returns the (B, K, ...) noise of those rows instead of drawing it (see `batch_gradients`)."""
+    beginning at `starts`, when given), computed on the model's device, row i conditioned on labels[i].
+    `noise(rows)`, when given, returns the (B, K, ...) noise of those rows instead of drawing it
+    (see `batch_gradients`)."""
     model.train(False)
     device = next(p.device for _, p in model.featurized_parameters())
     for start in range(0, len(images), batch_size) if starts is None else starts:
         stop = min(len(images), start + batch_size)
         eps = None if noise is None else noise(range(start, stop))
+        rows = None if labels is None else labels[start:stop]
         with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
             grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
-                                    function, timesteps, noise_seed, max_pass_items=max_pass_items, eps=eps,
-                                    noises=noises)
+                                    function, timesteps, noise_seed, rows, max_pass_items=max_pass_items,
+                                    eps=eps, noises=noises)
         yield start, projector.project(grads, model_id=0).float().cpu().numpy()
 
 
@@ -137,14 +146,16 @@ def featurize_split(weights_path, model_spec: dict, images_path, function: str, 
     write_features(model, weights_path, load_images(images_path), function, timesteps, proj_dim, spec,
                    out_path, device, {"checkpoint": checkpoint, "scheme": spec["scheme"],
                                       "noise_seed": int(spec["noise_seed"])}, max_pass_items,
-                   noises=int(spec.get("noises", 1)))
+                   noises=int(spec.get("noises", 1)), labels=load_labels(images_path))
 
 
 def write_features(model: DiffusionModel, weights_path, images: np.ndarray, function: str, timesteps,
                    proj_dim: int, spec: dict, out_path, device: torch.device, attrs: dict,
-                   max_pass_items: int | None = None, noise=None, noises: int = 1) -> None:
+                   max_pass_items: int | None = None, noise=None, noises: int = 1,
+                   labels: np.ndarray | None = None) -> None:
     """`featurize_split`'s store for a loaded model: `attrs` (how the noise was chosen) and `noises`
-    (per timestep) join the provenance, and `noise` and `noises` are passed on to `features`."""
+    (per timestep) join the provenance, and `noise`, `noises` and the images' `labels` are passed on
+    to `features`."""
     batch_size = int(spec["batch_size"])
     projector, projector_info = make_projector(gradient_dim(model), proj_dim, int(spec["proj_seed"]),
                                                device, batch_size)
@@ -165,7 +176,7 @@ def write_features(model: DiffusionModel, weights_path, images: np.ndarray, func
     todo = [chunks[key] for key in output.todo(chunks)]
     for start, rows in features(model, images, function, timesteps, int(spec["noise_seed"]),
                                 projector, batch_size, starts=todo, max_pass_items=max_pass_items,
-                                noise=noise, noises=noises):
+                                noise=noise, noises=noises, labels=labels):
         array[start:start + len(rows)] = rows
         output.mark_done(str(start // batch_size))
     output.commit(chunks)

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 import zarr
 
-from .protocol import DEFAULT_GT_FUNCTION, select_timesteps
-from .data import load_images
+from .data import load_images, load_labels
 from .device import device_name, precision
 from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
+from .protocol import DEFAULT_GT_FUNCTION, select_timesteps
 from .storage import ResumableOutput, array_sha256, file_sha256
 from .train import TRAINING_RECORD
 
@@ -26,10 +26,12 @@ CHUNKS_PER_SPLIT = 16
 @torch.no_grad()
 def query_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds,
                  batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32",
-                 rows: range | None = None, function: str = DEFAULT_GT_FUNCTION) -> np.ndarray:
-    """(n,) float64: mean over (t, seed) of f(x, t, eps) for the queries in `rows` (default all), f
-    the model-output function `function` (diffattr.functions); by default L_Simple,
-    mean_pixels (eps_theta(x_t, t) - eps)^2.
+                 rows: range | None = None, function: str = DEFAULT_GT_FUNCTION,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+    """(n,) float64: mean over (t, seed) of f(x, t, eps) for the queries in `rows` (default all), each
+    conditioned on its class in `labels` (n,), f the model-output function `function`
+    (diffattr.functions) of the prediction and its target; by default L_Simple,
+    mean_pixels (eps_theta(x_t, t) - eps)^2 for an epsilon-prediction model.
 
     The noise of (query, t, seed) comes from `noise.gaussian`, so batching never changes it. The
     UNet runs in precision `dtype` (`diffattr.device.precision`); the loss is taken in fp32.
@@ -42,11 +44,12 @@ def query_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_see
         chunk = triples[start:start + batch_size]
         index = np.array([i for _, i, _ in chunk])
         t = torch.tensor([t for _, _, t in chunk], device=device)
-        x0 = model.latents(torch.from_numpy(images[index]).to(device))
+        x0 = model.encode(torch.from_numpy(images[index]).to(device))
         eps = noise_batch(chunk, x0.shape[1:]).to(device)
+        cond = model.conditioning(None if labels is None else torch.from_numpy(labels[index]).to(device))
         with precision(dtype, device):
-            pred = model.eps(model.scheduler.add_noise(x0, eps, t), t, model.conditioning(None)).float()
-        values = model_output(function, pred, eps, t, model.scheduler)
+            pred = model.predict(model.scheduler.add_noise(x0, eps, t), t, cond).float()
+        values = model_output(function, pred, model.target(x0, eps, t), t, model.scheduler)
         np.add.at(totals, index, values.double().cpu().numpy())
     return totals[rows.start:rows.stop:rows.step] / (len(timesteps) * len(noise_seeds))
 
@@ -59,6 +62,10 @@ def training_record(weights_path) -> dict:
         return {}
     record = json.loads(path.read_text())
     return {key: record[key] for key in ("subsets_sha256", "subset", "train_seed")}
+
+
+def _labels_sha256(labels: np.ndarray | None) -> str | None:
+    return None if labels is None else array_sha256(labels)
 
 
 def chunk_rows(n: int, per_row: int, batch_size: int) -> int:
@@ -79,10 +86,13 @@ def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: di
              "noise_seeds": seeds, "function": function, "dtype": dtype, "device": device_name(device),
              **training_record(weights_path)}
     queries = {split: load_images(path) for split, path in query_paths.items()}
+    labels = {split: load_labels(path) for split, path in query_paths.items()}
     size = {split: chunk_rows(len(images), len(timesteps) * len(seeds), batch_size)
             for split, images in queries.items()}
     identity = {**attrs, "splits": {split: {"query_sha256": array_sha256(images), "rows": len(images),
-                                            "chunk_rows": size[split]} for split, images in queries.items()}}
+                                            "chunk_rows": size[split],
+                                            "labels_sha256": _labels_sha256(labels[split])}
+                                    for split, images in queries.items()}}
 
     def create(path):
         group = zarr.open_group(path, mode="w")
@@ -98,6 +108,6 @@ def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: di
     for key in output.todo(chunks):
         split, rows = chunks[key]
         group[split][rows.start:rows.stop] = query_losses(model, queries[split], timesteps, seeds, batch_size,
-                                                          device, dtype, rows, function)
+                                                          device, dtype, rows, function, labels[split])
         output.mark_done(key)
     output.commit(chunks)

@@ -20,6 +20,11 @@ extra noise draws. The query feature is P^T (1/S) sum_s grad f(x_s, t_s, eps_s):
 TRAK scores are linear in the query feature, so scoring it gives the mean over the S steps of the
 per-step TRAK scores (tests/test_journey.py checks this identity).
 
+With a model kind that diffuses elsewhere than in pixels, z above is the stored image encoded
+(`DiffusionModel.encode`), the space of the trajectory; with v-prediction the per-step target is
+the velocity of (z, eps_s) (`DiffusionModel.target`); a class-conditional kind is conditioned on
+each image's label from the generation set's store, as it was when generating.
+
 The trajectory is regenerated from the generation settings and the full model (deterministic per
 image seed, `generate.denoise`, in the generate job's batches) rather than stored by the generate
 job: storing S states per image would multiply the generation set's size by S, and regenerating
@@ -33,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import load_images
+from .data import load_images, load_labels
 from .featurize import write_features
 from .generate import ddim_scheduler, denoise
 from .models import DiffusionModel, load_model
@@ -47,9 +52,11 @@ class TrajectoryMismatch(ValueError):
     """The regenerated trajectory does not end at the stored generated image."""
 
 
-def trajectory_noise(sampler: DiffusionModel, images: np.ndarray, spec: dict, device: torch.device):
+def trajectory_noise(sampler: DiffusionModel, images: np.ndarray, spec: dict, device: torch.device,
+                     labels: np.ndarray | None = None):
     """`noise(rows)` for `features`: the (B, S, ...) implied noise eps_s of rows `rows` of the
-    generation set `images`, from their regenerated trajectories; and the S timesteps t_s.
+    generation set `images` (of classes `labels`), from their regenerated trajectories; and the S
+    timesteps t_s.
 
     Trajectories are regenerated in the generate job's own batches (`spec['batch_size']` images from
     image 0 on), so that on the same device and precision they are the generate job's, bit for bit;
@@ -65,9 +72,10 @@ def trajectory_noise(sampler: DiffusionModel, images: np.ndarray, spec: dict, de
         if batch not in kept:
             if len(kept) == 2:
                 kept.pop(min(kept))
-            kept[batch] = denoise(sampler, ddim, range(batch * size, min(n, (batch + 1) * size)),
-                                  sampler.latent_shape(), float(spec["eta"]), int(spec["seed"]), device,
-                                  spec.get("dtype", "fp32"), keep_states=True)
+            index = range(batch * size, min(n, (batch + 1) * size))
+            kept[batch] = denoise(sampler, ddim, index, sampler.latent_shape(), float(spec["eta"]),
+                                  int(spec["seed"]), device, spec.get("dtype", "fp32"), keep_states=True,
+                                  labels=None if labels is None else labels[index.start:index.stop])
         return kept[batch]
 
     def noise(rows: range) -> torch.Tensor:
@@ -82,7 +90,7 @@ def trajectory_noise(sampler: DiffusionModel, images: np.ndarray, spec: dict, de
                 f"images {rows.start}..{rows.stop - 1} of the generation set: the regenerated DDIM trajectory "
                 f"ends {gap:.3g} away from the stored image (tolerance {ENDPOINT_TOLERANCE}); the generate "
                 "settings or the full model differ from those that made the generation set")
-        return implied_noise(states, z, abar)
+        return implied_noise(states, sampler.encode(z), abar)
 
     return noise, timesteps
 
@@ -102,10 +110,10 @@ def featurize_journey(weights_path, model_spec: dict, images_path, function: str
     directory = Path(weights_path).parent
     sampler = load_model(model_spec, directory).to(device).train(False)  # as the generate job ran it
     model = load_model(model_spec, directory).to(device).for_per_sample_gradients()
-    images = load_images(images_path)
-    noise, timesteps = trajectory_noise(sampler, images, generate_spec, device)
+    images, labels = load_images(images_path), load_labels(images_path)
+    noise, timesteps = trajectory_noise(sampler, images, generate_spec, device, labels)
     trajectory = {key: generate_spec[key] for key in ("steps", "eta", "seed")}
     write_features(model, weights_path, images, function, timesteps, proj_dim, spec, out_path, device,
                    {"checkpoint": None, "scheme": "ddim_trajectory", "noise_seed": None,
                     "trajectory": {**trajectory, "dtype": generate_spec.get("dtype", "fp32")}},
-                   max_pass_items, noise=noise)
+                   max_pass_items, noise=noise, labels=labels)

@@ -1,9 +1,12 @@
 """The model layer: what the trainer, generator, ground truth and featurizer need of a diffusion model.
 
-Every stage talks to a `DiffusionModel`: latents of images, class conditioning, the epsilon
-prediction, and the parameters to featurize. The pixel-space DDPM below is the first kind; a latent
-Stable Diffusion with LoRA (VAE latents, a prompt per class, only LoRA parameters featurized)
-is meant to be a second subclass registered in `KINDS`, leaving the stages untouched.
+Every stage talks to a `DiffusionModel` and to nothing else of the model: `encode` / `decode` between
+images in [-1, 1] and the space where diffusion runs, `conditioning` of each image's class label,
+the network's `predict`ion and its training `target` (eps or v, the scheduler's prediction_type),
+the parameters to featurize, and the files a saved model consists of. The pixel-space DDPM below
+is the first kind; a latent Stable Diffusion with LoRA (VAE latents, a prompt per class, only LoRA
+parameters featurized) is meant to be a second subclass registered in `KINDS`
+(tests/test_model_kind.py runs every stage with a class-conditional v-prediction kind).
 """
 from __future__ import annotations
 
@@ -14,33 +17,52 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 
-# A trained model's folder, the same for every kind (the workflow's rules name these files before they
-# know an experiment's kind): the weights the kind trains, its network's config, the trainer's loss log
-# and training record (diffattr.train).
-ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "config": "config.json",
-             "loss_log": "train_log.csv", "training": "training.json"}
+# The files of a trained model's folder that the workflow's rules name, the same for every kind (rules
+# name them before they know an experiment's kind): the weights the kind trains (every kind saves them
+# under this name), the trainer's loss log and its training record (diffattr.train).
+ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "loss_log": "train_log.csv",
+             "training": "training.json"}
 
 
 class DiffusionModel:
     scheduler: DDPMScheduler
-    weights_file = ARTIFACTS["weights"]
+    weights_file = ARTIFACTS["weights"]  # the file a model's provenance hashes (model_sha256)
+    artifact_files: tuple[str, ...]  # every file `save` writes into a model folder, weights_file among them
+    num_classes: int | None = None  # classes `conditioning` tells apart; None: the kind ignores labels
 
-    def latents(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> their clean samples x0 in the space where diffusion runs."""
+        raise NotImplementedError
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The inverse of `encode`: samples of the diffusion space -> images (unclamped)."""
         raise NotImplementedError
 
     def conditioning(self, labels: torch.Tensor | None):
+        """What the network takes for the class labels (B,) of a batch (None for an unconditional kind)."""
         raise NotImplementedError
 
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample in the space where diffusion runs (pixels here, VAE latents for SD)."""
         raise NotImplementedError
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """The network's output at (x_t, t): eps_theta or v_theta, as `target`."""
         raise NotImplementedError
 
-    def eps_with(self, params: dict, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        """`eps` with the featurized parameters replaced by `params` (name -> tensor), for torch.func."""
+    def predict_with(self, params: dict, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """`predict` with the featurized parameters replaced by `params` (name -> tensor), for torch.func."""
         raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What `predict` is trained towards at x_t = add_noise(x0, eps, t): eps itself (epsilon
+        prediction) or the velocity sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v_prediction)."""
+        prediction = self.scheduler.config.prediction_type
+        if prediction == "epsilon":
+            return eps
+        if prediction == "v_prediction":
+            return self.scheduler.get_velocity(x0, eps, t)
+        raise ValueError(f"prediction_type: '{prediction}' is not supported (expected epsilon or v_prediction)")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         raise NotImplementedError
@@ -49,7 +71,7 @@ class DiffusionModel:
         raise NotImplementedError
 
     def network(self) -> torch.nn.Module:
-        """The module that `eps` calls and that holds the featurized parameters (the featurizer hooks
+        """The module that `predict` calls and that holds the featurized parameters (the featurizer hooks
         its layers)."""
         raise NotImplementedError
 
@@ -61,7 +83,7 @@ class DiffusionModel:
         raise NotImplementedError
 
     def for_per_sample_gradients(self) -> "DiffusionModel":
-        """Make `eps_with` safe under torch.func.vmap (same values, batched per sample)."""
+        """Make `predict_with` safe under torch.func.vmap (same values, batched per sample)."""
         raise NotImplementedError
 
     def save(self, directory) -> None:
@@ -69,14 +91,16 @@ class DiffusionModel:
 
 
 def ddpm_scheduler(spec: dict | None = None) -> DDPMScheduler:
-    """The protocol's DDPM: linear betas 1e-4..0.02, T = 1000, epsilon prediction."""
+    """The protocol's DDPM: linear betas 1e-4..0.02, T = 1000, epsilon prediction (by default)."""
     spec = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
             "beta_schedule": "linear", "prediction_type": "epsilon", **(spec or {})}
     return DDPMScheduler(**spec)
 
 
 class PixelDDPM(DiffusionModel):
-    """A diffusers UNet2DModel on pixels; every UNet parameter is featurized."""
+    """A diffusers UNet2DModel on pixels, unconditional; every UNet parameter is featurized."""
+
+    artifact_files = (ARTIFACTS["weights"], "config.json", "scheduler_config.json")
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler):
         self.unet = unet
@@ -97,8 +121,11 @@ class PixelDDPM(DiffusionModel):
         self.unet.save_pretrained(directory, safe_serialization=True)
         self.scheduler.save_pretrained(directory)
 
-    def latents(self, images):
+    def encode(self, images):
         return images
+
+    def decode(self, x0):
+        return x0
 
     def conditioning(self, labels):
         return None
@@ -107,10 +134,10 @@ class PixelDDPM(DiffusionModel):
         size = self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
 
-    def eps(self, x_t, t, cond=None):
+    def predict(self, x_t, t, cond=None):
         return self.unet(x_t, t.to(x_t.device)).sample
 
-    def eps_with(self, params, x_t, t, cond=None):
+    def predict_with(self, params, x_t, t, cond=None):
         return torch.func.functional_call(self.unet, params, (x_t, t.to(x_t.device))).sample
 
     def trainable_parameters(self):

@@ -279,7 +279,8 @@ def check(settings: dict, name: str, device: str = "auto") -> None:
         faults.append(f"subsets.m: got {settings['subsets']['m']}; expected at least 4 for the heldout "
                       "lambda rule (it selects on half of the subsets and reports on the other half)")
     faults += _check_method_names(settings)
-    faults += _check_unet(settings["dataset"], model["unet"])
+    if model.get("kind", "pixel_ddpm") == "pixel_ddpm":
+        faults += _check_unet(settings["dataset"], model["unet"])
     faults += _check_retrain(settings, within_T, T)
     faults += _check_clip(settings["score"])
     faults += _check_ablations(settings, T)

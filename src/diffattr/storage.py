@@ -57,6 +57,11 @@ def read_array(path) -> tuple[np.ndarray, dict]:
     return arr[...], dict(arr.attrs)
 
 
+def read_attrs(path) -> dict:
+    """The attributes of a zarr array store, without reading its data."""
+    return dict(zarr.open_array(path, mode="r").attrs)
+
+
 def read_member(path, name: str) -> tuple[np.ndarray, dict]:
     """Array `name` of a zarr group, with the group's attributes updated by the array's own."""
     group = zarr.open_group(path, mode="r")

@@ -1,4 +1,8 @@
-"""Training a diffusion model on a set of images with the protocol's recipe (L_Simple, AdamW, cosine)."""
+"""Training a diffusion model on a set of images with the protocol's recipe (L_Simple, AdamW, cosine).
+
+L_Simple is the mean squared error of the network's prediction against its target: the noise for
+an epsilon-prediction model, the velocity for a v-prediction one (`DiffusionModel.target`).
+"""
 from __future__ import annotations
 
 import json
@@ -14,9 +18,9 @@ import pandas as pd
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from .data import load_images
+from .data import load_images, load_labels
 from .device import precision
-from .models import DiffusionModel, build_model
+from .models import DiffusionModel, build_model, model_class
 from .storage import array_sha256, atomic_output, file_sha256
 
 TRAINING_RECORD = "training.json"  # beside the weights: the training images, subset and seed
@@ -71,7 +75,8 @@ class KeptWeights:
 
 def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None, spec: dict,
           seed: int, device: torch.device = torch.device("cpu"), checkpoint=None, kept=None) -> pd.DataFrame:
-    """Train in place on `device`; deterministic given `seed` on CPU. Returns the loss log (one row per step).
+    """Train in place on `device`, image i conditioned on labels[i] (None: no labels); deterministic
+    given `seed` on CPU. Returns the loss log (one row per step).
 
     Batches are drawn epoch by epoch from a seeded permutation; flips, timesteps and noise come from
     the same CPU generator whatever the device, dropout from torch's global generator seeded with `seed`.
@@ -124,14 +129,14 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         if spec.get("hflip", False):
             flip = (torch.rand(len(index), generator=gen) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        x0 = model.latents(x0)
+        x0 = model.encode(x0)
         t = torch.randint(0, n_timesteps, (len(index),), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = model.scheduler.add_noise(x0, noise, t)
         cond = model.conditioning(labels[index] if labels is not None else None)
         optimizer.zero_grad(set_to_none=True)
         with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
-            loss = (model.eps(x_t, t, cond) - noise).pow(2).mean()
+            loss = (model.predict(x_t, t, cond) - model.target(x0, noise, t)).pow(2).mean()
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(spec["grad_clip"]))
         optimizer.step()
@@ -223,9 +228,10 @@ def kept_path(weights_path) -> Path:
     return folder.with_name(f".{folder.name}.kept")
 
 
-def trajectory_weights(trajectory_path, step: int) -> Path:
-    """The weights file of kept step `step` in a trajectory folder (models/full/trajectory)."""
-    return Path(trajectory_path) / f"step{int(step)}" / "diffusion_pytorch_model.safetensors"
+def trajectory_weights(trajectory_path, step: int, model_spec: dict) -> Path:
+    """The weights file of kept step `step` in a trajectory folder (models/full/trajectory) of a model
+    of `model_spec`'s kind."""
+    return Path(trajectory_path) / f"step{int(step)}" / model_class(model_spec).weights_file
 
 
 def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, weights_path,
@@ -240,21 +246,22 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
     model folder `step<S>/` each (with TRAINING_RECORD and its step), written as one folder before
     the final weights; until then they wait in `kept_path`, which a resumed training reuses.
     """
-    images = load_images(images_path)
+    images, labels = load_images(images_path), load_labels(images_path)
     if subsets_path is not None:
         table = pd.read_csv(subsets_path)
         positions = table.loc[table["subset"] == subset, "train_position"].to_numpy()
         if len(positions) == 0:
             raise ValueError(f"{subsets_path}: subset {subset} has no members")
-        images = images[np.sort(positions)]
+        rows = np.sort(positions)
+        images, labels = images[rows], None if labels is None else labels[rows]
     # what the model was trained on, for the provenance of its ground truth (ground_truth.py)
     record = {"images_sha256": array_sha256(images), "subset": subset, "train_seed": int(seed),
               "subsets_sha256": None if subsets_path is None else file_sha256(subsets_path)}
     model = build_model(spec["model"], seed)
     checkpoint = checkpoint_path(weights_path)
     kept = None if trajectory_path is None else kept_path(weights_path)
-    log = train(model, torch.from_numpy(np.ascontiguousarray(images)), None, spec, seed, device, checkpoint,
-                kept)
+    log = train(model, torch.from_numpy(np.ascontiguousarray(images)),
+                None if labels is None else torch.from_numpy(labels), spec, seed, device, checkpoint, kept)
     model.to(torch.device("cpu"))
     out = Path(weights_path).parent
     out.mkdir(parents=True, exist_ok=True)
