@@ -45,5 +45,5 @@ def model_output(name: str, pred: torch.Tensor, target: torch.Tensor, t: torch.T
         return _sum(pred ** 2).sqrt()
     if function == "linf":
         return pred.flatten(1).abs().amax(1)
-    # interp(eta): our reconstruction of Fig. 1 (see the README); eta=0 square, 0.5 simple/2.
+    # interp(eta): our reconstruction of Fig. 1 (docs/methods.md); eta=0 square, 0.5 simple/2.
     return _mean((1 - eta) * pred ** 2 - 2 * eta * target * pred)

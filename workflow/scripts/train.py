@@ -3,7 +3,7 @@ import os
 from diffattr.device import resolve_device
 from diffattr.train import train_and_save
 
-# Tests only: DIFFATTR_FAIL_MODEL=s001-r1 makes that LDS model's training fail (README, "Running on SLURM").
+# Tests only: DIFFATTR_FAIL_MODEL=s001-r1 makes that LDS model's training fail (docs/slurm.md).
 failing = os.environ.get("DIFFATTR_FAIL_MODEL")
 if failing and failing == snakemake.wildcards.get("model"):
     raise RuntimeError(f"DIFFATTR_FAIL_MODEL={failing}: this model's training fails on purpose")
