@@ -23,7 +23,7 @@ rule baseline:
         "logs/{experiment}/baseline/{baseline}_{qsplit}.log",
     benchmark:
         benchmark("logs/{experiment}/baseline/{baseline}_{qsplit}.log")
-    threads: 1
+    threads: threads("score")
     run:
         run("baseline.py", input, output, params, wildcards, threads, log)
 
@@ -50,7 +50,7 @@ rule embed_clip:
         benchmark("logs/{experiment}/embed_clip/{split}.log")
     params:
         clip=clip_spec,
-    threads: 1
+    threads: threads("featurize")
     resources:
         gpu=GPU_JOB,
     run:

@@ -85,6 +85,12 @@ def images(split):
     return lambda w: plan(w).images(split if split != "{split}" else w.split)
 
 
+def threads(stage):
+    """A rule's `threads`: the experiment's threads.<stage>, which the job's torch and BLAS use
+    (diffattr.worker) and the SLURM profile requests as CPUs."""
+    return lambda w: plan(w).threads(stage)
+
+
 def benchmark(log):
     """Where a job's `benchmark:` table goes: its log's path under results/benchmarks/."""
     return "results/benchmarks/" + log.removeprefix("logs/").removesuffix(".log") + ".tsv"

@@ -58,6 +58,6 @@ rule dataset:
         benchmark("logs/{experiment}/dataset.log")
     params:
         spec=dataset_spec,
-    threads: 1
+    threads: threads("dataset")
     run:
         run("dataset.py", input, output, params, wildcards, threads, log)

@@ -26,7 +26,7 @@ rule featurize_retrained:
         **rules.featurize.params,
     wildcard_constraints:
         fset=FEATURE_SET,  # final weights only: a pool model keeps no training checkpoints
-    threads: 1
+    threads: threads("featurize")
     resources:
         gpu=GPU_JOB,
     run:
@@ -47,7 +47,7 @@ rule score_ensemble:
         benchmark("logs/{experiment}/score/{fset}_ens{C}_{qsplit}.log")
     params:
         spec=lambda w: {"lambda_exponents": settings(w)["score"]["lambda_exponents"]},
-    threads: 1
+    threads: threads("score")
     wildcard_constraints:
         C=r"\d+",
     run:

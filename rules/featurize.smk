@@ -50,7 +50,7 @@ rule featurize:
         spec=featurize_spec,
         model=lambda w: settings(w)["model"],
         timesteps=featurize_timesteps,
-    threads: 1
+    threads: threads("featurize")
     resources:
         gpu=GPU_JOB,
     run:
@@ -74,7 +74,7 @@ rule featurize_journey:
         spec=featurize_spec,
         model=lambda w: settings(w)["model"],
         generate=lambda w: settings(w)["generate"],
-    threads: 1
+    threads: threads("featurize")
     resources:
         gpu=GPU_JOB,
     run:
@@ -101,7 +101,7 @@ rule residual:
         batch_size=lambda w: settings(w)["ground_truth"]["batch_size"],
         model=lambda w: settings(w)["model"],
         timesteps=featurize_timesteps,
-    threads: 1
+    threads: threads("featurize")
     resources:
         gpu=GPU_JOB,
     run:

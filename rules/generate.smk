@@ -10,7 +10,7 @@ rule generate:
     params:
         spec=lambda w: settings(w)["generate"],
         model=lambda w: settings(w)["model"],
-    threads: 1
+    threads: threads("generate")
     resources:
         gpu=GPU_JOB,
     run:

@@ -31,7 +31,7 @@ rule ground_truth:
     params:
         spec=ground_truth_spec,
         model=lambda w: settings(w)["model"],
-    threads: 1
+    threads: threads("ground_truth")
     resources:
         gpu=GPU_JOB,
     wildcard_constraints:

@@ -21,7 +21,7 @@ rule lds:
     params:
         spec=lambda w: settings(w)["lds"],
         models=lambda w: plan(w).lds_models,
-    threads: 1
+    threads: threads("lds")
     run:
         run("lds.py", input, output, params, wildcards, threads, log)
 

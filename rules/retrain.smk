@@ -40,7 +40,7 @@ rule train_retrain:
         spec=lambda w: train_spec(w, "lds_steps"),
         subset=lambda w: ModelName.parse(w.model).subset,
         seed=lambda w: ModelName.parse(w.model).seed,
-    threads: 1
+    threads: threads("train")
     resources:
         gpu=GPU_JOB,
     run:
@@ -64,7 +64,7 @@ rule retrain_score:
     params:
         spec=lambda w: {key: plan(w).retrain[key] for key in ("methods", "datamodel_alpha_exponents")},
         models=lambda w: plan(w).pool_models(w.N),
-    threads: 1
+    threads: threads("score")
     wildcard_constraints:
         N=r"\d+",
     run:

@@ -24,7 +24,7 @@ rule score:
         benchmark("logs/{experiment}/score/{fset}_{qsplit}.log")
     params:
         spec=score_spec,
-    threads: 1
+    threads: threads("score")
     run:
         run("score.py", input, output, params, wildcards, threads, log)
 
@@ -57,6 +57,6 @@ rule tracin:
         fset=FEATURE_SET,
     params:
         methods=lambda w: plan(w).methods("trajectory"),
-    threads: 1
+    threads: threads("score")
     run:
         run("tracin.py", input, output, params, wildcards, threads, log)

@@ -27,7 +27,7 @@ rule train_full:
         spec=lambda w: train_spec(w, "full_steps"),
         subset=None,
         seed=0,
-    threads: 1
+    threads: threads("train")
     resources:
         gpu=GPU_JOB,
     run:
@@ -49,7 +49,7 @@ rule train_lds:
         spec=lambda w: train_spec(w, "lds_steps"),
         subset=lambda w: ModelName.parse(w.model).subset,
         seed=lambda w: ModelName.parse(w.model).seed,
-    threads: 1
+    threads: threads("train")
     resources:
         gpu=GPU_JOB,
     run:

@@ -96,3 +96,13 @@ def test_names_and_paths():
         plan.pool_models(2)
     with pytest.raises(ConfigError, match="expected one of the ablations of experiments.tiny: lambda"):
         plan.ablation("nope")
+
+
+def test_threads_per_stage():
+    """Each stage's jobs compute on the preset's threads.<stage> (the SLURM profile's CPUs), 1 where
+    the preset sets none; cifar2-mini, for a 2-core machine, runs its jobs side by side on one each."""
+    cifar2, default = Plan("cifar2", experiment(CONFIG, "cifar2")), Plan("default", experiment(CONFIG, "default"))
+    assert [cifar2.threads(s) for s in ("train", "featurize", "ground_truth", "lds")] == [8, 8, 4, 2]
+    assert {default.threads(s) for s in ("dataset", "train", "generate", "ground_truth", "featurize", "score",
+                                         "lds")} == {1}
+    assert Plan("cifar2-mini", experiment(CONFIG, "cifar2-mini")).threads("featurize") == 1

@@ -107,3 +107,25 @@ def test_jobs_started_side_by_side_all_report_success(tmp_path):
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+THREADS_SCRIPT = """
+import json, os
+import numpy, torch
+from threadpoolctl import threadpool_info
+with open(snakemake.output[0], "w") as handle:
+    json.dump({"torch": torch.get_num_threads(), "blas": [p["num_threads"] for p in threadpool_info()],
+               "env": os.environ["OPENBLAS_NUM_THREADS"]}, handle)
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_job_computes_on_its_rules_threads(tmp_path, threads):
+    """torch and every BLAS / OpenMP pool loaded in the job use the rule's `threads`, whatever the
+    machine has (this one's BLAS would take every core)."""
+    script, out = tmp_path / "threads.py", tmp_path / "threads.json"
+    script.write_text(THREADS_SCRIPT)
+    run_script(script, [], [str(out)], [], {}, threads, [])
+    result = json.loads(out.read_text())
+    assert result["torch"] == threads and result["env"] == str(threads)
+    assert result["blas"] and set(result["blas"]) == {threads}

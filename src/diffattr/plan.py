@@ -138,6 +138,10 @@ class Plan:
     def num_train_timesteps(self) -> int:
         return num_train_timesteps(self.settings)
 
+    def threads(self, stage: str) -> int:
+        """CPU threads of the stage's jobs (settings `threads.<stage>`, 1 where not set)."""
+        return int((self.settings.get("threads") or {}).get(stage, 1))
+
     @cached_property
     def retrain(self) -> dict:
         return retrain_settings(self.settings)

@@ -4,7 +4,8 @@ Importing torch and diffusers costs about 7 s per process on a small CPU, more t
 the embedded experiment's models. Rules therefore call `run_script` from a `run:` block: the script
 runs, as Snakemake's `script:` would run it (a global `snakemake` with input, output, params,
 wildcards, threads, log), in a child of a forkserver that imported the heavy modules once. Each job
-still gets its own process: its own random state, its own threads, and a crash that stays its own.
+still gets its own process: its own random state, its own threads (the rule's `threads`, for torch and
+for BLAS), and a crash that stays its own.
 Under SLURM every job is its own Snakemake process, so there the server is simply started once per job.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ PRELOAD = ["torch", "diffusers.models.unets.unet_2d", "diffusers.schedulers", "z
            "diffattr.generate", "diffattr.ground_truth", "diffattr.lds", "diffattr.score",
            "diffattr.subsets", "diffattr.table", "diffattr.train"]
 
+# A job computes on its rule's `threads`: torch's intra-op pool and every BLAS / OpenMP pool.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _lock = threading.Lock()
 _context = None
 
@@ -129,10 +132,15 @@ def _child(path: str, job) -> None:
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
     import torch
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(max(1, int(job.threads)))
+    threads = max(1, int(job.threads))
+    for variable in THREAD_VARIABLES:  # BLAS and OpenMP libraries that load later read these
+        os.environ[variable] = str(threads)
+    torch.set_num_threads(threads)
     try:
-        runpy.run_path(path, init_globals={"snakemake": job}, run_name="__main__")
+        with threadpool_limits(limits=threads):  # those loaded already (numpy's, scipy's BLAS)
+            runpy.run_path(path, init_globals={"snakemake": job}, run_name="__main__")
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
