@@ -6,10 +6,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from diffattr.methods import METHODS, methods_reading
-from diffattr.models import ARTIFACTS
 from diffattr.plan import (CIFAR10_ARCHIVE, OTHER_TRUTH_ROOT, PATHS, QUERY_SPLITS, SPLITS, TRUTH_ROOT, Plan,
                            truth_root)
-from diffattr.protocol import DEFAULT_GT_FUNCTION, FEATURE_SET, FEATURE_SET_ANY, MODEL_NAME, FeatureSet, ModelName
+from diffattr.protocol import (ARTIFACTS, DEFAULT_GT_FUNCTION, FEATURE_SET, FEATURE_SET_ANY, MODEL_NAME, FeatureSet,
+                               ModelName)
 from diffattr.settings import ConfigError, undefined_preset, validate_config
 from diffattr.worker import run_script
 

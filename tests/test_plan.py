@@ -1,5 +1,8 @@
 """The planner (diffattr.plan) without Snakemake: its plans against counts written out from the
 settings, its names and paths. tests/test_presets.py checks that Snakemake's DAG has the same jobs."""
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -106,3 +109,11 @@ def test_threads_per_stage():
     assert {default.threads(s) for s in ("dataset", "train", "generate", "ground_truth", "featurize", "score",
                                          "lds")} == {1}
     assert Plan("cifar2-mini", experiment(CONFIG, "cifar2-mini")).threads("featurize") == 1
+
+
+def test_planning_imports_no_torch():
+    """Every Snakemake process (one per job under SLURM) parses the rules, which ask the planner:
+    importing torch and diffusers there would cost seconds per job."""
+    code = "import sys, diffattr.plan, diffattr.settings; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'torch'" not in modules and "'diffusers'" not in modules

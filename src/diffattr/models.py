@@ -16,12 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
-
-# The files of a trained model's folder that the workflow's rules name, the same for every kind (rules
-# name them before they know an experiment's kind): the weights the kind trains (every kind saves them
-# under this name), the trainer's loss log and its training record (diffattr.train).
-ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "loss_log": "train_log.csv",
-             "training": "training.json"}
+from .protocol import ARTIFACTS
 
 
 class DiffusionModel:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from .methods import METHODS, READS, methods_reading
-from .models import ARTIFACTS
-from .protocol import DEFAULT_GT_FUNCTION, FeatureSet, ModelName
+from .protocol import ARTIFACTS, DEFAULT_GT_FUNCTION, FeatureSet, ModelName
 from .settings import ConfigError, as_list, num_train_timesteps, retrain_settings, score_methods
 
 QUERY_SPLITS = ("val", "gen")

@@ -122,6 +122,12 @@ class FeatureSet:
         return fset
 
 
+# The files of a trained model's folder that the workflow's rules name, the same for every model kind
+# (rules name them before they know an experiment's kind): the weights the kind trains (every kind
+# saves them under this name), the trainer's loss log and its training record (diffattr.train).
+ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "loss_log": "train_log.csv",
+             "training": "training.json"}
+
 # An LDS or retraining-pool model's name: subset j (three digits at least) and training seed r.
 MODEL_NAME = r"s\d\d\d+-r\d+"
 _MODEL_NAME = re.compile(r"s(?P<subset>\d{3,})-r(?P<seed>\d+)")
