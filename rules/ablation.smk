@@ -4,8 +4,8 @@ rule ablation:
     input:
         tables=lambda w: [table for _, _, table in plan(w).ablation_tables(w.ablation)],
     output:
-        table=PATHS["ablation"].replace("{ext}", "csv"),
-        report=PATHS["ablation"].replace("{ext}", "md"),
+        table=pattern("ablation", ext="csv"),
+        report=pattern("ablation", ext="md"),
     log:
         "logs/{experiment}/ablations/{ablation}.log",
     benchmark:

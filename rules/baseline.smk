@@ -1,13 +1,13 @@
 # Similarity baselines (score.baselines): the train split against one query split, as flattened
 # images (Method.reads 'pixels') or CLIP image embeddings ('embeddings'), in a predictions store of
 # the same layout as a score job's (diffattr.methods).
-def baseline_input(split):
-    """An input function: what a baseline compares for a split, the images or their CLIP embeddings."""
+def baseline_input(split=None):
+    """An input function: what a baseline compares for `split` (by default the job's query split), the
+    images or their CLIP embeddings."""
     def paths(w):
-        split_ = w.qsplit if split == "{qsplit}" else split
         if METHODS[w.baseline].reads == "embeddings":
-            return PATHS["embeddings"].format(experiment=w.experiment, split=split_)
-        return plan(w).images(split_)
+            return PATHS["embeddings"].format(experiment=w.experiment, split=split or w.qsplit)
+        return plan(w).images(split or w.qsplit)
 
     return paths
 
@@ -15,10 +15,10 @@ def baseline_input(split):
 rule baseline:
     input:
         train=baseline_input("train"),
-        query=baseline_input("{qsplit}"),
+        query=baseline_input(),
         subsets=PATHS["subsets"],
     output:
-        predictions=directory(PATHS["scores"].replace("{scores}", "{baseline}")),
+        predictions=directory(pattern("scores", scores="{baseline}")),
     log:
         "logs/{experiment}/baseline/{baseline}_{qsplit}.log",
     benchmark:
@@ -40,7 +40,7 @@ def clip_spec(wildcards):
 # One job per split: the CLIP image embeddings that clip_dot and clip_cos compare (diffattr.clip).
 rule embed_clip:
     input:
-        images=images("{split}"),
+        images=images(),
         pretrained=lambda w: [p] if (p := clip_spec(w).get("pretrained")) else [],  # a model directory
     output:
         embeddings=directory(PATHS["embeddings"]),

@@ -75,14 +75,19 @@ def model_files(directory):
     return {key: f"{directory}/{name}" for key, name in ARTIFACTS.items()}
 
 
-def at(kind, **fixed):
-    """An input function: the path of `kind` (diffattr.plan.PATHS) for the job's wildcards."""
-    return lambda w: PATHS[kind].format(**{**dict(w.items()), **fixed})
+def pattern(kind, **fixed):
+    """The path template PATHS[kind] (diffattr.plan) with the `fixed` fields filled in and the others
+    left as wildcards: a rule's input or output pattern."""
+    out = PATHS[kind]
+    for name, value in fixed.items():
+        out = out.replace("{" + name + "}", str(value))
+    return out
 
 
-def images(split):
-    """An input function: the image store of a split (the data's train/val, or the generation set)."""
-    return lambda w: plan(w).images(split if split != "{split}" else w.split)
+def images(split=None):
+    """An input function: the image store of `split` (the data's train / val, or the generation set),
+    by default of the job's {split}."""
+    return lambda w: plan(w).images(split or w.split)
 
 
 def threads(stage):

@@ -48,10 +48,10 @@ rule dataset:
     input:
         unpack(dataset_source),
     output:
-        train_images=directory(PATHS["images"].replace("{split}", "train")),
-        val_images=directory(PATHS["images"].replace("{split}", "val")),
-        train_index=PATHS["index"].replace("{split}", "train"),
-        val_index=PATHS["index"].replace("{split}", "val"),
+        train_images=directory(pattern("images", split="train")),
+        val_images=directory(pattern("images", split="val")),
+        train_index=pattern("index", split="train"),
+        val_index=pattern("index", split="val"),
     log:
         "logs/{experiment}/dataset.log",
     benchmark:

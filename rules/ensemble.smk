@@ -3,19 +3,19 @@
 # the featurize grid (extra_grids aside), and the ensemble averages the C kernel score matrices.
 
 
-def member_features(split):
-    """An input function: the features of the ensemble's C models on one split, model by model."""
+def member_features(split=None):
+    """An input function: the features of the ensemble's C models on `split` (by default the job's
+    query split), model by model."""
     return lambda w: [PATHS["pool_features"].format(experiment=w.experiment, model=m, fset=w.fset,
-                                                    split=w.qsplit if split == "{qsplit}" else split)
+                                                    split=split or w.qsplit)
                       for m in plan(w).pool_models(w.C)]
 
 
 # The featurize rule's job (same params and script) on a pool model instead of the full model.
 rule featurize_retrained:
     input:
-        model=lambda w: f"{PATHS['model'].format(experiment=w.experiment, family='retrain', model=w.model)}/"
-        f"{ARTIFACTS['weights']}",
-        images=images("{split}"),
+        model=pattern("model", family="retrain") + "/" + ARTIFACTS["weights"],
+        images=images(),
     output:
         features=directory(PATHS["pool_features"]),
     log:
@@ -37,10 +37,10 @@ rule featurize_retrained:
 rule score_ensemble:
     input:
         train=member_features("train"),
-        query=member_features("{qsplit}"),
+        query=member_features(),
         subsets=PATHS["subsets"],
     output:
-        predictions=directory(PATHS["scores"].replace("{scores}", "{fset}_ens{C}")),
+        predictions=directory(pattern("scores", scores="{fset}_ens{C}")),
     log:
         "logs/{experiment}/score/{fset}_ens{C}_{qsplit}.log",
     benchmark:

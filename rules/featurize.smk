@@ -27,19 +27,19 @@ def featurize_model(wildcards):
     its kept training checkpoints (a step the experiment does not keep stops the plan here)."""
     step = FeatureSet.parse(wildcards.fset).step
     if step is None:
-        return f"{at('full_model')(wildcards)}/{ARTIFACTS['weights']}"
+        return pattern("full_model", experiment=wildcards.experiment) + "/" + ARTIFACTS["weights"]
     train = settings(wildcards)["train"]
     if step not in train.get("keep_checkpoints", []) or step >= train["full_steps"]:
         raise ConfigError(f"{wildcards.fset}: experiments.{wildcards.experiment} keeps no weights of step "
                           f"{step}; expected one of train.keep_checkpoints below train.full_steps "
                           f"({[s for s in train.get('keep_checkpoints', []) if s < train['full_steps']]})")
-    return at("trajectory")(wildcards)
+    return pattern("trajectory", experiment=wildcards.experiment)
 
 
 rule featurize:
     input:
         model=featurize_model,
-        images=images("{split}"),
+        images=images(),
     output:
         features=directory(PATHS["features"]),
     log:
@@ -62,7 +62,7 @@ rule featurize:
 # DDIM trajectory; one store per (function, k), shared by the feature sets of every K.
 rule featurize_journey:
     input:
-        weights=lambda w: f"{at('full_model')(w)}/{ARTIFACTS['weights']}",
+        weights=pattern("full_model") + "/" + ARTIFACTS["weights"],
         images=images("gen"),
     output:
         features=directory(PATHS["journey"]),
@@ -86,7 +86,7 @@ rule featurize_journey:
 # set's timesteps and noises; forward passes only, batched as the ground truth's.
 rule residual:
     input:
-        weights=lambda w: f"{at('full_model')(w)}/{ARTIFACTS['weights']}",
+        weights=pattern("full_model") + "/" + ARTIFACTS["weights"],
         images=images("train"),
     output:
         residuals=directory(PATHS["residual"]),

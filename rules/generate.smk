@@ -1,6 +1,6 @@
 rule generate:
     input:
-        **model_files(PATHS["full_model"]),
+        **model_files(pattern("full_model")),
     output:
         images=directory(PATHS["generated"]),
     log:

@@ -23,7 +23,7 @@ rule ground_truth:
         val=images("val"),
         gen=images("gen"),
     output:
-        losses=directory(PATHS["ground_truth"].replace("{root}", TRUTH_ROOT)),
+        losses=directory(pattern("ground_truth", root=TRUTH_ROOT)),
     log:
         "logs/{experiment}/ground_truth/{model}.log",
     benchmark:
@@ -44,7 +44,7 @@ rule ground_truth:
 # the same way, in stores of its own (results/<exp>/truth_<function>/).
 use rule ground_truth as ground_truth_other_function with:
     output:
-        losses=directory(PATHS["ground_truth"].replace("{root}", OTHER_TRUTH_ROOT)),
+        losses=directory(pattern("ground_truth", root=OTHER_TRUTH_ROOT)),
     log:
         "logs/{experiment}/truth_{gt}/ground_truth/{model}.log",
     benchmark:

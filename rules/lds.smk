@@ -11,9 +11,9 @@ rule lds:
         subsets=PATHS["subsets"],
         truth=truth_stores,
     output:
-        table=PATHS["lds"].replace("{root}", TRUTH_ROOT),
+        table=pattern("lds", root=TRUTH_ROOT),
         # the LDS at every lambda of the grid, none chosen: what the lambda ablations tabulate
-        curve=PATHS["lds_curve"].replace("{root}", TRUTH_ROOT),
+        curve=pattern("lds_curve", root=TRUTH_ROOT),
     log:
         "logs/{experiment}/lds/{scores}_{qsplit}.log",
     benchmark:
@@ -29,8 +29,8 @@ rule lds:
 # The same against the ground truth of another model-output function (an ablation's gt_function).
 use rule lds as lds_other_truth with:
     output:
-        table=PATHS["lds"].replace("{root}", OTHER_TRUTH_ROOT),
-        curve=PATHS["lds_curve"].replace("{root}", OTHER_TRUTH_ROOT),
+        table=pattern("lds", root=OTHER_TRUTH_ROOT),
+        curve=pattern("lds_curve", root=OTHER_TRUTH_ROOT),
     log:
         "logs/{experiment}/truth_{gt}/lds/{scores}_{qsplit}.log",
     benchmark:

@@ -12,7 +12,7 @@ def pool_subsets_spec(wildcards) -> dict:
 
 rule retrain_subsets:
     input:
-        train_index=PATHS["index"].replace("{split}", "train"),
+        train_index=pattern("index", split="train"),
     output:
         table=PATHS["pool_subsets"],
     log:
@@ -28,10 +28,10 @@ rule retrain_subsets:
 
 rule train_retrain:
     input:
-        images=PATHS["images"].replace("{split}", "train"),
+        images=pattern("images", split="train"),
         subsets=PATHS["pool_subsets"],
     output:
-        **model_files(PATHS["model"].replace("{family}", "retrain")),
+        **model_files(pattern("model", family="retrain")),
     log:
         "logs/{experiment}/train/retrain/{model}.log",
     benchmark:
@@ -54,9 +54,9 @@ rule retrain_score:
                            for m in plan(w).pool_models(w.N)],
         pool_subsets=PATHS["pool_subsets"],
         subsets=PATHS["subsets"],
-        train_index=PATHS["index"].replace("{split}", "train"),
+        train_index=pattern("index", split="train"),
     output:
-        predictions=directory(PATHS["scores"].replace("{scores}", "retrain_n{N}")),
+        predictions=directory(pattern("scores", scores="retrain_n{N}")),
     log:
         "logs/{experiment}/score/retrain_n{N}_{qsplit}.log",
     benchmark:

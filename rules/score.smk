@@ -8,16 +8,17 @@ def score_spec(wildcards):
 def score_inputs(wildcards):
     """The features a score job reads (train and query), the subsets, and the extra inputs of the
     methods that apply to the feature set and split (diffattr.plan.Plan.extra_inputs)."""
-    fset = FeatureSet.parse(wildcards.fset)
-    return {"train": plan(wildcards).features(fset, "train"), "query": plan(wildcards).features(fset, wildcards.qsplit),
-            "subsets": at("subsets")(wildcards), **plan(wildcards).extra_inputs(fset, wildcards.qsplit)}
+    fset, experiment = FeatureSet.parse(wildcards.fset), plan(wildcards)
+    return {"train": experiment.features(fset, "train"), "query": experiment.features(fset, wildcards.qsplit),
+            "subsets": pattern("subsets", experiment=wildcards.experiment),
+            **experiment.extra_inputs(fset, wildcards.qsplit)}
 
 
 rule score:
     input:
         unpack(score_inputs),
     output:
-        predictions=directory(PATHS["scores"].replace("{scores}", "{fset}")),
+        predictions=directory(pattern("scores", scores="{fset}")),
     log:
         "logs/{experiment}/score/{fset}_{qsplit}.log",
     benchmark:
@@ -29,13 +30,13 @@ rule score:
         run("score.py", input, output, params, wildcards, threads, log)
 
 
-def trajectory_features(split):
-    """An input function: the features a TracInCP / GAS store of the final weights' set {fset} sums
-    over, at each of its kept checkpoints and then at the final weights."""
+def trajectory_features(split=None):
+    """An input function: the features of `split` (by default the job's query split) that a TracInCP /
+    GAS store of the final weights' set {fset} sums over, at each kept checkpoint, then the final."""
     def paths(w):
         fset = FeatureSet.parse(w.fset)
         steps = [*plan(w).checkpoint_steps(fset), None]
-        return [plan(w).features(fset.at_step(step), w.qsplit if split == "query" else "train") for step in steps]
+        return [plan(w).features(fset.at_step(step), split or w.qsplit) for step in steps]
 
     return paths
 
@@ -45,10 +46,10 @@ def trajectory_features(split):
 rule tracin:
     input:
         train=trajectory_features("train"),
-        query=trajectory_features("query"),
+        query=trajectory_features(),
         subsets=PATHS["subsets"],
     output:
-        predictions=directory(PATHS["scores"].replace("{scores}", "{fset}_tracin")),
+        predictions=directory(pattern("scores", scores="{fset}_tracin")),
     log:
         "logs/{experiment}/score/{fset}_tracin_{qsplit}.log",
     benchmark:

@@ -1,6 +1,6 @@
 rule subsets:
     input:
-        train_index=PATHS["index"].replace("{split}", "train"),
+        train_index=pattern("index", split="train"),
     output:
         table=PATHS["subsets"],
     log:

@@ -5,7 +5,7 @@ rule table:
                              for a in settings(w).get("ablations", [])],
     output:
         table=PATHS["table"],
-        report=PATHS["table"].removesuffix(".csv") + ".md",
+        report=pattern("table").removesuffix(".csv") + ".md",
     log:
         "logs/{experiment}/table.log",
     benchmark:

@@ -14,9 +14,9 @@ def checkpoint_every(wildcards) -> int:
 
 rule train_full:
     input:
-        images=PATHS["images"].replace("{split}", "train"),
+        images=pattern("images", split="train"),
     output:
-        **model_files(PATHS["full_model"]),
+        **model_files(pattern("full_model")),
         # the weights after each step of train.keep_checkpoints: trajectory/step<S>/ (diffattr.train)
         trajectory=directory(PATHS["trajectory"]),
     log:
@@ -37,10 +37,10 @@ rule train_full:
 
 rule train_lds:
     input:
-        images=PATHS["images"].replace("{split}", "train"),
+        images=pattern("images", split="train"),
         subsets=PATHS["subsets"],
     output:
-        **model_files(PATHS["model"].replace("{family}", "lds")),
+        **model_files(pattern("model", family="lds")),
     log:
         "logs/{experiment}/train/{model}.log",
     benchmark:

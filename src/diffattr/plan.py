@@ -279,7 +279,7 @@ class Plan:
             "ground_truth": [path("ground_truth", root=root, model=m) for m in [
                 *self.lds_models, *(f"retrain/{m}" for m in self.pool_models(max([0, *retrain["n_models"]])))]],
             "featurize": [self.features(fset, split) for fset in sets for split in SPLITS],
-            "featurize_journey": [], "residual": [],
+            **{rule: [] for rule in EXTRA_RULES.values()},  # the methods' extra inputs, below
             "score": [p for fset in sets for p in scores(fset.name)],
             "tracin": [p for fset in self.trajectory_stores() for p in scores(f"{fset.name}_tracin")],
             "baseline": [p for name in [*self.methods("pixels"), *self.methods("embeddings")] for p in scores(name)],
@@ -299,15 +299,16 @@ class Plan:
         for fset in self.final_sets:
             for split in QUERY_SPLITS:
                 for extra, where in self.extra_inputs(fset, split).items():
-                    jobs[EXTRA_RULES[extra]].append(where)
-        for rule in ("featurize_journey", "residual"):
-            jobs[rule] = list(dict.fromkeys(jobs[rule]))
-        others = self.other_truths()
+                    if where not in jobs[EXTRA_RULES[extra]]:
+                        jobs[EXTRA_RULES[extra]].append(where)
         jobs["ground_truth_other_function"] = [path("ground_truth", root=truth_root(e, gt), model=m)
-                                               for gt in others for m in self.lds_models]
-        names = [a["name"] for a in self.settings.get("ablations", [])]
-        tables = [table for name in names for _, _, table in self.ablation_tables(name)]
-        jobs["lds_other_truth"] = list(dict.fromkeys(t for t in tables if not t.startswith(f"{root}/lds/")))
+                                               for gt in self.other_truths() for m in self.lds_models]
+        ablations = self.settings.get("ablations", [])
+        jobs["lds_other_truth"] = list(dict.fromkeys(
+            path("lds", root=truth_root(e, point.gt_function), scores=point.features.name, qsplit=split)
+            for ablation in ablations for point in ablation_points(ablation)
+            if point.gt_function != DEFAULT_GT_FUNCTION for split in QUERY_SPLITS))
+        names = [ablation["name"] for ablation in ablations]
         jobs["ablation"] = [path("ablation", experiment=e, ablation=name, ext="csv") for name in names]
         jobs["table"] = [path("table", experiment=e)]
         return {rule: outputs for rule, outputs in jobs.items() if outputs}
