@@ -369,3 +369,106 @@ def test_annotations_read_as_config_types():
     assert fits(Any, object()) and fits(np.ndarray | List[float] | None, "anything: left to the build")
     assert cfg.expected(cfg.annotation_schema(Union[int, Tuple[int, int], None])) == (
         "an integer or a list of 2 of (an integer) or null")
+
+
+# ---------------------------------------------------------------- every leaf of every preset, spoilt
+
+# Values of another type tried at a leaf, by the type of the preset's value there.
+WRONG_TYPES = {bool: ["x", 1], int: ["x", 2.5, True], float: ["x", True], str: [5, True],
+               type(None): [5, "x", True, {"bad": 1}], list: ["x", 5], dict: ["x", 5]}
+# (key, with [*] for any index; type of the value) -> why a value of that type is right there too
+OTHER_TYPE_ALLOWED = {
+    ("dataset.path", str): "a path (null: the download, or cifar10_path)",
+    ("model.unet.attention_head_dim", int): "an integer head size (null: diffusers' one head per block)",
+    ("score.clip.pretrained", str): "a model directory (null: random-init weights)",
+}
+# Keys whose numbers may be negative, and why; every other number gets -1 (an int) or -0.5.
+NEGATIVE_ALLOWED = {
+    "score.lambda_exponents[*]": "exponents e of the lambdas {1, 2, 5} x 10^e: 10^-2 is a lambda",
+    "retrain.datamodel_alpha_exponents[*]": "exponents of the ridge alphas, as lambda_exponents",
+    "model.unet.freq_shift": "UNet2DModel's shift of the sinusoidal frequencies: any integer works",
+}
+# Keys with an upper bound, and a value beyond it (T = 1000: every preset's scheduler).
+ABOVE = {
+    "subsets.alpha": 1, "retrain.alpha": 1, "lds.confidence": 1, "generate.eta": 1.5,
+    "train.warmup_fraction": 1.5, "train.betas[*]": 1, "model.unet.dropout": 1,
+    "retrain.ensembles[*]": 1001, "retrain.n_models[*]": 1001,
+    "featurize.timesteps[*]": 1001, "featurize.extra_grids[*].timesteps[*]": 1001, "retrain.timesteps": 1001,
+    "ground_truth.timesteps": 1001, "generate.steps": 1001,
+    "ablations[*].at.K": 1001, "ablations[*].sweep.K[*]": 1001,
+}
+
+
+def leaves(value, path=()):
+    """(path, value) of every leaf: scalars, empty mappings and lists, and lists of scalars (both the
+    list and each item); mappings and lists of mappings are walked into."""
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            yield from leaves(sub, (*path, key))
+        return
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        for i, item in enumerate(value):
+            yield from leaves(item, (*path, i))
+        return
+    yield path, value
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from leaves(item, (*path, i))
+
+
+def dotted(path) -> str:
+    return cfg._key("", path)
+
+
+def pattern(path) -> str:
+    return cfg._key("", ["*" if isinstance(p, int) else p for p in path]).replace(".*", "[*]")
+
+
+def spoilt_cases():
+    """(preset, path, bad value) for every leaf of every preset of config.yaml; the skipped ones."""
+    cases, skipped = [], []
+    for name in CONFIG["experiments"]:
+        for path, value in leaves(experiment(CONFIG, name)):
+            key = pattern(path)
+            for bad in WRONG_TYPES[type(value)]:
+                if (key, type(bad)) in OTHER_TYPE_ALLOWED:
+                    skipped.append((name, key, bad))
+                else:
+                    cases.append((name, path, bad))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key in NEGATIVE_ALLOWED:
+                    skipped.append((name, key, -1))
+                else:
+                    cases.append((name, path, -1 if isinstance(value, int) else -0.5))
+                if key in ABOVE:
+                    cases.append((name, path, ABOVE[key]))
+    return cases, skipped
+
+
+def test_every_leaf_of_every_preset_refuses_a_wrong_value():
+    """Each leaf of each resolved preset (model.unet's pass-through keys among them) set to a value of
+    another type, a negative number or one beyond its bound: the config check names that key."""
+    cases, skipped = spoilt_cases()
+    assert len(cases) > 1000 and len({name for name, _, _ in cases}) == len(CONFIG["experiments"])
+    resolved = {name: experiment(CONFIG, name) for name in CONFIG["experiments"]}
+    missed = []
+    for name, path, bad in cases:
+        settings = parent = copy.copy(resolved[name])  # copies along the path only
+        for part in path[:-1]:
+            parent[part] = copy.copy(parent[part])
+            parent = parent[part]
+        parent[path[-1]] = bad
+        want = f"experiments.{name}.{dotted(path)}: got "
+        try:
+            cfg.validate_experiment(settings, name, "cpu")
+        except ConfigError as error:
+            if any(line.startswith(want) for line in str(error).splitlines()):
+                continue
+            missed.append(f"{want}{cfg._show(bad)} gave instead: {error}")
+        else:
+            missed.append(f"{want}{cfg._show(bad)} passed")
+    assert missed == []
+    # every exemption is used: none outlives the key it was written for
+    used = {key for _, key, _ in skipped}
+    assert {key for key, _ in OTHER_TYPE_ALLOWED} | set(NEGATIVE_ALLOWED) <= used
+    assert set(ABOVE) <= {pattern(path) for _, path, _ in cases}
