@@ -18,7 +18,10 @@ SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 # The config is checked before any job is planned: the top level against the schema
 # (workflow/schemas/config.schema.yaml) with snakemake.utils.validate, then every preset merged with
 # its `base:` chain. One line per fault: `experiments.<name>.<key>: got <value>; expected <what>`.
-EXPERIMENTS = validate_config(config)
+# The model blocks passed to library classes (model.unet -> diffusers' UNet2DModel, ...) are held to
+# those classes in the main process only: that imports torch and diffusers (seconds), and each job's
+# process (one per job under SLURM) runs on the config the main process checked.
+EXPERIMENTS = validate_config(config, libraries=workflow.is_main_process)
 
 
 wildcard_constraints:

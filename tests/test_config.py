@@ -83,7 +83,7 @@ MALFORMED = [
      "lds_steps, checkpoint_every, keep_checkpoints"),
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
-     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, retrain, ablations"),
+     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, retrain, threads, ablations"),
     ("kept steps descending", tiny(train={"keep_checkpoints": [30, 20]}, featurize={"extra_grids": []}),
      "experiments.tiny.train.keep_checkpoints: got [30, 20]; expected steps in ascending order"),
     ("kept step beyond the training", tiny(train={"keep_checkpoints": [20, 41]}),
@@ -240,6 +240,8 @@ def test_every_schema_property_is_described():
     (["--config", "device=gpu"], 'device: got "gpu"; expected a string matching'),
     (["--config", 'experiments={"tiny": {"featurize": {"timesteps": [2000]}}}'],
      f"experiments.tiny.featurize.timesteps[0]: got K = 2000; {WITHIN_T}"),
+    (["--config", 'experiments={"tiny": {"model": {"unet": {"freq_shift": "not-a-number"}}}}'],
+     'experiments.tiny.model.unet.freq_shift: got "not-a-number"; expected an integer\n'),
 ])
 def test_snakemake_stops_before_any_job(tmp_path, args, line):
     root = copy_workflow(tmp_path)
@@ -283,3 +285,190 @@ def test_retrain_settings_fill_in_defaults_and_size_the_pool():
     assert (cifar2["pool"], cifar2["timesteps"], cifar2["noise_seeds"]) == (512, 1000, [0])
     with_ensembles_only = resolve_all(edited(tiny(retrain={"ensembles": [8, 2]})))["tiny"]
     assert cfg.retrain_settings(with_ensembles_only)["pool"] == 8
+
+
+UNET_TAKES = ("unet (UNet2DModel) takes sample_size, in_channels, out_channels, center_input_sample, "
+              "time_embedding_type, time_embedding_dim, freq_shift, flip_sin_to_cos, down_block_types, ")
+LIBRARY_BLOCKS = [
+    ("misspelt UNet key", {"unet": {"blok_out_channels": [8, 16]}},
+     "experiments.tiny.model.unet.blok_out_channels: got [8, 16]; expected no such key (did you mean "
+     f"block_out_channels?): {UNET_TAKES}"),
+    ("text for an int", {"unet": {"freq_shift": "not-a-number"}},
+     'experiments.tiny.model.unet.freq_shift: got "not-a-number"; expected an integer'),
+    ("int for a bool", {"unet": {"flip_sin_to_cos": 1}},
+     "experiments.tiny.model.unet.flip_sin_to_cos: got 1; expected true or false"),
+    ("str | None", {"unet": {"mid_block_type": 3}},
+     "experiments.tiny.model.unet.mid_block_type: got 3; expected a string or null"),
+    ("bool for a float", {"unet": {"mid_block_scale_factor": True}},
+     "experiments.tiny.model.unet.mid_block_scale_factor: got true; expected a number"),
+    ("unknown block type", {"unet": {"down_block_types": ["DownBlock2D", "DownBlok2D"]}},
+     'experiments.tiny.model.unet.down_block_types[1]: got "DownBlok2D"; expected a value UNet2DModel '
+     "accepts (it raised ValueError: DownBlok2D does not exist.)"),
+    ("unknown activation", {"unet": {"act_fn": "gleu"}},
+     'experiments.tiny.model.unet.act_fn: got "gleu"; expected a value UNet2DModel accepts (it raised '
+     "ValueError: activation function gleu not found in ACT2FN mapping ['swish', 'silu', 'mish', 'gelu', 'relu'])"),
+    ("negative size", {"unet": {"num_class_embeds": -2}},
+     "experiments.tiny.model.unet.num_class_embeds: got -2; expected a value UNet2DModel accepts (it "
+     "raised RuntimeError: Trying to create tensor with negative dimension -2: [-2, 32])"),
+    ("misspelt scheduler key", {"scheduler": {"beta_schedul": "linear"}},
+     'experiments.tiny.model.scheduler.beta_schedul: got "linear"; expected no such key (did you mean '
+     "beta_schedule?): scheduler (DDPMScheduler) takes num_train_timesteps, beta_start, beta_end, "
+     "beta_schedule, trained_betas, variance_type, clip_sample, prediction_type, thresholding, "
+     "dynamic_thresholding_ratio, clip_sample_range, sample_max_value, timestep_spacing, steps_offset, "
+     "rescale_betas_zero_snr"),
+    ("Literal", {"scheduler": {"beta_schedule": "cosine"}},
+     'experiments.tiny.model.scheduler.beta_schedule: got "cosine"; expected one of "linear", '
+     '"scaled_linear", "squaredcos_cap_v2", "sigmoid"'),
+    ("list item of the wrong type", {"scheduler": {"trained_betas": [0.1, "a"]}},
+     'experiments.tiny.model.scheduler.trained_betas: got [0.1, "a"]; expected a value DDPMScheduler '
+     "accepts (it raised TypeError: must be real number, not str)"),
+]
+
+
+@pytest.mark.parametrize("model, message", [case[1:] for case in LIBRARY_BLOCKS], ids=[c[0] for c in LIBRARY_BLOCKS])
+def test_blocks_passed_to_a_library_class_are_held_to_it(model, message):
+    """model.unet and model.scheduler are open in the schema; their keys are checked against
+    UNet2DModel's and DDPMScheduler's signatures, and the blocks built on the meta device."""
+    with pytest.raises(ConfigError) as error:
+        validate_config(edited(tiny(model=model)))
+    if message.endswith(", "):
+        assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    else:
+        assert str(error.value) == message
+
+
+def test_library_blocks_take_every_argument_and_command_line_text():
+    """The classes' other arguments pass, `--config` text for an untyped key is read as YAML, and
+    without `libraries` (a Snakemake job's process) the blocks are not held to their classes."""
+    unet = {"freq_shift": "1", "flip_sin_to_cos": "false", "act_fn": "silu", "mid_block_scale_factor": 1,
+            "attn_norm_num_groups": None}
+    scheduler = {"beta_start": "1e-4", "clip_sample": "false", "timestep_spacing": "trailing"}
+    model = resolve_all(edited(tiny(model={"unet": unet, "scheduler": scheduler})))["tiny"]["model"]
+    assert (model["unet"]["freq_shift"], model["unet"]["flip_sin_to_cos"], model["unet"]["act_fn"]) == (1, False, "silu")
+    assert model["scheduler"] == {"beta_start": 1e-4, "clip_sample": False, "timestep_spacing": "trailing"}
+    assert resolve_all(edited(tiny(model={"unet": {"blok_out_channels": [8]}})), libraries=False)
+
+
+def test_annotations_read_as_config_types():
+    """The typing forms of older diffusers signatures read as the PEP 604 ones of newer ones."""
+    from typing import Any, List, Literal, Optional, Sequence, Tuple, Union
+
+    import numpy as np
+
+    def fits(annotation, value):
+        from jsonschema import Draft202012Validator
+        return Draft202012Validator(cfg.annotation_schema(annotation)).is_valid(value)
+
+    assert fits(Optional[int], None) and fits(int | None, 3) and not fits(Optional[int], "3")
+    assert fits(float, 1) and fits(float, 0.5) and not fits(float, True) and not fits(int, True)
+    assert fits(Tuple[str, ...], ["a", "b"]) and not fits(tuple[str, ...], ["a", 1])
+    assert fits(Union[int, Tuple[int, int]], 8) and fits(Union[int, Tuple[int, int]], [8, 8])
+    assert not fits(Union[int, Tuple[int, int]], [8, 8, 8]) and not fits(int | tuple[int, int], "8")
+    assert fits(Literal["a", "b"], "a") and not fits(Literal["a", "b"], "c")
+    assert fits(List[float], [1, 0.5]) and fits(Sequence[int], [1]) and not fits(Sequence[int], "x")
+    assert fits(Any, object()) and fits(np.ndarray | List[float] | None, "anything: left to the build")
+    assert cfg.expected(cfg.annotation_schema(Union[int, Tuple[int, int], None])) == (
+        "an integer or a list of 2 of (an integer) or null")
+
+
+# ---------------------------------------------------------------- every leaf of every preset, spoilt
+
+# Values of another type tried at a leaf, by the type of the preset's value there.
+WRONG_TYPES = {bool: ["x", 1], int: ["x", 2.5, True], float: ["x", True], str: [5, True],
+               type(None): [5, "x", True, {"bad": 1}], list: ["x", 5], dict: ["x", 5]}
+# (key, with [*] for any index; type of the value) -> why a value of that type is right there too
+OTHER_TYPE_ALLOWED = {
+    ("dataset.path", str): "a path (null: the download, or cifar10_path)",
+    ("model.unet.attention_head_dim", int): "an integer head size (null: diffusers' one head per block)",
+    ("score.clip.pretrained", str): "a model directory (null: random-init weights)",
+}
+# Keys whose numbers may be negative, and why; every other number gets -1 (an int) or -0.5.
+NEGATIVE_ALLOWED = {
+    "score.lambda_exponents[*]": "exponents e of the lambdas {1, 2, 5} x 10^e: 10^-2 is a lambda",
+    "retrain.datamodel_alpha_exponents[*]": "exponents of the ridge alphas, as lambda_exponents",
+    "model.unet.freq_shift": "UNet2DModel's shift of the sinusoidal frequencies: any integer works",
+}
+# Keys with an upper bound, and a value beyond it (T = 1000: every preset's scheduler).
+ABOVE = {
+    "subsets.alpha": 1, "retrain.alpha": 1, "lds.confidence": 1, "generate.eta": 1.5,
+    "train.warmup_fraction": 1.5, "train.betas[*]": 1, "model.unet.dropout": 1,
+    "retrain.ensembles[*]": 1001, "retrain.n_models[*]": 1001,
+    "featurize.timesteps[*]": 1001, "featurize.extra_grids[*].timesteps[*]": 1001, "retrain.timesteps": 1001,
+    "ground_truth.timesteps": 1001, "generate.steps": 1001,
+    "ablations[*].at.K": 1001, "ablations[*].sweep.K[*]": 1001,
+}
+
+
+def leaves(value, path=()):
+    """(path, value) of every leaf: scalars, empty mappings and lists, and lists of scalars (both the
+    list and each item); mappings and lists of mappings are walked into."""
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            yield from leaves(sub, (*path, key))
+        return
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        for i, item in enumerate(value):
+            yield from leaves(item, (*path, i))
+        return
+    yield path, value
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from leaves(item, (*path, i))
+
+
+def dotted(path) -> str:
+    return cfg._key("", path)
+
+
+def pattern(path) -> str:
+    return cfg._key("", ["*" if isinstance(p, int) else p for p in path]).replace(".*", "[*]")
+
+
+def spoilt_cases():
+    """(preset, path, bad value) for every leaf of every preset of config.yaml; the skipped ones."""
+    cases, skipped = [], []
+    for name in CONFIG["experiments"]:
+        for path, value in leaves(experiment(CONFIG, name)):
+            key = pattern(path)
+            for bad in WRONG_TYPES[type(value)]:
+                if (key, type(bad)) in OTHER_TYPE_ALLOWED:
+                    skipped.append((name, key, bad))
+                else:
+                    cases.append((name, path, bad))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key in NEGATIVE_ALLOWED:
+                    skipped.append((name, key, -1))
+                else:
+                    cases.append((name, path, -1 if isinstance(value, int) else -0.5))
+                if key in ABOVE:
+                    cases.append((name, path, ABOVE[key]))
+    return cases, skipped
+
+
+def test_every_leaf_of_every_preset_refuses_a_wrong_value():
+    """Each leaf of each resolved preset (model.unet's pass-through keys among them) set to a value of
+    another type, a negative number or one beyond its bound: the config check names that key."""
+    cases, skipped = spoilt_cases()
+    assert len(cases) > 1000 and len({name for name, _, _ in cases}) == len(CONFIG["experiments"])
+    resolved = {name: experiment(CONFIG, name) for name in CONFIG["experiments"]}
+    missed = []
+    for name, path, bad in cases:
+        settings = parent = copy.copy(resolved[name])  # copies along the path only
+        for part in path[:-1]:
+            parent[part] = copy.copy(parent[part])
+            parent = parent[part]
+        parent[path[-1]] = bad
+        want = f"experiments.{name}.{dotted(path)}: got "
+        try:
+            cfg.validate_experiment(settings, name, "cpu")
+        except ConfigError as error:
+            if any(line.startswith(want) for line in str(error).splitlines()):
+                continue
+            missed.append(f"{want}{cfg._show(bad)} gave instead: {error}")
+        else:
+            missed.append(f"{want}{cfg._show(bad)} passed")
+    assert missed == []
+    # every exemption is used: none outlives the key it was written for
+    used = {key for _, key, _ in skipped}
+    assert {key for key, _ in OTHER_TYPE_ALLOWED} | set(NEGATIVE_ALLOWED) <= used
+    assert set(ABOVE) <= {pattern(path) for _, path, _ in cases}

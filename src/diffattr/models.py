@@ -24,6 +24,16 @@ class DiffusionModel:
     weights_file = ARTIFACTS["weights"]  # the file a model's provenance hashes (model_sha256)
     artifact_files: tuple[str, ...]  # every file `save` writes into a model folder, weights_file among them
     num_classes: int | None = None  # classes `conditioning` tells apart; None: the kind ignores labels
+    # The blocks of the `model:` config that the kind passes to a library class as keyword arguments
+    # (block name -> class). The config check (diffattr.settings.library_block_faults) holds each block
+    # to its class's signature and builds it on the meta device, before any job runs.
+    config_blocks: dict[str, type] = {}
+
+    @classmethod
+    def block_arguments(cls, block: str, spec: dict | None) -> dict:
+        """The keyword arguments the kind passes to `config_blocks[block]` for the config's `spec`
+        (None when the block is absent)."""
+        return dict(spec or {})
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] -> their clean samples x0 in the space where diffusion runs."""
@@ -85,17 +95,25 @@ class DiffusionModel:
         raise NotImplementedError
 
 
+# The protocol's DDPM: linear betas 1e-4..0.02, T = 1000, epsilon prediction (by default).
+PROTOCOL_DDPM = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                 "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
 def ddpm_scheduler(spec: dict | None = None) -> DDPMScheduler:
-    """The protocol's DDPM: linear betas 1e-4..0.02, T = 1000, epsilon prediction (by default)."""
-    spec = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-            "beta_schedule": "linear", "prediction_type": "epsilon", **(spec or {})}
-    return DDPMScheduler(**spec)
+    """The protocol's DDPM (PROTOCOL_DDPM), with the keys of `spec` in place of its own."""
+    return DDPMScheduler(**{**PROTOCOL_DDPM, **(spec or {})})
 
 
 class PixelDDPM(DiffusionModel):
     """A diffusers UNet2DModel on pixels, unconditional; every UNet parameter is featurized."""
 
     artifact_files = (ARTIFACTS["weights"], "config.json", "scheduler_config.json")
+    config_blocks = {"unet": UNet2DModel, "scheduler": DDPMScheduler}
+
+    @classmethod
+    def block_arguments(cls, block, spec):
+        return {**PROTOCOL_DDPM, **(spec or {})} if block == "scheduler" else dict(spec or {})
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler):
         self.unet = unet

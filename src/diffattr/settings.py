@@ -1,8 +1,10 @@
 """Experiment settings: presets in config.yaml, resolved through `base:` inheritance and validated.
 
 Every preset, once merged with its `base:` chain, is checked against the JSON schema
-`workflow/schemas/config.schema.yaml` (`$defs/experiment`) and by `check` for the rules a schema
-cannot state. Every fault becomes one line `experiments.<name>.<key>: got <value>; expected <what>`.
+`workflow/schemas/config.schema.yaml` (`$defs/experiment`), by `check` for the rules a schema
+cannot state, and by `library_block_faults` for the model blocks passed on to a library class
+(model.unet to diffusers' UNet2DModel, ...), held to that class's signature and built on the meta
+device. Every fault becomes one line `experiments.<name>.<key>: got <value>; expected <what>`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import functools
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -40,16 +43,20 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def experiment(config: dict, name: str) -> dict:
-    """The settings of experiment `name`, with its `base:` chain merged in, validated."""
+def experiment(config: dict, name: str, libraries: bool = True) -> dict:
+    """The settings of experiment `name`, with its `base:` chain merged in, validated (`libraries`:
+    also the model blocks passed to library classes, which imports torch and diffusers)."""
     settings = _merged(config.get("experiments") or {}, name)
-    validate_experiment(settings, name, config.get("device", "auto"))
+    validate_experiment(settings, name, config.get("device", "auto"), libraries)
     return settings
 
 
-def validate_config(config: dict) -> dict[str, dict]:
+def validate_config(config: dict, libraries: bool = True) -> dict[str, dict]:
     """Check the whole config before any job runs: the top level with `snakemake.utils.validate`
-    (which also fills in the top level's defaults, such as device: auto), then `resolve_all`."""
+    (which also fills in the top level's defaults, such as device: auto), then `resolve_all`.
+    `libraries`: also hold the model blocks to the library classes they are passed to (imports
+    torch and diffusers, seconds; rules/common.smk does it in the main Snakemake process only,
+    not in each job's, which runs on the config the main process checked)."""
     import jsonschema
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
@@ -61,15 +68,15 @@ def validate_config(config: dict) -> dict[str, dict]:
         if not isinstance(cause, jsonschema.ValidationError):
             raise
         raise ConfigError("\n".join(schema_error_lines(cause))) from None
-    return resolve_all(config)
+    return resolve_all(config, libraries)
 
 
-def resolve_all(config: dict) -> dict[str, dict]:
+def resolve_all(config: dict, libraries: bool = True) -> dict[str, dict]:
     """Every preset resolved and validated (bases before the presets that inherit from them, so that
     a fault is reported where it is written), and the selected `experiment` known to exist."""
     presets = config.get("experiments") or {}
     chains = {name: _chain(presets, name) for name in presets}
-    resolved = {name: experiment(config, name) for name in sorted(presets, key=lambda n: len(chains[n]))}
+    resolved = {name: experiment(config, name, libraries) for name in sorted(presets, key=lambda n: len(chains[n]))}
     if config.get("experiment") not in presets:
         raise ConfigError(undefined_preset("experiment", config.get("experiment"), presets))
     return {name: resolved[name] for name in presets}
@@ -108,12 +115,19 @@ def _merged(presets: dict, name: str) -> dict:
     return settings
 
 
+# How the untyped keys of an open block (additionalProperties: true: model.unet and model.scheduler,
+# a library class's keyword arguments) are read from text: as whatever YAML reads other than text, so
+# that `--config` gives UNet2DModel freq_shift 1, not '1'; text that YAML reads as text stays text.
+OPEN_VALUE: dict = {"type": ["integer", "number", "boolean", "null", "array", "object"]}
+OPEN_VALUE.update(items=OPEN_VALUE, additionalProperties=OPEN_VALUE)
+
+
 def coerce(value, schema: dict):
     """`value` with the text the schema does not allow read as YAML: `--config` hands nested values
     over as strings ('6', '0.5', '[64]'), and YAML reads 1e-4 (no decimal point) as text."""
     if isinstance(value, dict):
         extra = schema.get("additionalProperties")
-        default = extra if isinstance(extra, dict) else {}
+        default = extra if isinstance(extra, dict) else OPEN_VALUE if extra is True else {}
         return {k: coerce(v, schema.get("properties", {}).get(k, default)) for k, v in value.items()}
     if isinstance(value, list):
         return [coerce(v, schema.get("items", {})) for v in value]
@@ -151,7 +165,7 @@ def _experiment_validator():
     return Draft202012Validator({"$ref": "#/$defs/experiment", "$defs": schema()["$defs"]})
 
 
-def validate_experiment(settings: dict, name: str, device: str = "auto") -> None:
+def validate_experiment(settings: dict, name: str, device: str = "auto", libraries: bool = True) -> None:
     """Raise ConfigError listing every fault of a resolved preset, one line each."""
     where = f"experiments.{name}"
     if not isinstance(settings, dict):
@@ -160,7 +174,7 @@ def validate_experiment(settings: dict, name: str, device: str = "auto") -> None
     lines = [line for error in errors for line in schema_error_lines(error, where)]
     if lines:
         raise ConfigError("\n".join(dict.fromkeys(lines)))
-    check(settings, name, device)
+    check(settings, name, device, libraries)
 
 
 def schema_error_lines(error, prefix: str = "") -> list[str]:
@@ -184,6 +198,8 @@ def schema_error_lines(error, prefix: str = "") -> list[str]:
 
 def expected(schema: dict) -> str:
     """What a schema allows, in words: 'an integer >= 1', 'a number in (0, 1)', 'one of a, b'."""
+    if "anyOf" in schema:
+        return " or ".join(expected(member) for member in schema["anyOf"])
     if "enum" in schema:
         return "one of " + ", ".join(_show(v) for v in schema["enum"])
     types = schema.get("type", [])
@@ -242,8 +258,9 @@ def num_train_timesteps(settings: dict) -> int:
     return int((settings["model"].get("scheduler") or {}).get("num_train_timesteps", 1000))
 
 
-def check(settings: dict, name: str, device: str = "auto") -> None:
-    """The rules between keys that the schema cannot state; one line per fault."""
+def check(settings: dict, name: str, device: str = "auto", libraries: bool = True) -> None:
+    """The rules between keys that the schema cannot state, and (`libraries`) the model blocks
+    passed to library classes held to those classes (`library_block_faults`); one line per fault."""
     where = f"experiments.{name}"
     faults = []
     model, featurize = settings["model"], settings["featurize"]
@@ -281,6 +298,9 @@ def check(settings: dict, name: str, device: str = "auto") -> None:
     faults += _check_method_names(settings)
     if model.get("kind", "pixel_ddpm") == "pixel_ddpm":
         faults += _check_unet(settings["dataset"], model["unet"])
+    if libraries:  # a block with a fault above is not built: the build would only say it again
+        faults += library_block_faults(model, {fault.split(":")[0].split(".")[1].split("[")[0]
+                                               for fault in faults if fault.startswith("model.")})
     faults += _check_retrain(settings, within_T, T)
     faults += _check_clip(settings["score"])
     faults += _check_ablations(settings, T)
@@ -468,3 +488,159 @@ def _check_method_names(settings: dict) -> list[str]:
                 faults.append(f"{section}.{key}[{i}]: got {_show(name)}; expected one of "
                               f"{', '.join(_show(k) for k in known)}")
     return faults
+
+
+# ---------------------------------------------------------------- blocks passed to a library class
+
+def library_block_faults(model: dict, built: bool | set = True) -> list[str]:
+    """Faults of the `model:` blocks that the model kind passes to a library class as keyword
+    arguments (`config_blocks` of the kind in diffattr.models.KINDS, e.g. model.unet ->
+    diffusers' UNet2DModel), one line each: `model.<block>.<key>: got ...; expected ...`.
+
+    How, and why this way: the schema types only the common keys of these blocks (they stay open
+    to the class's every argument), so each block is held to the class itself, in two steps.
+    1. Its signature (`inspect.signature`), turned into a JSON schema (`annotation_schema`) and
+       checked with jsonschema, so that an unknown key gets the schema's did-you-mean line and a
+       wrong type (int, float accepting ints, bool not an int, str, Literal, X | None, tuple[X, ...],
+       unions of these) the same `expected ...` words as every other key. This is cheap and names
+       the key exactly, but says nothing of values a type allows and the class refuses.
+    2. If the signature passes, and `built` allows (False, or a set of blocks not to build: those
+       with faults already reported, which a build would only repeat), the class is built with the
+       kind's arguments on the meta device (`with torch.device("meta")`: the modules and their shapes,
+       no memory, 20-100 ms for the presets' UNets), which catches unknown block or activation
+       names, negative sizes and whatever else its constructor refuses. Its error is put on the key
+       that causes it: the key whose removal (the class's default) makes the build pass, else the
+       key whose text value (or a negative number) the error quotes, else the block.
+    torch, diffusers and diffattr.models are imported here, not with this module (every Snakemake
+    process imports it; importing them costs seconds): the first call in a process pays the import.
+    The faults of each distinct block are cached for the process (`_block_faults`).
+    """
+    from .models import model_class
+
+    faults = []
+    kind = model_class(model)
+    for block in kind.config_blocks:
+        if block not in model:
+            continue
+        if not isinstance(model[block], dict):  # the schema reports it
+            continue
+        build = built if isinstance(built, bool) else block not in built
+        faults += _block_faults(kind, block, json.dumps(model[block], sort_keys=True), build)
+    return faults
+
+
+@functools.lru_cache(maxsize=None)
+def _block_faults(kind, block: str, spec_json: str, build: bool) -> tuple[str, ...]:
+    """The fault lines of one block (`spec_json`: its JSON, keys sorted), once per process."""
+    spec = json.loads(spec_json)
+    where = f"model.{block}"
+    library = kind.config_blocks[block]
+    from jsonschema import Draft202012Validator
+
+    errors = sorted(Draft202012Validator(signature_schema(library)).iter_errors(spec),
+                    key=lambda e: list(map(str, e.path)))
+    lines = [line.replace(f"{block} takes", f"{block} ({library.__name__}) takes", 1)
+             for error in errors for line in schema_error_lines(error, where)]
+    if lines or not build:
+        return tuple(dict.fromkeys(lines))
+    error = _build_error(library, kind.block_arguments(block, spec))
+    if error is None:
+        return ()
+    said = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{library.__name__} accepts (it raised {type(error).__name__}{': ' + said if said else ''})"
+    culprits = [key for key in spec if _build_error(library, kind.block_arguments(
+        block, {k: v for k, v in spec.items() if k != key})) is None]
+    if culprits:
+        return tuple(f"{where}.{key}: got {_show(spec[key])}; expected a value {text}" for key in culprits)
+    quoted = _quoted_in(str(error), spec)
+    if quoted:
+        path, value = quoted
+        return (f"{_key(where, path)}: got {_show(value)}; expected a value {text}",)
+    return (f"{where}: got {_show(spec)}; expected arguments {text}",)
+
+
+def _build_error(library, arguments: dict) -> Exception | None:
+    """What building `library(**arguments)` raises (None if nothing): on the meta device for a torch
+    module, which allocates nothing."""
+    import torch
+
+    try:
+        if isinstance(library, type) and issubclass(library, torch.nn.Module):
+            with torch.device("meta"):
+                library(**arguments)
+        else:
+            library(**arguments)
+    except Exception as error:  # noqa: BLE001: any refusal of the class is the config's fault
+        return error
+    return None
+
+
+def _quoted_in(message: str, spec: dict):
+    """(path, value) of the one text value, or else negative number, of `spec` (lists walked into)
+    that the error message quotes as a word; None if none or several."""
+    leaves = [([key], value) for key, value in spec.items() if not isinstance(value, list)]
+    leaves += [([key, i], item) for key, value in spec.items() if isinstance(value, list)
+               for i, item in enumerate(value)]
+    for wanted in (lambda v: isinstance(v, str) and v, lambda v: isinstance(v, (int, float))
+                   and not isinstance(v, bool) and v < 0):
+        hits = [(path, value) for path, value in leaves if wanted(value)
+                and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def signature_schema(library) -> dict:
+    """A JSON schema of the keyword arguments `library(...)` takes: its parameters, each typed by
+    its annotation (`annotation_schema`), nothing else (unless it takes **kwargs)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(library, eval_str=True).parameters
+    except (NameError, TypeError, SyntaxError):
+        parameters = inspect.signature(library).parameters
+    named = {name: p for name, p in parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"}
+    open_ = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    return {"type": "object", "additionalProperties": open_,
+            "properties": {name: annotation_schema(p.annotation) for name, p in named.items()}}
+
+
+def annotation_schema(annotation) -> dict:
+    """A JSON schema of the config values (YAML: null, bool, int, float, str, list, mapping) that
+    fit a parameter's annotation. A float takes ints (jsonschema's number); bool is no int; a
+    tuple or list is a YAML list; an annotation it cannot read (a class such as numpy.ndarray, a
+    callable) allows anything, which leaves the value to the build."""
+    import collections.abc
+    import inspect
+    import types
+    import typing
+
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return {}
+    if annotation is None or annotation is type(None):
+        return {"type": "null"}
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object"}
+    if annotation in simple:
+        return {"type": simple[annotation]}
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [annotation_schema(a) for a in args]
+        if any(m == {} for m in members):
+            return {}
+        if all(set(m) == {"type"} for m in members):
+            return {"type": list(dict.fromkeys(t for m in members for t in as_list(m["type"])))}
+        return {"anyOf": members}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    if origin in (tuple, list, set, frozenset, collections.abc.Sequence) or annotation in (tuple, list):
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            items = [annotation_schema(a) for a in args]
+            out = {"type": "array", "minItems": len(args), "maxItems": len(args), "prefixItems": items}
+            if all(item == items[0] for item in items):
+                out["items"] = items[0]
+            return out
+        return {"type": "array", **({"items": annotation_schema(args[0])} if args else {})}
+    if origin is dict:
+        return {"type": "object"}
+    return {}
