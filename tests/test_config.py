@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from diffattr import library_blocks, messages
 from diffattr import settings as cfg
 from diffattr.settings import ConfigError, deep_merge, experiment, resolve_all, schema, validate_config
 
@@ -357,7 +358,7 @@ def test_annotations_read_as_config_types():
 
     def fits(annotation, value):
         from jsonschema import Draft202012Validator
-        return Draft202012Validator(cfg.annotation_schema(annotation)).is_valid(value)
+        return Draft202012Validator(library_blocks.annotation_schema(annotation)).is_valid(value)
 
     assert fits(Optional[int], None) and fits(int | None, 3) and not fits(Optional[int], "3")
     assert fits(float, 1) and fits(float, 0.5) and not fits(float, True) and not fits(int, True)
@@ -367,7 +368,7 @@ def test_annotations_read_as_config_types():
     assert fits(Literal["a", "b"], "a") and not fits(Literal["a", "b"], "c")
     assert fits(List[float], [1, 0.5]) and fits(Sequence[int], [1]) and not fits(Sequence[int], "x")
     assert fits(Any, object()) and fits(np.ndarray | List[float] | None, "anything: left to the build")
-    assert cfg.expected(cfg.annotation_schema(Union[int, Tuple[int, int], None])) == (
+    assert messages.expected(library_blocks.annotation_schema(Union[int, Tuple[int, int], None])) == (
         "an integer or a list of 2 of (an integer) or null")
 
 
@@ -417,11 +418,11 @@ def leaves(value, path=()):
 
 
 def dotted(path) -> str:
-    return cfg._key("", path)
+    return messages.key_path("", path)
 
 
 def pattern(path) -> str:
-    return cfg._key("", ["*" if isinstance(p, int) else p for p in path]).replace(".*", "[*]")
+    return messages.key_path("", ["*" if isinstance(p, int) else p for p in path]).replace(".*", "[*]")
 
 
 def spoilt_cases():
@@ -464,9 +465,9 @@ def test_every_leaf_of_every_preset_refuses_a_wrong_value():
         except ConfigError as error:
             if any(line.startswith(want) for line in str(error).splitlines()):
                 continue
-            missed.append(f"{want}{cfg._show(bad)} gave instead: {error}")
+            missed.append(f"{want}{messages.show(bad)} gave instead: {error}")
         else:
-            missed.append(f"{want}{cfg._show(bad)} passed")
+            missed.append(f"{want}{messages.show(bad)} passed")
     assert missed == []
     # every exemption is used: none outlives the key it was written for
     used = {key for _, key, _ in skipped}

@@ -7,7 +7,6 @@ import yaml
 from diffattr.lds import lds_table
 from diffattr.methods import METHODS, Method, read_predictions
 from diffattr.plan import Plan
-from diffattr.protocol import FeatureSet
 from diffattr.score import score_split, subset_predictions
 from diffattr.settings import deep_merge, resolve_all
 from diffattr.storage import array_sha256, write_array

@@ -2,24 +2,22 @@
 
 Every preset, once merged with its `base:` chain, is checked against the JSON schema
 `workflow/schemas/config.schema.yaml` (`$defs/experiment`), by `check` for the rules a schema
-cannot state, and by `library_block_faults` for the model blocks passed on to a library class
+cannot state, and by `library_blocks.library_block_faults` for the model blocks passed on to a library class
 (model.unet to diffusers' UNet2DModel, ...), held to that class's signature and built on the meta
 device. Every fault becomes one line `experiments.<name>.<key>: got <value>; expected <what>`.
 """
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import importlib.util
-import json
 import math
-import re
 from pathlib import Path
 
 import yaml
 
 from .methods import METHODS, READS, methods_reading
+from .messages import schema_error_lines, show
 from .protocol import FUNCTION_EXPECTED, lambda_grid, parse_function
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -83,7 +81,7 @@ def resolve_all(config: dict, libraries: bool = True) -> dict[str, dict]:
 
 
 def undefined_preset(where: str, value, presets) -> str:
-    return (f"{where}: got {_show(value)}; expected one of the presets under experiments: "
+    return (f"{where}: got {show(value)}; expected one of the presets under experiments: "
             f"{', '.join(presets)}")
 
 
@@ -94,14 +92,14 @@ def _chain(presets: dict, name: str) -> list[str]:
     chain = [name]
     while True:
         if not isinstance(presets[chain[-1]], dict):
-            raise ConfigError(f"experiments.{chain[-1]}: got {_show(presets[chain[-1]])}; expected a mapping")
+            raise ConfigError(f"experiments.{chain[-1]}: got {show(presets[chain[-1]])}; expected a mapping")
         if (base := presets[chain[-1]].get("base")) is None:
             break
         if base not in presets:
             raise ConfigError(undefined_preset(f"experiments.{chain[-1]}.base", base, presets))
         if base in chain:
             cycle = " -> ".join([*chain[chain.index(base):], base])
-            raise ConfigError(f"experiments.{chain[-1]}.base: got {_show(base)}; expected a chain of "
+            raise ConfigError(f"experiments.{chain[-1]}.base: got {show(base)}; expected a chain of "
                               f"bases that ends, not the cycle {cycle}")
         chain.append(base)
     return chain
@@ -169,81 +167,12 @@ def validate_experiment(settings: dict, name: str, device: str = "auto", librari
     """Raise ConfigError listing every fault of a resolved preset, one line each."""
     where = f"experiments.{name}"
     if not isinstance(settings, dict):
-        raise ConfigError(f"{where}: got {_show(settings)}; expected a mapping of settings")
+        raise ConfigError(f"{where}: got {show(settings)}; expected a mapping of settings")
     errors = sorted(_experiment_validator().iter_errors(settings), key=lambda e: list(map(str, e.path)))
     lines = [line for error in errors for line in schema_error_lines(error, where)]
     if lines:
         raise ConfigError("\n".join(dict.fromkeys(lines)))
     check(settings, name, device, libraries)
-
-
-def schema_error_lines(error, prefix: str = "") -> list[str]:
-    """One `key: got value; expected what` line per fault of a jsonschema ValidationError."""
-    path = _key(prefix, error.absolute_path)
-    if error.validator == "required":
-        missing = [k for k in error.validator_value if k not in error.instance]
-        return [f"{_key(path, [k])}: got no value; expected {expected(error.schema['properties'].get(k, {}))}"
-                for k in missing]
-    if error.validator == "additionalProperties":
-        known = list(error.schema.get("properties", {}))
-        lines = []
-        for key in (k for k in error.instance if k not in known):
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            lines.append(f"{_key(path, [key])}: got {_show(error.instance[key])}; expected no such "
-                         f"key{hint}: {path.rsplit('.', 1)[-1] or 'the top level'} takes {', '.join(known)}")
-        return lines
-    return [f"{path}: got {_show(error.instance)}; expected {expected(error.schema)}"]
-
-
-def expected(schema: dict) -> str:
-    """What a schema allows, in words: 'an integer >= 1', 'a number in (0, 1)', 'one of a, b'."""
-    if "anyOf" in schema:
-        return " or ".join(expected(member) for member in schema["anyOf"])
-    if "enum" in schema:
-        return "one of " + ", ".join(_show(v) for v in schema["enum"])
-    types = schema.get("type", [])
-    types = [types] if isinstance(types, str) else list(types)
-    words = []
-    for kind in types:
-        if kind in ("integer", "number"):
-            words.append(f"{'an integer' if kind == 'integer' else 'a number'}{_bounds(schema)}")
-        elif kind == "array":
-            size = schema.get("minItems"), schema.get("maxItems")
-            text = (f"a list of {size[0]}" if size[0] is not None and size[0] == size[1]
-                    else "a non-empty list" if size[0] == 1 else "a list")
-            if "items" in schema:
-                text += f" of ({expected(schema['items'])})"
-            words.append(text + (" without repeats" if schema.get("uniqueItems") else ""))
-        elif kind == "string":
-            words.append("a string" + (f" matching {schema['pattern']}" if "pattern" in schema else ""))
-        else:
-            words.append({"boolean": "true or false", "object": "a mapping", "null": "null"}[kind])
-    return " or ".join(words) or "a valid value"
-
-
-def _bounds(schema: dict) -> str:
-    low = ("[", schema["minimum"]) if "minimum" in schema else ("(", schema.get("exclusiveMinimum"))
-    high = ("]", schema["maximum"]) if "maximum" in schema else (")", schema.get("exclusiveMaximum"))
-    if low[1] is not None and high[1] is not None:
-        return f" in {low[0]}{low[1]}, {high[1]}{high[0]}"
-    if low[1] is not None:
-        return f" {'>=' if low[0] == '[' else '>'} {low[1]}"
-    if high[1] is not None:
-        return f" {'<=' if high[0] == ']' else '<'} {high[1]}"
-    return ""
-
-
-def _key(prefix: str, path) -> str:
-    out = prefix
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
-    return out
-
-
-def _show(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ---------------------------------------------------------------- what a schema cannot say
@@ -273,7 +202,7 @@ def check(settings: dict, name: str, device: str = "auto", libraries: bool = Tru
             try:
                 parse_function(function)
             except ValueError:
-                faults.append(f"{key}.functions[{i}]: got {_show(function)}; expected {FUNCTION_EXPECTED}")
+                faults.append(f"{key}.functions[{i}]: got {show(function)}; expected {FUNCTION_EXPECTED}")
         for i, k in enumerate(grid["timesteps"]):
             if k > T:
                 faults.append(f"{key}.timesteps[{i}]: got K = {k}; expected K {within_T}")
@@ -291,7 +220,7 @@ def check(settings: dict, name: str, device: str = "auto", libraries: bool = Tru
                     "or set device: cpu (BasicProjector takes any positive integer)")
     low, high = settings["score"]["lambda_exponents"]
     if low > high:
-        faults.append(f"score.lambda_exponents: got {_show([low, high])}; expected [low, high] with low <= high")
+        faults.append(f"score.lambda_exponents: got {show([low, high])}; expected [low, high] with low <= high")
     if "heldout" in settings["lds"]["lambda_rules"] and settings["subsets"]["m"] < 4:
         faults.append(f"subsets.m: got {settings['subsets']['m']}; expected at least 4 for the heldout "
                       "lambda rule (it selects on half of the subsets and reports on the other half)")
@@ -299,6 +228,8 @@ def check(settings: dict, name: str, device: str = "auto", libraries: bool = Tru
     if model.get("kind", "pixel_ddpm") == "pixel_ddpm":
         faults += _check_unet(settings["dataset"], model["unet"])
     if libraries:  # a block with a fault above is not built: the build would only say it again
+        from .library_blocks import library_block_faults  # imports torch only when called
+
         faults += library_block_faults(model, {fault.split(":")[0].split(".")[1].split("[")[0]
                                                for fault in faults if fault.startswith("model.")})
     faults += _check_retrain(settings, within_T, T)
@@ -317,7 +248,7 @@ def _check_retrain(settings: dict, within_T: str, T: int) -> list[str]:
         faults.append(f"retrain.timesteps: got {spec['timesteps']}; expected {within_T}")
     low, high = spec["datamodel_alpha_exponents"]
     if low > high:
-        faults.append(f"retrain.datamodel_alpha_exponents: got {_show([low, high])}; expected [low, high] "
+        faults.append(f"retrain.datamodel_alpha_exponents: got {show([low, high])}; expected [low, high] "
                       "with low <= high")
     lds = settings["subsets"]
     shared = sorted({lds["seed"] + 2 * j for j in range(lds["m"])}
@@ -348,7 +279,7 @@ def _check_checkpoints(train: dict, grids: dict) -> list[str]:
     faults = []
     kept, full = train.get("keep_checkpoints", []), train["full_steps"]
     if kept != sorted(kept):
-        faults.append(f"train.keep_checkpoints: got {_show(kept)}; expected steps in ascending order")
+        faults.append(f"train.keep_checkpoints: got {show(kept)}; expected steps in ascending order")
     for i, step in enumerate(kept):
         if step > full:
             faults.append(f"train.keep_checkpoints[{i}]: got {step}; expected a step at most "
@@ -358,7 +289,7 @@ def _check_checkpoints(train: dict, grids: dict) -> list[str]:
         for i, step in enumerate(grid.get("checkpoints", [])):
             if step not in earlier:
                 faults.append(f"{key}.checkpoints[{i}]: got {step}; expected one of train.keep_checkpoints "
-                              f"below train.full_steps = {full} ({_show(earlier)}); the final weights' "
+                              f"below train.full_steps = {full} ({show(earlier)}); the final weights' "
                               "features are the grid's own")
     return faults
 
@@ -384,7 +315,7 @@ def _check_unet(dataset: dict, unet: dict) -> list[str]:
         groups = unet.get("norm_num_groups", 32)
         if any(c % groups for c in levels):
             faults.append(f"model.unet.norm_num_groups: got {groups}; expected a divisor of every entry "
-                          f"of model.unet.block_out_channels {_show(levels)}")
+                          f"of model.unet.block_out_channels {show(levels)}")
     return faults
 
 
@@ -404,10 +335,10 @@ def _check_clip(score: dict) -> list[str]:
         return ["score.clip.architecture: got null; expected the CLIPVisionConfig of the randomly "
                 "initialized model ({} for ViT-B/32's), since score.clip.pretrained is null"]
     if pretrained is not None and architecture is not None:
-        return [f"score.clip.architecture: got {_show(architecture)}; expected null, since "
+        return [f"score.clip.architecture: got {show(architecture)}; expected null, since "
                 f"score.clip.pretrained names a model directory (its config.json is the architecture)"]
     if pretrained is not None and not (Path(pretrained) / "config.json").is_file():
-        return [f"score.clip.pretrained: got {_show(pretrained)}, which is not a model directory with a "
+        return [f"score.clip.pretrained: got {show(pretrained)}, which is not a model directory with a "
                 f"config.json (working directory {Path.cwd()}); expected a local Hugging Face CLIP model "
                 "directory (save_pretrained layout), or null for randomly initialized weights"]
     heads, width = (architecture or {}).get("num_attention_heads", 12), (architecture or {}).get("hidden_size", 768)
@@ -424,24 +355,24 @@ def _check_ablations(settings: dict, T: int) -> list[str]:
     for j, ablation in enumerate(settings.get("ablations", [])):
         key = f"ablations[{j}]"
         if ablation["name"] in names:
-            faults.append(f"{key}.name: got {_show(ablation['name'])}; expected a name no other ablation has")
+            faults.append(f"{key}.name: got {show(ablation['name'])}; expected a name no other ablation has")
         names.add(ablation["name"])
         sweep, at = ablation["sweep"], ablation.get("at", {})
         for both in sorted(set(sweep) & set(at)):
-            faults.append(f"{key}.at.{both}: got {_show(at[both])}; expected it in sweep or in at, not both")
+            faults.append(f"{key}.at.{both}: got {show(at[both])}; expected it in sweep or in at, not both")
         for missing in [k for k in ("function", "K", "k") if k not in sweep and k not in at]:
             faults.append(f"{key}.at.{missing}: got no value; expected it fixed here or swept in {key}.sweep")
         default = "" if "methods" in ablation else " (the default)"
         for name in [m for m in ablation.get("methods", ["trak"]) if m not in methods]:
-            faults.append(f"{key}.methods: got {_show(name)}{default}; expected methods the preset scores "
+            faults.append(f"{key}.methods: got {show(name)}{default}; expected methods the preset scores "
                           f"(score.methods): {', '.join(methods)}")
         if "lambda" in sweep:
             for name in [m for m in ablation.get("methods", ["trak"]) if not METHODS[m].uses_lambda]:
-                faults.append(f"{key}.methods: got {_show(name)}; expected methods with a lambda for a "
+                faults.append(f"{key}.methods: got {show(name)}; expected methods with a lambda for a "
                               "lambda sweep")
             grid = lambda_grid(settings["score"]["lambda_exponents"])
             for value in [v for v in as_list(sweep["lambda"]) if v != "grid" and float(v) not in grid]:
-                faults.append(f"{key}.sweep.lambda: got {_show(value)}; expected values of the lambda grid "
+                faults.append(f"{key}.sweep.lambda: got {show(value)}; expected values of the lambda grid "
                               f"(score.lambda_exponents) or grid")
         for where, leaf, value in ((f"{key}.{part}.{leaf}", leaf, value)
                                    for part, values in (("at", at), ("sweep", sweep))
@@ -452,7 +383,7 @@ def _check_ablations(settings: dict, T: int) -> list[str]:
                     try:
                         parse_function(str(item))
                     except ValueError:
-                        faults.append(f"{place}: got {_show(item)}; expected {FUNCTION_EXPECTED}")
+                        faults.append(f"{place}: got {show(item)}; expected {FUNCTION_EXPECTED}")
                 if leaf == "K" and item > T:
                     faults.append(f"{place}: got K = {item}; expected K at most T = {T} "
                                   "(model.scheduler.num_train_timesteps)")
@@ -485,162 +416,6 @@ def _check_method_names(settings: dict) -> list[str]:
         known = methods_reading(*(reads for reads, where in READS.items() if where == (section, key)))
         for i, name in enumerate(names):
             if name not in known:
-                faults.append(f"{section}.{key}[{i}]: got {_show(name)}; expected one of "
-                              f"{', '.join(_show(k) for k in known)}")
+                faults.append(f"{section}.{key}[{i}]: got {show(name)}; expected one of "
+                              f"{', '.join(show(k) for k in known)}")
     return faults
-
-
-# ---------------------------------------------------------------- blocks passed to a library class
-
-def library_block_faults(model: dict, built: bool | set = True) -> list[str]:
-    """Faults of the `model:` blocks that the model kind passes to a library class as keyword
-    arguments (`config_blocks` of the kind in diffattr.models.KINDS, e.g. model.unet ->
-    diffusers' UNet2DModel), one line each: `model.<block>.<key>: got ...; expected ...`.
-
-    How, and why this way: the schema types only the common keys of these blocks (they stay open
-    to the class's every argument), so each block is held to the class itself, in two steps.
-    1. Its signature (`inspect.signature`), turned into a JSON schema (`annotation_schema`) and
-       checked with jsonschema, so that an unknown key gets the schema's did-you-mean line and a
-       wrong type (int, float accepting ints, bool not an int, str, Literal, X | None, tuple[X, ...],
-       unions of these) the same `expected ...` words as every other key. This is cheap and names
-       the key exactly, but says nothing of values a type allows and the class refuses.
-    2. If the signature passes, and `built` allows (False, or a set of blocks not to build: those
-       with faults already reported, which a build would only repeat), the class is built with the
-       kind's arguments on the meta device (`with torch.device("meta")`: the modules and their shapes,
-       no memory, 20-100 ms for the presets' UNets), which catches unknown block or activation
-       names, negative sizes and whatever else its constructor refuses. Its error is put on the key
-       that causes it: the key whose removal (the class's default) makes the build pass, else the
-       key whose text value (or a negative number) the error quotes, else the block.
-    torch, diffusers and diffattr.models are imported here, not with this module (every Snakemake
-    process imports it; importing them costs seconds): the first call in a process pays the import.
-    The faults of each distinct block are cached for the process (`_block_faults`).
-    """
-    from .models import model_class
-
-    faults = []
-    kind = model_class(model)
-    for block in kind.config_blocks:
-        if block not in model:
-            continue
-        if not isinstance(model[block], dict):  # the schema reports it
-            continue
-        build = built if isinstance(built, bool) else block not in built
-        faults += _block_faults(kind, block, json.dumps(model[block], sort_keys=True), build)
-    return faults
-
-
-@functools.lru_cache(maxsize=None)
-def _block_faults(kind, block: str, spec_json: str, build: bool) -> tuple[str, ...]:
-    """The fault lines of one block (`spec_json`: its JSON, keys sorted), once per process."""
-    spec = json.loads(spec_json)
-    where = f"model.{block}"
-    library = kind.config_blocks[block]
-    from jsonschema import Draft202012Validator
-
-    errors = sorted(Draft202012Validator(signature_schema(library)).iter_errors(spec),
-                    key=lambda e: list(map(str, e.path)))
-    lines = [line.replace(f"{block} takes", f"{block} ({library.__name__}) takes", 1)
-             for error in errors for line in schema_error_lines(error, where)]
-    if lines or not build:
-        return tuple(dict.fromkeys(lines))
-    error = _build_error(library, kind.block_arguments(block, spec))
-    if error is None:
-        return ()
-    said = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = f"{library.__name__} accepts (it raised {type(error).__name__}{': ' + said if said else ''})"
-    culprits = [key for key in spec if _build_error(library, kind.block_arguments(
-        block, {k: v for k, v in spec.items() if k != key})) is None]
-    if culprits:
-        return tuple(f"{where}.{key}: got {_show(spec[key])}; expected a value {text}" for key in culprits)
-    quoted = _quoted_in(str(error), spec)
-    if quoted:
-        path, value = quoted
-        return (f"{_key(where, path)}: got {_show(value)}; expected a value {text}",)
-    return (f"{where}: got {_show(spec)}; expected arguments {text}",)
-
-
-def _build_error(library, arguments: dict) -> Exception | None:
-    """What building `library(**arguments)` raises (None if nothing): on the meta device for a torch
-    module, which allocates nothing."""
-    import torch
-
-    try:
-        if isinstance(library, type) and issubclass(library, torch.nn.Module):
-            with torch.device("meta"):
-                library(**arguments)
-        else:
-            library(**arguments)
-    except Exception as error:  # noqa: BLE001: any refusal of the class is the config's fault
-        return error
-    return None
-
-
-def _quoted_in(message: str, spec: dict):
-    """(path, value) of the one text value, or else negative number, of `spec` (lists walked into)
-    that the error message quotes as a word; None if none or several."""
-    leaves = [([key], value) for key, value in spec.items() if not isinstance(value, list)]
-    leaves += [([key, i], item) for key, value in spec.items() if isinstance(value, list)
-               for i, item in enumerate(value)]
-    for wanted in (lambda v: isinstance(v, str) and v, lambda v: isinstance(v, (int, float))
-                   and not isinstance(v, bool) and v < 0):
-        hits = [(path, value) for path, value in leaves if wanted(value)
-                and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message)]
-        if len(hits) == 1:
-            return hits[0]
-    return None
-
-
-def signature_schema(library) -> dict:
-    """A JSON schema of the keyword arguments `library(...)` takes: its parameters, each typed by
-    its annotation (`annotation_schema`), nothing else (unless it takes **kwargs)."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(library, eval_str=True).parameters
-    except (NameError, TypeError, SyntaxError):
-        parameters = inspect.signature(library).parameters
-    named = {name: p for name, p in parameters.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"}
-    open_ = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
-    return {"type": "object", "additionalProperties": open_,
-            "properties": {name: annotation_schema(p.annotation) for name, p in named.items()}}
-
-
-def annotation_schema(annotation) -> dict:
-    """A JSON schema of the config values (YAML: null, bool, int, float, str, list, mapping) that
-    fit a parameter's annotation. A float takes ints (jsonschema's number); bool is no int; a
-    tuple or list is a YAML list; an annotation it cannot read (a class such as numpy.ndarray, a
-    callable) allows anything, which leaves the value to the build."""
-    import collections.abc
-    import inspect
-    import types
-    import typing
-
-    if annotation is inspect.Parameter.empty or annotation is typing.Any:
-        return {}
-    if annotation is None or annotation is type(None):
-        return {"type": "null"}
-    simple = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object"}
-    if annotation in simple:
-        return {"type": simple[annotation]}
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        members = [annotation_schema(a) for a in args]
-        if any(m == {} for m in members):
-            return {}
-        if all(set(m) == {"type"} for m in members):
-            return {"type": list(dict.fromkeys(t for m in members for t in as_list(m["type"])))}
-        return {"anyOf": members}
-    if origin is typing.Literal:
-        return {"enum": list(args)}
-    if origin in (tuple, list, set, frozenset, collections.abc.Sequence) or annotation in (tuple, list):
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            items = [annotation_schema(a) for a in args]
-            out = {"type": "array", "minItems": len(args), "maxItems": len(args), "prefixItems": items}
-            if all(item == items[0] for item in items):
-                out["items"] = items[0]
-            return out
-        return {"type": "array", **({"items": annotation_schema(args[0])} if args else {})}
-    if origin is dict:
-        return {"type": "object"}
-    return {}
