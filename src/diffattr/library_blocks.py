@@ -6,14 +6,15 @@ import functools
 import json
 import re
 
-from .messages import key_path, schema_error_lines, show
+from .messages import key_path, schema_error_lines, show, unknown_key
 from .settings import as_list
 
 
 def library_block_faults(model: dict, built: bool | set = True) -> list[str]:
-    """Faults of the `model:` blocks that the model kind passes to a library class as keyword
-    arguments (`config_blocks` of the kind in diffattr.models.KINDS, e.g. model.unet ->
-    diffusers' UNet2DModel), one line each: `model.<block>.<key>: got ...; expected ...`.
+    """Faults of the `model:` block: a kind of diffattr.models.KINDS, no block the kind does not take,
+    and each block it passes to a library class as keyword arguments (its `config_blocks`, e.g.
+    model.unet -> diffusers' UNet2DModel) held to that class; one line each,
+    `model.<block>.<key>: got ...; expected ...`. A new kind is checked by its KINDS entry alone.
 
     How, and why this way: the schema types only the common keys of these blocks (they stay open
     to the class's every argument), so each block is held to the class itself, in two steps.
@@ -33,10 +34,14 @@ def library_block_faults(model: dict, built: bool | set = True) -> list[str]:
     process imports it; importing them costs seconds): the first call in a process pays the import.
     The faults of each distinct block are cached for the process (`_block_faults`).
     """
-    from .models import model_class
+    from .models import KINDS
 
-    faults = []
-    kind = model_class(model)
+    name = model.get("kind", "pixel_ddpm")
+    if name not in KINDS:
+        return [f"model.kind: got {show(name)}; expected one of {', '.join(show(k) for k in KINDS)}"]
+    kind = KINDS[name]
+    takes = ["kind", *kind.config_blocks]
+    faults = [unknown_key(f"model.{block}", model[block], name, takes) for block in model if block not in takes]
     for block in kind.config_blocks:
         if block not in model:
             continue

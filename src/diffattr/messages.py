@@ -11,18 +11,20 @@ def schema_error_lines(error, prefix: str = "") -> list[str]:
     path = key_path(prefix, error.absolute_path)
     if error.validator == "required":
         missing = [k for k in error.validator_value if k not in error.instance]
-        return [f"{key_path(path, [k])}: got no value; expected {expected(error.schema['properties'].get(k, {}))}"
+        return [f"{key_path(path, [k])}: got no value; expected {expected(error.schema.get('properties', {}).get(k, {}))}"
                 for k in missing]
     if error.validator == "additionalProperties":
         known = list(error.schema.get("properties", {}))
-        lines = []
-        for key in (k for k in error.instance if k not in known):
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            lines.append(f"{key_path(path, [key])}: got {show(error.instance[key])}; expected no such "
-                         f"key{hint}: {path.rsplit('.', 1)[-1] or 'the top level'} takes {', '.join(known)}")
-        return lines
+        return [unknown_key(key_path(path, [key]), error.instance[key], path.rsplit(".", 1)[-1] or "the top level",
+                            known) for key in error.instance if key not in known]
     return [f"{path}: got {show(error.instance)}; expected {expected(error.schema)}"]
+
+
+def unknown_key(where: str, value, owner: str, known) -> str:
+    """The line of a key that `owner` does not take, with the nearest key it does take."""
+    near = difflib.get_close_matches(where.rsplit(".", 1)[-1], list(known), n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return f"{where}: got {show(value)}; expected no such key{hint}: {owner} takes {', '.join(known)}"
 
 
 def expected(schema: dict) -> str:
