@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from diffattr.plan import Plan
 from diffattr.settings import deep_merge, experiment
 
 from dry_run import job_counts
@@ -156,7 +157,7 @@ def test_every_job_went_through_sbatch(runs):
     assert rules == (GPU_RULES | CPU_RULES) - {"ground_truth", "lds", "table"}
 
 
-def test_gpu_rules_ask_for_one_gpu_and_cpu_rules_for_none(runs):
+def test_gpu_rules_ask_for_one_gpu_and_cpu_rules_for_none(runs, tiny):
     jobs = submissions(runs["failed"].stderr) + submissions(runs["rerun"].stderr)
     records = sacct([job_id for job_id, _, _ in jobs])
     for job_id, kind, name in jobs:
@@ -168,7 +169,9 @@ def test_gpu_rules_ask_for_one_gpu_and_cpu_rules_for_none(runs):
     groups = [records[job_id]["tres"] for job_id, kind, _ in jobs if kind == "group"]
     assert groups, "the ground truth jobs were not grouped"
     # Members run one after another: the group asks for one member's CPUs and memory, not the sum.
-    assert all(tres["cpu"] == "4" and tres["mem"] == "16000M" for tres in groups), groups
+    # CPUs are the rule's threads (tiny's threads.ground_truth: 1), not a profile setting.
+    threads = Plan("tiny", tiny).threads("ground_truth")
+    assert all(tres["cpu"] == str(threads) and tres["mem"] == "16000M" for tres in groups), groups
 
 
 def test_failed_job_is_retried_with_more_memory_and_its_logs_kept(runs, profile):
