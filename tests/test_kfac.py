@@ -18,7 +18,7 @@ def linear_case():
     d_in, d_out, n = 4, 3, 40
     layer = torch.nn.Linear(d_in, d_out, bias=False).double()
     x, y = torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
-    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, n, 10)]
+    batches = [(x[i:i + 10], None) for i in range(0, n, 10)]
     layers = kfac.fit_factors(layer, [("weight", layer.weight)], batches, n, fisher="type-2")
     # the GGN of the per-row loss mean_j (f_j - y_j)^2, averaged over rows: J^T (2 / d_out) J
     jac = torch.stack([torch.kron(torch.eye(d_out, dtype=torch.float64), row[None]) for row in x])  # (n, d_out, p)
@@ -85,10 +85,10 @@ def _apply(layers, variant, vectors):
 
 def test_unet_factors_do_not_depend_on_batch_size(make_tiny_model, tiny_images):
     """Each image's draws are its own (not its batch's): batches of 3 and of 10 give one GGN. The
-    empirical Fisher (gradients at the true noise) keeps curvlinops' per-batch label sampling out."""
+    Monte-Carlo vectors are drawn per image too."""
     model = make_tiny_model(0, torch.float64)
     images = np.concatenate([tiny_images, -tiny_images]).astype(np.float64)
-    fits = [kfac.diffusion_factors(model, images, None, samples=2, seed=3, batch_size=b, fisher="empirical")
+    fits = [kfac.diffusion_factors(model, images, None, samples=2, seed=3, batch_size=b, fisher="mc")
             for b in (3, 10)]
     params = dict(kfac.curvature_parameters(model.network()))
     assert [layer["names"] for layer in fits[0]] == [layer["names"] for layer in fits[1]]
@@ -114,3 +114,27 @@ def test_a_duplicated_train_image_is_the_most_influential(make_tiny_model):
     for v, variant in enumerate(kfac.VARIANTS):
         scores = features[v, 0] @ features[v, 0, 7]
         assert np.argmax(scores) == 7, (variant, scores)
+
+
+def test_factors_equal_curvlinops(make_tiny_model, tiny_images):
+    """The hand-written K-FAC expand / EK-FAC equal curvlinops' operators (the library is not a
+    dependency: its backpack-for-pytorch requires torchvision, see docs/methods.md)."""
+    curvlinops = pytest.importorskip("curvlinops")
+    model = make_tiny_model(2, torch.float64)
+    images = tiny_images[:4].astype(np.float64)
+    ours = kfac.diffusion_factors(model, images, None, samples=1, seed=0, batch_size=4, fisher="type-2")
+    named = kfac.curvature_parameters(model.network())
+    batch, _ = next(iter(kfac.Draws(model, torch.from_numpy(images), None, 1, 0, 4)))
+    data = [(batch, torch.zeros(4, images[0].size, dtype=torch.float64))]
+    torch.manual_seed(0)
+    vectors = {name: torch.randn_like(p) for name, p in named}
+    flat = torch.cat([vectors[name].flatten() for name, _ in named])
+    for variant, operator in (("kfac", curvlinops.KFACLinearOperator), ("ekfac", curvlinops.EKFACLinearOperator)):
+        theirs = operator(kfac._Regression(model), torch.nn.MSELoss(), [p for _, p in named], data,
+                          fisher_type="type-2", kfac_approx="expand", num_per_example_loss_terms=1, num_data=4,
+                          check_deterministic=False, batch_size_fn=lambda b: len(b["x_t"]))
+        expected = dict(zip([name for name, _ in named], (theirs @ flat).split([p.numel() for _, p in named])))
+        mine = _apply(ours, variant, vectors)
+        order = [layer["names"][kind] for layer in ours for kind in ("weight", "bias") if kind in layer["names"]]
+        for name, value in zip(order, mine):
+            torch.testing.assert_close(value.flatten(), expected[name], rtol=1e-8, atol=1e-12)

@@ -8,16 +8,23 @@ Gauss-Newton (GGN) of the training loss, g_i the gradient of train image i's tra
 `square`). G is approximated per Linear / Conv2d layer by K-FAC, B (x) A (B the covariance of the
 gradients at the layer's output, A that of its inputs), or by EK-FAC, which keeps K-FAC's Kronecker
 eigenbasis Q = Q_B (x) Q_A but replaces its eigenvalues by diag(Q^T G Q) (George et al. 2018).
-Both come from curvlinops (`EKFACLinearOperator`, which computes K-FAC's factors first).
+
+Why not curvlinops, which the reference uses: curvlinops-for-pytorch requires backpack-for-pytorch,
+which requires torchvision, and PyPI's torchvision beside the CPU torch wheel breaks diffusers'
+import (as for open_clip, docs/methods.md). `fit_factors` computes what curvlinops'
+KFACLinearOperator and EKFACLinearOperator compute (the same conventions, below), in about 60
+lines; tests/test_kfac.py checks it against the dense GGN and, where curvlinops is installed,
+against curvlinops itself.
 
 What we follow (the reference code's `compute_influence.py` and `constructors.py`, its defaults in
 `config_schemas.KFACConfig`):
 - the GGN of the diffusion loss mean_pixels (eps_theta(x_t, t) - eps)^2 over the train set, the
-  network's output flattened per image (one loss term per image), curvlinops' MSE loss with mean
-  reduction and `num_per_example_loss_terms=1`;
+  network's output flattened per image (one loss term per image: the reference's curvlinops MSE loss
+  with mean reduction and `num_per_example_loss_terms=1`), so the loss Hessian is 2 / d I;
 - each train image enters the GGN at `samples` draws of (t, eps), t uniform on {0, ..., T-1};
 - K-FAC "expand" for weight sharing (convolutions, attention), the Monte-Carlo Fisher with one
-  sampled target per draw (`fisher: mc`; `type-2` computes the GGN exactly per draw), weights and
+  sampled output vector per draw (`fisher: mc`, drawn per image and draw rather than from one
+  stream, so that batch size changes nothing; `type-2` computes the GGN exactly per draw), weights and
   biases in separate blocks, only Linear and Conv2d parameters (GroupNorm's are left out, as the
   reference does);
 - damping as the reference sets it: lambda = 1e-8 added to every eigenvalue ("exact" damping);
@@ -32,7 +39,8 @@ score; without `proj_dim` the product is exact.
 
 Memory of a features job: the factors (sum over layers of d_in^2 + d_out^2 values, plus two
 eigenvalue sets of the parameters' size), one batch of per-sample gradients (B x p, as featurize),
-and its preconditioned copies (V x L x B x p for V variants and L dampings) or their projections.
+one preconditioned copy at a time (B x p) and the projections of all (V x L x B x k, V variants, L
+dampings). A curvature job holds the factors and one layer's input patches (B x R x d_in) at a time.
 """
 from __future__ import annotations
 
@@ -50,7 +58,6 @@ from .storage import array_sha256, atomic_output, file_sha256
 
 VARIANTS = ("kfac", "ekfac")
 LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
-DEFAULT_DAMPING = 1e-8  # the reference's KFACConfig.damping, with use_exact_damping
 
 
 def curvature_parameters(network: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -59,41 +66,103 @@ def curvature_parameters(network: torch.nn.Module) -> list[tuple[str, torch.nn.P
             if isinstance(module, LAYERS) for name, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
-def fit_factors(model_func: torch.nn.Module, named_params, data, num_data: int, fisher: str = "mc",
-                seed: int = 0, batch_size_fn=None) -> list[dict]:
-    """Per layer: its parameters' names, the eigenvectors Q_A (None without a weight) and Q_B of
-    K-FAC's factors and the eigenvalues of each variant ({'kfac'|'ekfac': {'weight'|'bias': (d_out,
-    d_in) or (d_out,)}}), from curvlinops' EK-FAC of the MSE loss (mean over each output row) of
-    `model_func` over `data` (re-iterable (X, y) batches, `num_data` rows in all)."""
-    from curvlinops import EKFACLinearOperator
+def _patches(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, R, d_in): the layer's inputs at its R weight-sharing positions (a convolution's patches, in
+    the order of weight.flatten(1); a Linear layer's leading dimensions after the batch)."""
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(f"K-FAC here takes plain convolutions only, got {module}")
+        return torch.nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding,
+                                          module.stride).transpose(1, 2)
+    return x.reshape(len(x), -1, x.shape[-1])
 
-    params = [p for _, p in named_params]
+
+def _output_vectors(rows: int, width: int, fisher: str, keys, dtype, device) -> list[torch.Tensor]:
+    """The vectors v (rows, width) backpropagated from the output, E[v v^T] = 2 / width I, the Hessian
+    of mean_j (f_j - y_j)^2: for `mc` one draw per row from its key (a pure function of it),
+    for `type-2` the columns of sqrt(2 / width) I."""
+    scale = (2.0 / width) ** 0.5
+    if fisher == "type-2":
+        return [torch.zeros(rows, width, dtype=dtype, device=device).index_fill_(1, torch.tensor([j], device=device),
+                                                                                 scale) for j in range(width)]
+    if fisher != "mc":
+        raise ValueError(f"fisher: got {fisher!r}; expected 'mc' or 'type-2'")
+    draws = np.stack([np.random.default_rng([*map(int, key), 2]).standard_normal(width) for key in keys])
+    return [torch.from_numpy(draws).to(device, dtype) * scale]
+
+
+def _passes(model_func, modules: dict, data, fisher: str, on_input, on_grad) -> None:
+    """Run `data` through `model_func`, backpropagating each output vector (`_output_vectors`):
+    on_input(layer, patches) once per batch in the forward pass, on_grad(layer, patches, output
+    gradients (B, R, d_out)) per vector in the backward pass. Patches are formed in the hooks and
+    dropped after them, so that at most one layer's are held at a time."""
+    def forward(name, module, inputs, output):
+        x = inputs[0].detach()
+        if on_input is not None:
+            on_input(name, _patches(module, x))
+
+        def backward(grad):
+            g = grad.detach()
+            g = g.flatten(2).transpose(1, 2) if isinstance(module, torch.nn.Conv2d) else g.reshape(len(g), -1,
+                                                                                                    g.shape[-1])
+            on_grad(name, _patches(module, x) if on_input is None else None, g)
+        output.register_hook(backward)
+
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: forward(name, m, i, o))
+               for name, module in modules.items()]
+    anchor = [p for m in modules.values() for p in m.parameters(recurse=False)]
+    try:
+        for batch, keys in data:
+            out = model_func(batch)
+            for vector in _output_vectors(*out.shape, fisher, keys, out.dtype, out.device):
+                torch.autograd.grad(out, anchor, vector, retain_graph=True, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def fit_factors(model_func: torch.nn.Module, named_params, data, num_data: int, fisher: str = "mc") -> list[dict]:
+    """Per Linear / Conv2d layer of `model_func` holding `named_params`: the parameters' names, the
+    eigenvectors Q_A (of the inputs' covariance A) and Q_B (of the output gradients' covariance B) and
+    the eigenvalues of each variant ({'kfac'|'ekfac': {'weight': (d_out, d_in), 'bias': (d_out,)}}).
+
+    The GGN is that of the loss mean_j (f_j - y_j)^2 of each output row f = model_func(X) over `data`
+    (re-iterable (X, keys) batches, `num_data` rows in all; a row's key seeds its Monte-Carlo vector).
+    K-FAC expand (Eschenhagen et al. 2023), as curvlinops' KFACLinearOperator computes it:
+    A = sum a a^T / (N R) over rows and the R weight-sharing positions, B = sum g g^T / N; the bias
+    block is B. EK-FAC: diag(Q^T G Q) from each row's gradient in Q's basis (a second pass)."""
     names = {id(p): name for name, p in named_params}
-    operator = EKFACLinearOperator(
-        model_func, torch.nn.MSELoss(reduction="mean"), params, data, fisher_type=fisher, mc_samples=1,
-        kfac_approx="expand", num_per_example_loss_terms=1, num_data=num_data, check_deterministic=False,
-        seed=seed, batch_size_fn=batch_size_fn)
-    operator.compute_kronecker_factors()
-    inputs = {k: v.clone() for k, v in operator._input_covariances.items()}
-    outputs = {k: v.clone() for k, v in operator._gradient_covariances.items()}
-    operator.compute_eigenvalue_correction()
-    layers = []
-    for module, positions in operator._mapping.items():
-        qa = operator._input_covariances_eigenvectors.get(module)
-        qb = operator._gradient_covariances_eigenvectors[module]
-        b = torch.einsum("ji,jk,ki->i", qb, outputs[module], qb)  # diag(Q_B^T B Q_B), in EK-FAC's basis
-        kfac, ekfac = {}, {}
-        for kind, position in positions.items():
-            corrected = operator._corrected_eigenvalues[module][position]
-            if kind == "weight":
-                a = torch.einsum("ji,jk,ki->i", qa, inputs[module], qa)
-                kfac[kind] = torch.outer(b, a)
-                ekfac[kind] = corrected.reshape(len(b), -1)
-            else:
-                kfac[kind], ekfac[kind] = b.clone(), corrected.reshape(-1)
-        layers.append({"module": module, "names": {kind: names[id(params[pos])] for kind, pos in positions.items()},
-                       "qa": qa, "qb": qb, "eigenvalues": {"kfac": kfac, "ekfac": ekfac}})
-    return layers
+    modules = {name: m for name, m in model_func.named_modules() if isinstance(m, LAYERS)
+               and any(id(p) in names for p in m.parameters(recurse=False))}
+    inputs, outputs = dict.fromkeys(modules, 0), dict.fromkeys(modules, 0)
+
+    def on_input(name, a):
+        inputs[name] = inputs[name] + torch.einsum("bri,brj->ij", a, a) / (num_data * a.shape[1])
+
+    def on_grad(name, a, g):
+        outputs[name] = outputs[name] + torch.einsum("bri,brj->ij", g, g) / num_data
+
+    _passes(model_func, modules, data, fisher, on_input, on_grad)
+    layers = {}
+    for name, module in modules.items():
+        (a, qa), (b, qb) = torch.linalg.eigh(inputs[name]), torch.linalg.eigh(outputs[name])
+        kinds = {kind: names[id(p)] for kind, p in (("weight", module.weight), ("bias", module.bias))
+                 if p is not None and id(p) in names}
+        kfac = {kind: torch.outer(b, a) if kind == "weight" else b for kind in kinds}
+        layers[name] = {"module": name, "names": kinds, "qa": qa if "weight" in kinds else None, "qb": qb,
+                        "eigenvalues": {"kfac": kfac, "ekfac": {kind: torch.zeros_like(v) for kind, v in kfac.items()}}}
+
+    def correct(name, a, g):
+        layer = layers[name]
+        corrected = layer["eigenvalues"]["ekfac"]
+        if "weight" in corrected:
+            rotated = torch.einsum("ji,brj,brk,kl->bil", layer["qb"], g, a, layer["qa"])
+            corrected["weight"] += (rotated ** 2).sum(0) / num_data
+        if "bias" in corrected:
+            corrected["bias"] += ((g.sum(1) @ layer["qb"]) ** 2).sum(0) / num_data
+
+    _passes(model_func, modules, data, fisher, None, correct)
+    return list(layers.values())
 
 
 def rotate(layers: list[dict], grads: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -123,7 +192,7 @@ def precondition(layers: list[dict], rotated: list[torch.Tensor], variant: str, 
 # ------------------------------------------------------------------ the diffusion model's GGN
 
 class _Regression(torch.nn.Module):
-    """curvlinops' view of a diffusion model: a batch {x_t, t[, cond]} -> the prediction, one row per
+    """A diffusion model as a regression: a batch {x_t, t[, cond]} -> the prediction, one row per
     image (the reference's KFACCompatibleImageRegressionModelWrapper)."""
 
     def __init__(self, model: DiffusionModel):
@@ -140,7 +209,7 @@ def draw_timestep(seed: int, index: int, sample: int, num_train_timesteps: int) 
 
 
 class Draws:
-    """Re-iterable (batch, target) pairs over `samples` passes of the train images, image i noised at
+    """Re-iterable (batch, keys) pairs over `samples` passes of the train images, image i noised at
     its draw s: t = draw_timestep(seed, i, s), eps = noise.gaussian(seed, i, t, draw=s + 1), so that the
     batches, whatever their size, hold the same noised images."""
 
@@ -161,7 +230,7 @@ class Draws:
                 batch = {"x_t": model.scheduler.add_noise(x0, eps, t), "t": t}
                 if self.labels is not None:
                     batch["cond"] = model.conditioning(torch.as_tensor(self.labels[rows.start:rows.stop]))
-                yield batch, model.target(x0, eps, t).flatten(1)
+                yield batch, [(self.seed, i, s) for i in rows]
 
 
 def diffusion_factors(model: DiffusionModel, images: np.ndarray, labels, samples: int, seed: int,
@@ -170,7 +239,7 @@ def diffusion_factors(model: DiffusionModel, images: np.ndarray, labels, samples
     model.train(False)
     data = Draws(model, torch.from_numpy(images).to(device), labels, samples, seed, batch_size)
     return fit_factors(_Regression(model), curvature_parameters(model.network()), data, samples * len(images),
-                       fisher, seed, batch_size_fn=lambda batch: len(batch["x_t"]))
+                       fisher)
 
 
 def compute_curvature(weights_path, model_spec: dict, images_path, spec: dict, out_path,
