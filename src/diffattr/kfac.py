@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .data import load_images, load_labels
-from .device import device_name
+from .device import device_name, precision
 from .featurize import batch_gradients
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
@@ -238,8 +238,9 @@ def diffusion_factors(model: DiffusionModel, images: np.ndarray, labels, samples
     """`fit_factors` of the training loss's GGN over the train images, `samples` draws each."""
     model.train(False)
     data = Draws(model, torch.from_numpy(images).to(device), labels, samples, seed, batch_size)
-    return fit_factors(_Regression(model), curvature_parameters(model.network()), data, samples * len(images),
-                       fisher)
+    with precision("fp32", device):
+        return fit_factors(_Regression(model), curvature_parameters(model.network()), data, samples * len(images),
+                           fisher)
 
 
 def compute_curvature(weights_path, model_spec: dict, images_path, spec: dict, out_path,
@@ -289,8 +290,10 @@ def influence_features(model: DiffusionModel, layers: list[dict], images: np.nda
     for start in range(0, len(images), batch_size):
         stop = min(len(images), start + batch_size)
         rows = None if labels is None else labels[start:stop]
-        flat = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop), function,
-                               timesteps, noise_seed, rows, max_pass_items=max_pass_items, parameters=params)
+        with precision("fp32", device):  # the protocol's fp32, as featurize: no TF32 convolutions on a GPU
+            flat = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
+                                   function, timesteps, noise_seed, rows, max_pass_items=max_pass_items,
+                                   parameters=params)
         grads = dict(zip([name for name, _ in params],
                          [g.reshape(len(flat), *p.shape) for g, (_, p) in
                           zip(flat.split([p.numel() for _, p in params], dim=1), params)]))
