@@ -138,3 +138,36 @@ def test_factors_equal_curvlinops(make_tiny_model, tiny_images):
         order = [layer["names"][kind] for layer in ours for kind in ("weight", "bias") if kind in layer["names"]]
         for name, value in zip(order, mine):
             torch.testing.assert_close(value.flatten(), expected[name], rtol=1e-8, atol=1e-12)
+
+
+def test_score_job_reads_its_stores_and_refuses_another_curvature(tmp_path):
+    """score_influence: the stores' dot products as subset predictions per variant and damping, and
+    a refusal when the query features were preconditioned with another curvature."""
+    import pandas as pd
+
+    from diffattr.methods import read_predictions
+    from diffattr.provenance import ProvenanceError
+    from diffattr.storage import write_array
+
+    rng = np.random.default_rng(0)
+    train, query = rng.standard_normal((2, 2, 6, 5)), rng.standard_normal((2, 2, 3, 5))
+    attrs = {"model_sha256": "m", "curvature_sha256": "c", "curvature": {}, "dampings": [1e-8, 1.0],
+             "variants": list(kfac.VARIANTS), "K": 2, "timesteps": [0, 500], "noise_seed": 0, "proj_dim": 5,
+             "projector": "none", "grad_dim": 5, "query_sha256": "q"}
+    write_array(tmp_path / "train.zarr", train, {**attrs, "function": "simple"})
+    write_array(tmp_path / "query.zarr", query, {**attrs, "function": "square"})
+    masks = rng.random((4, 6)) < 0.5
+    pd.DataFrame([{"subset": j, "train_position": i} for j, i in zip(*np.nonzero(masks))]).to_csv(
+        tmp_path / "subsets.csv", index=False)
+    kfac.score_influence(tmp_path / "train.zarr", tmp_path / "query.zarr", tmp_path / "subsets.csv",
+                         ["kfac_influence", "ekfac_influence"], tmp_path / "scores.zarr")
+    preds, stored = read_predictions(tmp_path / "scores.zarr")
+    assert stored["function"] == "square"
+    for v, method in enumerate(["kfac_influence", "ekfac_influence"]):
+        expected = np.stack([-(query[v, l] @ train[v, l].T) @ masks.T for l in range(2)])
+        np.testing.assert_allclose(preds[method][0], expected, rtol=1e-6)
+        np.testing.assert_array_equal(preds[method][1], [1e-8, 1.0])
+    write_array(tmp_path / "query.zarr", query, {**attrs, "function": "square", "curvature_sha256": "other"})
+    with pytest.raises(ProvenanceError, match="curvature_sha256"):
+        kfac.score_influence(tmp_path / "train.zarr", tmp_path / "query.zarr", tmp_path / "subsets.csv",
+                             ["kfac_influence"], tmp_path / "scores2.zarr")
