@@ -10,6 +10,8 @@ rule table:
         "logs/{experiment}/table.log",
     benchmark:
         benchmark("logs/{experiment}/table.log")
+    params:
+        main=lambda w: plan(w).main,
     threads: 1
     run:
         run("table.py", input, output, params, wildcards, threads, log)

@@ -142,6 +142,14 @@ class Plan:
         return int((self.settings.get("threads") or {}).get(stage, 1))
 
     @cached_property
+    def main(self) -> dict:
+        """The preset's main setting, which the headline table and the figures show: the featurize
+        grid's first K and k, and the first of its lds.lambda_rules."""
+        spec = self.settings["featurize"]
+        return {"timesteps": int(as_list(spec["timesteps"])[0]), "proj_dim": int(as_list(spec["proj_dims"])[0]),
+                "lambda_rule": str(self.settings["lds"]["lambda_rules"][0])}
+
+    @cached_property
     def retrain(self) -> dict:
         return retrain_settings(self.settings)
 
