@@ -4,7 +4,7 @@ rule table:
         ablations=lambda w: [PATHS["ablation"].format(experiment=w.experiment, ablation=a["name"], ext="md")
                              for a in settings(w).get("ablations", [])],
     output:
-        table=PATHS["table"],
+        table=report(PATHS["table"], category="Tables", caption="../workflow/report/table.rst"),
         report=pattern("table").removesuffix(".csv") + ".md",
     log:
         "logs/{experiment}/table.log",

@@ -37,6 +37,7 @@ PATHS = {
     "lds_curve": "{root}/lds/{scores}_{qsplit}.lambdas.csv",
     "ablation": "results/{experiment}/ablations/{ablation}.{ext}",
     "table": "results/lds_{experiment}.csv",
+    "figure": "results/{experiment}/figures/{figure}.png",  # and the .svg beside it
 }
 
 
@@ -319,6 +320,8 @@ class Plan:
         names = [ablation["name"] for ablation in ablations]
         jobs["ablation"] = [path("ablation", experiment=e, ablation=name, ext="csv") for name in names]
         jobs["table"] = [path("table", experiment=e)]
+        from .figure_plan import figures  # it reads this module's paths
+        jobs["figure"] = [path("figure", experiment=e, figure=name) for name in figures(self)]
         return {rule: outputs for rule, outputs in jobs.items() if outputs}
 
     def products(self) -> list[str]:
