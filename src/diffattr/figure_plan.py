@@ -22,16 +22,22 @@ def _kernel_methods(plan) -> list[str]:
     return [m for m in plan.methods("features") if METHODS[m].uses_lambda and not METHODS[m].extra_inputs]
 
 
+def headline_sets(plan) -> list[FeatureSet]:
+    """TRAK's and D-TRAK's feature sets at the main K and k: simple, and the first other function of
+    HEADLINE_FUNCTIONS (else of the grid), as the headline table shows them."""
+    sets = {f.function: f for f in _main_sets(plan)}
+    others = [f for f in sets if f != "simple" and not f.startswith("interp")]
+    chosen = [f for f in HEADLINE_FUNCTIONS if f in others] + others
+    return [sets[f] for f in ["simple", *chosen[:1]] if f in sets]
+
+
 def gallery_methods(plan, split: str) -> list[tuple[str, FeatureSet | None]]:
-    """The methods a gallery shows, with their feature set: TRAK on simple and D-TRAK on the first
-    other function of HEADLINE_FUNCTIONS (else of the grid), at the main K and k; DAS; a raw pixel
-    baseline (cosine where planned)."""
+    """The methods a gallery shows, with their feature set: TRAK and D-TRAK on the `headline_sets`;
+    DAS; a raw pixel baseline (cosine where planned)."""
     sets = {f.function: f for f in _main_sets(plan)}
     out = []
     if "trak" in plan.methods("features"):
-        others = [f for f in sets if f != "simple" and not f.startswith("interp")]
-        chosen = [f for f in HEADLINE_FUNCTIONS if f in others] + others
-        out += [("trak", sets[f]) for f in ["simple", *chosen[:1]] if f in sets]
+        out += [("trak", fset) for fset in headline_sets(plan)]
     if "das" in plan.methods("features") and "avg" in sets and METHODS["das"].applies(sets["avg"], split):
         out.append(("das", sets["avg"]))
     pixels = plan.methods("pixels")
@@ -74,7 +80,7 @@ def inputs(plan, name: str) -> dict[str, str | list[str]]:
         return {"table": table}
     if name == "lambda":
         return {"table": table, "curves": [path("lds_curve", root=truth_root(e), scores=f.name, qsplit=s)
-                                           for f in _main_sets(plan) for s in ("val", "gen")]}
+                                           for f in headline_sets(plan) for s in ("val", "gen")]}
     if name.startswith("gallery_"):
         split = name.removeprefix("gallery_")
         out = {"table": table, "train_images": plan.images("train"), "query_images": plan.images(split)}
@@ -122,8 +128,8 @@ def caption(plan, name: str) -> str:
                      "(columns), the paper's Table 1; validation and generated queries.",
         "interpolation": "LDS (%) of D-TRAK on the interpolated function (eta 0: L_Square, eta 0.5: TRAK up to a "
                          "factor), with 95% intervals, as the paper's Figure 1.",
-        "lambda": "LDS (%) against lambda, per kernel method on the main feature sets (one panel per feature set "
-                  "and query split); the oracle and the held-out choices of lambda are marked.",
+        "lambda": "LDS (%) against lambda, per kernel method on TRAK's and D-TRAK's feature sets (one panel per "
+                  "function and query split); the oracle and the held-out choices of lambda are marked.",
         "checkpoints": "LDS (%) of TRAK / D-TRAK on the features of each kept training checkpoint and of the final "
                        "weights, and of TracInCP and GAS (summed over them) as horizontal lines.",
         "ensembles": "LDS (%) against the number of retrained models: TRAK / D-TRAK ensembles (C models), "
