@@ -72,7 +72,7 @@ def draw_headline(inputs: dict, params: dict, out) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("LDS (%)")
     ax.set_title(f"{params['experiment']}: LDS at K={params['main']['timesteps']}, k={params['main']['proj_dim']}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
     save(fig, out)
 
 
