@@ -24,6 +24,9 @@ def test_figures_follow_the_outputs():
     assert "ensembles" in figures(plan("tiny-retrain"))
     one_function = plan("tiny", featurize={"functions": ["square"], "extra_grids": []}, ablations=[])
     assert figures(one_function) == ["headline", "lambda", "gallery_val", "gallery_gen", "losses", "samples"]
+    # no gallery where its (n, n) singleton masks would not fit
+    assert not any(name.startswith("gallery") for name in figures(plan("cifar10")))
+    assert "gallery_val" in figures(plan("cifar2"))
 
 
 def test_gallery_methods_and_inputs():

@@ -5,12 +5,16 @@ no torch, no matplotlib."""
 from __future__ import annotations
 
 from .methods import METHODS, label
+from .plan import EXTRA_INPUTS, path, truth_root
 from .protocol import ARTIFACTS, FeatureSet
 from .table import HEADLINE_FUNCTIONS
 
 LOSS_MODELS = 4  # LDS models whose loss curves are drawn beside the full model's
 GALLERY_QUERIES = 3  # a gallery's queries: the first of its split, the same in every run of a preset
 GALLERY_TOP = 5      # proponents and opponents shown per query and method
+# A gallery scores its queries over the n singleton subsets of the training set (diffattr.gallery), an
+# (n, n) mask: 200 MB at cifar2's 5000 training images, 20 GB at cifar10's 50000, which gets none.
+GALLERY_MAX_TRAIN = 10000
 
 
 def _main_sets(plan) -> list[FeatureSet]:
@@ -60,7 +64,8 @@ def figures(plan) -> list[str]:
         out.append("checkpoints")
     if plan.retrain["ensembles"] or plan.retrain["n_models"]:
         out.append("ensembles")
-    out += [f"gallery_{split}" for split in ("val", "gen") if gallery_methods(plan, split)]
+    if int(plan.settings["dataset"].get("n_train") or 0) <= GALLERY_MAX_TRAIN:
+        out += [f"gallery_{split}" for split in ("val", "gen") if gallery_methods(plan, split)]
     return [*out, "losses", "samples"]
 
 
@@ -73,7 +78,6 @@ def category(name: str) -> str:
 
 def inputs(plan, name: str) -> dict[str, str | list[str]]:
     """{input name: path or paths} of figure `name`."""
-    from .plan import path, truth_root
     e = plan.experiment
     table = path("table", experiment=e)
     if name in ("headline", "functions", "interpolation", "checkpoints", "ensembles"):
@@ -90,7 +94,6 @@ def inputs(plan, name: str) -> dict[str, str | list[str]]:
             else:
                 out.update({f"m{i}_train": plan.features(fset, "train"), f"m{i}_query": plan.features(fset, split)})
                 if "residual" in METHODS[method].extra_inputs:
-                    from .plan import EXTRA_INPUTS
                     out[f"m{i}_residual"] = EXTRA_INPUTS["residual"](plan, fset)
         return out
     if name == "losses":

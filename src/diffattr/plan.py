@@ -320,7 +320,7 @@ class Plan:
         names = [ablation["name"] for ablation in ablations]
         jobs["ablation"] = [path("ablation", experiment=e, ablation=name, ext="csv") for name in names]
         jobs["table"] = [path("table", experiment=e)]
-        from .figure_plan import figures  # it reads this module's paths
+        from .figure_plan import figures  # imported here: it imports this module
         jobs["figure"] = [path("figure", experiment=e, figure=name) for name in figures(self)]
         return {rule: outputs for rule, outputs in jobs.items() if outputs}
 
