@@ -92,4 +92,7 @@ def test_report_opens_in_a_browser_with_no_broken_image(tiny_run, report, tiny_f
     assert not errors
     assert {f"{name}.png" for name in tiny_figures} <= set(shown)
     assert screenshot.stat().st_size > 0
-    print(f"screenshot of the report: {screenshot}")
+    kept = REPO / "results/report_tiny.png"  # beside the repository's own results, outliving the test's folder
+    kept.parent.mkdir(exist_ok=True)
+    shutil.copy(screenshot, kept)
+    print(f"screenshot of the report: {screenshot}, kept as {kept}")

@@ -194,31 +194,52 @@ def draw_ensembles(inputs: dict, params: dict, out) -> None:
     save(fig, out)
 
 
-def _image(ax, image: np.ndarray) -> None:
-    """One image of a store ((C, H, W) in [-1, 1]) without axes."""
+def _display(image: np.ndarray) -> np.ndarray:
+    """An image of a store ((C, H, W) in [-1, 1]) as (H, W, 3) in [0, 1]."""
     image = np.clip((np.asarray(image, dtype=np.float32) + 1) / 2, 0, 1)
-    ax.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    return np.repeat(image, 3, axis=0).transpose(1, 2, 0) if image.shape[0] == 1 else image.transpose(1, 2, 0)
+
+
+def _strip(images, gap: int) -> np.ndarray:
+    """Images side by side, `gap` white pixels between them (and a double gap after the first)."""
+    height = images[0].shape[0]
+    parts = []
+    for i, image in enumerate(images):
+        parts += [image, np.ones((height, gap * (2 if i == 0 else 1), 3), np.float32)]
+    return np.concatenate(parts[:-1], axis=1)
 
 
 def draw_gallery(query_images: np.ndarray, train_images: np.ndarray, galleries: list[list], out) -> None:
-    """`galleries[q]`: gallery.Entry per method for query q. Per query and method two rows: the
-    query then its proponents, the query then its opponents, each training image with its score."""
+    """`galleries[q]`: gallery.Entry per method for query q. Per query and method two rows, each one
+    strip of images: the query then its proponents, the query then its opponents, each training
+    image with its position and score."""
     top = len(galleries[0][0].proponents)
     rows = [(q, entry, kind) for q, entries in enumerate(galleries) for entry in entries for kind in ("+", "-")]
-    fig, axes = plt.subplots(len(rows), top + 1, figsize=(1.2 * (top + 1) + 1.2, 1.35 * len(rows)), squeeze=False)
-    for (q, entry, kind), row in zip(rows, axes):
-        _image(row[0], query_images[q])
-        row[0].set_ylabel(f"{entry.label}\n{'proponents' if kind == '+' else 'opponents'}", fontsize=7)
-        row[0].set_title(f"query {q}", fontsize=7)
+    size = train_images.shape[-1]
+    gap = max(1, size // 8)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * (top + 1) + 1.5, 1.25 * len(rows)), squeeze=False)
+    for (q, entry, kind), ax in zip(rows, axes[:, 0]):
         positions, scores = ((entry.proponents, entry.proponent_scores) if kind == "+"
                              else (entry.opponents, entry.opponent_scores))
-        for ax, i, score in zip(row[1:], positions, scores):
-            _image(ax, train_images[i])
-            ax.set_xlabel(f"#{i}: {score:.3g}", fontsize=7)
+        ax.imshow(_strip([_display(query_images[q]), *(_display(train_images[i]) for i in positions)], gap),
+                  interpolation="nearest")
+        centers = [size / 2 + j * (size + gap) + (gap if j else 0) for j in range(top + 1)]
+        ax.set_xticks(centers, [f"query {q}", *(f"#{i}\n{score:.3g}" for i, score in zip(positions, scores))],
+                      fontsize=7)
+        ax.set_yticks([])
+        ax.tick_params(length=0)
+        ax.set_ylabel(f"{entry.label}\n{'proponents' if kind == '+' else 'opponents'}", fontsize=7)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
     fig.tight_layout()
     save(fig, out)
+
+
+def _image(ax, image: np.ndarray) -> None:
+    """One image of a store without axes."""
+    ax.imshow(_display(image), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def draw_losses(inputs: dict, params: dict, out) -> None:
