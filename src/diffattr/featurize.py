@@ -21,6 +21,7 @@ from .device import device_name, precision
 from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
+from .progress import Progress
 from .project import make_projector
 from .storage import ResumableOutput, array_sha256, file_sha256
 
@@ -174,9 +175,11 @@ def write_features(model: DiffusionModel, weights_path, images: np.ndarray, func
     array = zarr.open_array(output.partial, mode="r+")
     chunks = {str(start // batch_size): start for start in range(0, len(images), batch_size)}
     todo = [chunks[key] for key in output.todo(chunks)]
+    progress = Progress(len(chunks), "feature batches", done=len(chunks) - len(todo))
     for start, rows in features(model, images, function, timesteps, int(spec["noise_seed"]),
                                 projector, batch_size, starts=todo, max_pass_items=max_pass_items,
                                 noise=noise, noises=noises, labels=labels):
         array[start:start + len(rows)] = rows
         output.mark_done(str(start // batch_size))
+        progress.step()
     output.commit(chunks)
