@@ -86,8 +86,10 @@ class FactorizedProjector:
 
         def rule(module, x, grad, groups):
             if isinstance(module, torch.nn.Conv2d):
-                patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-                a = torch.einsum("ck,ncl->nkl", p_in.to(x.dtype), patches)
+                # P_in^T times the unfolded patches is a convolution with s output channels: the
+                # patches (C_in kh kw values per position) are never formed either
+                kernel = p_in.to(x.dtype).T.reshape(self.side, *module.weight.shape[1:])
+                a = F.conv2d(x, kernel, None, module.stride, module.padding, module.dilation).flatten(2)
                 g = grad.flatten(2)
                 b = torch.einsum("ok,nol->nkl", p_out.to(x.dtype), g)
                 bias = g.sum(2)
