@@ -23,10 +23,10 @@ from .protocol import FeatureSet
 
 UNITS = ("train_step", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "projection",
          "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16")
-# Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, CLIP embeddings of small images.
+# Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
 HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
                         "tracin", "baseline", "score_ensemble", "retrain_score", "lds", "lds_other_truth",
-                        "ablation", "table"})
+                        "ablation", "table", "figure"})
 
 
 # What a {field} matches: one path component, but a {root} holds several and a ground truth's

@@ -19,10 +19,10 @@ import zarr
 from . import per_sample
 from .data import load_images, load_labels
 from .device import device_name, precision
+from .factorized import FactorizedProjector
 from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
-from .factorized import FactorizedProjector
 from .progress import Progress
 from .project import make_projector
 from .storage import ResumableOutput, array_sha256, file_sha256
