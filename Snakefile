@@ -23,6 +23,11 @@ include: "rules/influence.smk"
 include: "rules/lds.smk"
 include: "rules/table.smk"
 include: "rules/ablation.smk"
+include: "rules/figures.smk"
+
+
+# `snakemake --report results/report_<experiment>.html`: the figures and the table, with captions.
+report: "workflow/report/workflow.rst"
 
 
 # The default target: the experiment's table and every intermediate output (see `products`).

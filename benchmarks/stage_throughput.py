@@ -1,6 +1,8 @@
 """Throughput of the GPU stages on a preset's model, for sizing a cluster run: training steps/s,
-ground-truth evaluations/s (per precision) and DDIM images/s. No reference: these are the stages'
-own code (`train.train`, `ground_truth.query_losses`, `generate.sample`) on random weights and images.
+ground-truth evaluations/s (per precision), per-sample gradients/s, projected row-dimensions/s and
+DDIM image-steps/s: the units of diffattr.cost, which `benchmarks/cost.py --measure` reads from here.
+No reference: these are the stages' own code (`train.train`, `ground_truth.query_losses`,
+`featurize.batch_gradients`, `project.make_projector`, `generate.sample`) on random weights and images.
 One comparison for the question how many models a training job should train: the forward and
 backward pass of a training step for 3 models one after another against the same 3 models stacked
 (torch.func.stack_module_state, vmap over the weights, dropout drawn per model).
@@ -18,9 +20,11 @@ import numpy as np
 import torch
 
 from diffattr.device import device_name, precision, resolve_device
+from diffattr.featurize import batch_gradients
 from diffattr.generate import sample
 from diffattr.ground_truth import query_losses
 from diffattr.models import build_model
+from diffattr.project import make_projector
 from diffattr.train import train
 from presets import preset_settings
 
@@ -75,6 +79,49 @@ def stacked_against_sequential(settings: dict, images: np.ndarray, device, model
             f"{times['stacked']:.3g} s per step ({times['one after another'] / times['stacked']:.2f}x)")
 
 
+def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 256,
+                     feature_batch: int | None = None, proj_dim: int = 64) -> dict[str, float]:
+    """Units of work per second (diffattr.cost.UNITS) of the preset's model on `device`, each timed
+    after a warm-up call on random weights and images: training steps at `train.batch_size`,
+    ground-truth evaluations per precision, per-sample gradients (K = 10, `feature_batch` samples,
+    default `featurize.batch_size`), projected row-dimensions (the job's projector at k = `proj_dim`:
+    its cost is linear in k, so a small k measures it), and DDIM image-steps (fp32)."""
+    model = build_model(settings["model"], seed=0)  # the default (fused) attention, as the stages use it
+    shape = _shape(settings)
+    images = np.random.default_rng(0).uniform(-1, 1, (1024, *shape)).astype(np.float32)
+    rates = {}
+
+    spec = {**settings["train"], "steps": 5}
+    train(model, torch.from_numpy(images), None, spec, seed=0, device=device)  # warm-up
+    rates["train_step"] = steps / timed(lambda: train(model, torch.from_numpy(images), None,
+                                                      {**spec, "steps": steps}, seed=0, device=device))
+
+    gt = settings["ground_truth"]
+    timesteps = list(range(0, 1000, 10))
+    for dtype in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32",):
+        query_losses(model, images[:8], timesteps[:2], [0], int(gt["batch_size"]), device, dtype)  # warm-up
+        seconds = timed(lambda: query_losses(model, images[:gt_images], timesteps, [0], int(gt["batch_size"]),
+                                             device, dtype))
+        rates[f"eval_{dtype}"] = gt_images * len(timesteps) / seconds
+
+    featurizer = build_model(settings["model"], seed=0).for_per_sample_gradients().to(device).train(False)
+    batch = int(feature_batch or settings["featurize"]["batch_size"])
+    x, K = torch.from_numpy(images[:batch]).to(device), 10
+    gradients = lambda: batch_gradients(featurizer, x, range(batch), "square", list(range(0, 1000, 1000 // K)), 0)
+    gradients()  # warm-up
+    rates["gradient"] = batch * K / timed(gradients)
+    grads = gradients()
+    projector, _ = make_projector(grads.shape[1], proj_dim, 0, device, batch)
+    projector.project(grads)  # warm-up (draws the matrix where it is kept)
+    rates["projection"] = batch * proj_dim / timed(lambda: projector.project(grads))
+
+    gen = settings["generate"]
+    n = int(gen["batch_size"])
+    rates["ddim_step_fp32"] = n * int(gen["steps"]) / timed(
+        lambda: sample(model, n, shape, int(gen["steps"]), 0.0, 0, n, device, "fp32"))
+    return rates
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", nargs="?", default="cifar2")
@@ -83,35 +130,17 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     settings = preset_settings(args.preset)
-    model = build_model(settings["model"], seed=0)  # the default (fused) attention, as the stages use it
-    unet = settings["model"]["unet"]
-    shape = (unet["in_channels"], unet["sample_size"], unet["sample_size"])
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (1024, *shape)).astype(np.float32)
     print(f"# {args.preset} on {device_name(device)}, torch {torch.__version__}")
-    print("| stage | setting | throughput |\n|---|---|---|")
+    print("| unit | per second |\n|---|---|")
+    for unit, rate in unit_throughputs(settings, device, args.steps).items():
+        print(f"| {unit} | {rate:.4g} |")
+    images = np.random.default_rng(0).uniform(-1, 1, (1024, *_shape(settings))).astype(np.float32)
+    print(f"\ntrain, 3 models: {stacked_against_sequential(settings, images, device)}")
 
-    spec = {**settings["train"], "steps": 5}
-    train(model, torch.from_numpy(images), None, spec, seed=0, device=device)  # warm-up
-    seconds = timed(lambda: train(model, torch.from_numpy(images), None, {**spec, "steps": args.steps},
-                                  seed=0, device=device))
-    batch = int(settings["train"]["batch_size"])
-    print(f"| train | batch {batch}, fp32 | {args.steps / seconds:.3g} steps/s ({batch * args.steps / seconds:.4g} images/s) |")
 
-    print(f"| train, 3 models | {stacked_against_sequential(settings, images, device)} |")
-
-    gt = settings["ground_truth"]
-    timesteps = list(range(0, 1000, 10))
-    for dtype in ("fp32", "tf32", "bf16"):
-        n = 256
-        query_losses(model, images[:8], timesteps[:2], [0], int(gt["batch_size"]), device, dtype)  # warm-up
-        seconds = timed(lambda: query_losses(model, images[:n], timesteps, [0], int(gt["batch_size"]), device, dtype))
-        print(f"| ground truth | batch {gt['batch_size']}, {dtype} | {n * len(timesteps) / seconds:.4g} (image, t) evaluations/s |")
-
-    gen = settings["generate"]
-    n = int(gen["batch_size"])
-    seconds = timed(lambda: sample(model, n, shape, int(gen["steps"]), 0.0, 0, n, device, "fp32"))
-    print(f"| generate | {gen['steps']} DDIM steps, batch {n}, fp32 | {n / seconds:.3g} images/s |")
+def _shape(settings: dict) -> tuple[int, int, int]:
+    unet = settings["model"]["unet"]
+    return unet["in_channels"], unet["sample_size"], unet["sample_size"]
 
 
 if __name__ == "__main__":

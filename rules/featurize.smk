@@ -5,7 +5,8 @@ def featurize_spec(wildcards):
     `run` beside it): it bounds memory and changes values only by float rounding, so changing it must
     not recompute."""
     spec = settings(wildcards)["featurize"]
-    shared = {key: spec[key] for key in ("proj_seed", "noise_seed", "batch_size")}
+    # `projector` only where set: stores of the default projection keep their params (no rerun)
+    shared = {key: spec[key] for key in ("proj_seed", "projector", "noise_seed", "batch_size") if key in spec}
     if "fset" not in wildcards.keys():  # journey features: the sampler's timesteps and noise
         return shared
     fset = FeatureSet.parse(wildcards.fset)

@@ -54,3 +54,22 @@ def tiny_images():
     """Five 1x8x8 float32 images in [-1, 1]."""
     rng = np.random.default_rng(123)
     return rng.uniform(-1, 1, size=(5, 1, 8, 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A copy of the workflow (not of results/) with the tiny experiment built once (rule all: the table,
+    every intermediate output and the figures), shared by the end-to-end tests that only read it or
+    restore what they change."""
+    import os
+    import subprocess
+    import sys
+
+    from dry_run import copy_workflow
+
+    root = copy_workflow(tmp_path_factory.mktemp("workflow"))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--config", "experiment=tiny"],
+                            cwd=root, text=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise AssertionError(f"the tiny run failed:\n{result.stdout}\n{result.stderr}")
+    return root

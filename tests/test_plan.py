@@ -26,20 +26,24 @@ def test_default_plan():
     ablations), and simple at the 3 kept checkpoints: 4 + 5 + 2 + 3 = 14 sets x 3 splits. Every set
     is scored for val and gen; TracInCP / GAS over simple's checkpoints; 4 baselines (pixel, CLIP);
     Journey-TRAK on simple (k 512: one trajectory store), DAS on avg (one residual store). Influence
-    functions: one curvature, train gradients once, the 3 measurements' query gradients per split."""
+    functions: one curvature, train gradients once, the 3 measurements' query gradients per split.
+    Figures: headline, functions, interpolation, lambda, checkpoints, a gallery per query split,
+    losses, samples."""
     models, sets, stores = 24 * 3, 4 + 5 + 2 + 3, 14 + 1 + 4 + 3
     assert jobs("default") == {
         "dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
         "ground_truth": models, "featurize": 3 * sets, "featurize_journey": 1, "residual": 1,
         "score": 2 * sets, "tracin": 2, "baseline": 2 * 4, "embed_clip": 3, "lds": 2 * stores,
-        "ablation": 4, "table": 1, "curvature": 1, "influence_features": 1 + 3 * 2, "influence_score": 3 * 2}
+        "ablation": 4, "table": 1, "figure": 9,
+        "curvature": 1, "influence_features": 1 + 3 * 2, "influence_score": 3 * 2}
 
 
 def test_tiny_retrain_plan():
     """tiny-retrain: tiny (8 subsets x 2 seeds, simple and square at K 4, k 64, simple's checkpoint
     at step 20, the pixel baselines) plus a pool of max(ensembles 1, 2; n_models 4) = 4 models: the
     ensembles featurize the first 2 pool models on the 2 grid sets x 3 splits, one ensemble store per
-    (set, C); Empirical IF and Datamodel on the first 4 models' outputs, one store."""
+    (set, C); Empirical IF and Datamodel on the first 4 models' outputs, one store. Figures: default's
+    without interpolation, with ensembles."""
     models, sets = 8 * 2, 2 + 1
     stores = sets + 1 + 2 + 2 * 2 + 1
     assert jobs("tiny-retrain") == {
@@ -47,7 +51,7 @@ def test_tiny_retrain_plan():
         "ground_truth": models + 4, "featurize": 3 * sets, "featurize_journey": 1,
         "score": 2 * sets, "tracin": 2, "baseline": 2 * 2, "lds": 2 * stores, "ablation": 1, "table": 1,
         "retrain_subsets": 1, "train_retrain": 4, "featurize_retrained": 2 * 2 * 3,
-        "score_ensemble": 2 * 2 * 2, "retrain_score": 2}
+        "score_ensemble": 2 * 2 * 2, "retrain_score": 2, "figure": 9}
 
 
 def test_switching_methods_off_removes_their_jobs():
@@ -115,6 +119,6 @@ def test_threads_per_stage():
 def test_planning_imports_no_torch():
     """Every Snakemake process (one per job under SLURM) parses the rules, which ask the planner:
     importing torch and diffusers there would cost seconds per job."""
-    code = "import sys, diffattr.plan, diffattr.settings; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    code = "import sys, diffattr.plan, diffattr.settings, diffattr.figure_plan; print(sorted({m.split('.')[0] for m in sys.modules}))"
     modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "'torch'" not in modules and "'diffusers'" not in modules
+    assert "'torch'" not in modules and "'diffusers'" not in modules and "'matplotlib'" not in modules

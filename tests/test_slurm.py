@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from diffattr import figure_plan
 from diffattr.plan import Plan
 from diffattr.settings import deep_merge, experiment
 
@@ -35,7 +36,7 @@ EVERYTHING = ("--config", "experiment=tiny", f"experiments={json.dumps({'tiny': 
 TARGET = "results/lds_tiny.csv"
 FAIL_MODEL = "s001-r0"
 GPU_RULES = {"train_full", "train_lds", "generate", "ground_truth", "featurize"}
-CPU_RULES = {"dataset", "subsets", "score", "baseline", "lds", "table"}
+CPU_RULES = {"dataset", "subsets", "score", "baseline", "lds", "table", "figure"}
 # What tests/slurm_cluster.sh creates, handed to the profile the way a user would.
 SLURM_ENV = {"DIFFATTR_SLURM_ACCOUNT": "diffattr", "DIFFATTR_SLURM_PARTITION": "gpu"}
 
@@ -197,10 +198,16 @@ def test_rerun_does_only_the_failed_job_and_what_depends_on_it(runs, tiny, profi
     n_lds = (len(spec["functions"]) * len(spec["timesteps"]) * len(spec["proj_dims"]) + len(baselines)) * 2
     # The failed model's ground truth shares its allocation with others that waited for it.
     group = profile["group-components"]["ground_truth"]
-    assert runs["left"] == {"train_lds": 1, "ground_truth": group, "lds": n_lds, "table": 1, "all": 1}
+    # the figures that read the table or the failed model's loss log (diffattr.figure_plan)
+    plan = Plan("tiny", tiny)
+    n_figures = sum(any(TARGET in p or FAIL_MODEL in p for value in figure_plan.inputs(plan, name).values()
+                        for p in ([value] if isinstance(value, str) else value))
+                    for name in figure_plan.figures(plan))
+    assert runs["left"] == {"train_lds": 1, "ground_truth": group, "lds": n_lds, "table": 1, "figure": n_figures,
+                            "all": 1}
     rerun = submissions(runs["rerun"].stderr)
     assert sorted(name for _, kind, name in rerun if kind == "rule") == \
-        ["lds"] * n_lds + ["table", "train_lds"]
+        ["figure"] * n_figures + ["lds"] * n_lds + ["table", "train_lds"]
     assert len([1 for _, kind, _ in rerun if kind == "group"]) == 1
     assert planned_jobs(runs["slurm"], *PROFILES, *EVERYTHING) == {}
 

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from diffattr import figure_plan
 from diffattr.plan import Plan
 from diffattr.settings import experiment
 from diffattr.protocol import lambda_grid
 
-from dry_run import REPO, copy_workflow, job_counts
+from dry_run import REPO, job_counts
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TARGET = "results/lds_tiny.csv"
@@ -29,17 +30,20 @@ def snakemake(workdir, *args, check=True):
     return result
 
 
+def flat(values) -> list[str]:
+    return [p for value in values for p in ([value] if isinstance(value, str) else value)]
+
+
 def planned_jobs(workdir, *args) -> dict[str, int]:
     """Rule -> job count of a dry run's 'Job stats' table."""
     return job_counts(snakemake(workdir, "-n", *args).stdout)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A copy of the workflow (not of results/) with the tiny experiment built once."""
-    root = copy_workflow(tmp_path_factory.mktemp("workflow"))
-    snakemake(root, *EVERYTHING)
-    return root
+def workdir(tiny_run):
+    """A copy of the workflow (not of results/) with the tiny experiment built once (conftest.tiny_run):
+    the deletion test below restores what it deletes."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,7 @@ def test_table_has_one_finite_row_per_combination(workdir, tiny):
     assert (table.n_subsets[table.lambda_rule == "heldout"] == m - m // 2).all()
     queries = {"val": tiny["dataset"]["n_val"], "gen": tiny["generate"]["n"]}
     assert all(0 < n <= queries[s] for n, s in zip(table.n_queries, table.split))
-    report = (workdir / "results/lds_tiny.md").read_text().splitlines()
+    report = (workdir / "results/lds_tiny.md").read_text().partition("## All rows")[2].splitlines()
     rows = [line for line in report if line.startswith("| ") and not line.startswith("| method")]
     assert len(rows) == len({key[:5] for key in expected})  # one line per (method, function, K, k, checkpoint)
     bounded = table.dropna(subset=["ci_low", "ci_high"])
@@ -122,8 +126,14 @@ def test_deleting_one_model_reruns_only_it_and_its_dependents(workdir, tiny):
     weights.unlink()
     # every LDS job reads every model's ground truth: one per (feature set or pixel baseline, query split)
     n_lds = len(Plan("tiny", tiny).score_stores()) * 2
+    # the figures that read the table, or the loss log of that model
+    plan = Plan("tiny", tiny)
+    n_figures = sum(any(TARGET in p or "s001-r1" in p for p in flat(figure_plan.inputs(plan, name).values()))
+                    for name in figure_plan.figures(plan))
+    assert 0 < n_figures < len(figure_plan.figures(plan))  # the samples figure does not rerun
     assert planned_jobs(workdir, *EVERYTHING) == {"train_lds": 1, "ground_truth": 1, "lds": n_lds,
-                                                   "ablation": len(tiny["ablations"]), "table": 1, "all": 1}
+                                                   "ablation": len(tiny["ablations"]), "table": 1,
+                                                   "figure": n_figures, "all": 1}
     snakemake(workdir, *EVERYTHING)
     assert weights.exists()
     pd.testing.assert_frame_equal(pd.read_csv(workdir / TARGET), before)  # training is deterministic

@@ -9,6 +9,7 @@ a layer has no rule there).
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,11 @@ import zarr
 from . import per_sample
 from .data import load_images, load_labels
 from .device import device_name, precision
+from .factorized import FactorizedProjector
 from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
+from .progress import Progress
 from .project import make_projector
 from .storage import ResumableOutput, array_sha256, file_sha256
 
@@ -28,7 +31,7 @@ from .storage import ResumableOutput, array_sha256, file_sha256
 def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
                     noise_seed: int, labels=None, max_pass_items: int | None = None,
                     eps: torch.Tensor | None = None, noises: int = 1, engine: str | None = None,
-                    parameters: list | None = None) -> torch.Tensor:
+                    layer_rule=None, parameters: list | None = None) -> torch.Tensor:
     """(B, p) fp32: row b is the flat gradient of (1/(K N)) sum_t sum_d f(images[b], t, eps_td), with
     eps_td = noise.gaussian(noise_seed, indices[b], t, draw=d) for the N = `noises` draws d < N
     (N = 1: draw 0, the noise of (noise_seed, indices[b], t)), the model conditioned on labels[b]
@@ -42,15 +45,20 @@ def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, functi
     over samples of the gradient of their mean f) or None, hooks when every featurized layer has a
     rule there. With `max_pass_items`, the (t, d) pairs are split into chunks of at most
     max(1, max_pass_items // B) so that a pass holds at most that many noised copies (memory at
-    large K), and the chunks' means are combined with weights |chunk| / (K N). `parameters`: the
-    named parameters differentiated, in the row's order (default the model's featurized ones).
+    large K), and the chunks' means are combined with weights |chunk| / (K N). `layer_rule`
+    (hooks only): per_sample's rule override, e.g. a factorized projector's weight blocks, which
+    then stand in the rows in place of those weights' gradients. `parameters`: the named
+    parameters differentiated, in the row's order (default the model's featurized ones).
     """
     if eps is not None and noises != 1:
         raise ValueError(f"noises: got {noises}; expected 1 when the noise `eps` is given")
     parameters = model.featurized_parameters() if parameters is None else parameters
     if engine is None:
         engine = "vmap" if per_sample.unsupported(model.network(), parameters) else "hooks"
-    one_pass = {"hooks": _hooks_pass, "vmap": _vmap_pass}[engine]
+    if layer_rule is not None and engine != "hooks":
+        raise ValueError("a factorized projection needs the hooks engine: every featurized layer needs a "
+                         "per_sample rule")
+    one_pass = {"hooks": partial(_hooks_pass, layer_rule=layer_rule), "vmap": _vmap_pass}[engine]
     draws = [(int(t), d) for t in timesteps for d in range(noises)]
     per_pass = len(draws) if max_pass_items is None else max(1, max_pass_items // len(images))
     total = None
@@ -78,7 +86,7 @@ def _noised_copies(model: DiffusionModel, images: torch.Tensor, indices, draws, 
     return x0, t, eps, model.conditioning(None if labels is None else torch.as_tensor(labels, device=x0.device))
 
 
-def _hooks_pass(model: DiffusionModel, function: str, featurized, x0, t, eps, cond) -> torch.Tensor:
+def _hooks_pass(model: DiffusionModel, function: str, featurized, x0, t, eps, cond, layer_rule=None) -> torch.Tensor:
     # item j B + b is sample b's copy j (per_sample's groups in turn)
     t_all, eps_all = t.repeat_interleave(len(x0)), eps.transpose(0, 1).flatten(0, 1)
 
@@ -89,7 +97,7 @@ def _hooks_pass(model: DiffusionModel, function: str, featurized, x0, t, eps, co
         return model_output(function, pred, model.target(x0_all, eps_all, t_all), t_all,
                             model.scheduler).sum() / len(t)
 
-    grads = per_sample.group_gradients(model.network(), featurized, objective, len(x0))
+    grads = per_sample.group_gradients(model.network(), featurized, objective, len(x0), layer_rule)
     return torch.cat([grads[name].reshape(len(x0), -1) for name, _ in featurized], dim=1).float()
 
 
@@ -115,6 +123,19 @@ def gradient_dim(model: DiffusionModel) -> int:
     return sum(p.numel() for _, p in model.featurized_parameters())
 
 
+def make_feature_projector(model: DiffusionModel, proj_dim: int, seed: int, device: torch.device,
+                           batch_size: int, kind: str = "normal"):
+    """The projector of a feature store and the attributes that identify it: `kind` normal, a dense
+    Normal matrix (project.make_projector), or factorized (diffattr.factorized, its dense part a
+    BlockProjector on every device: its k is whatever the split leaves, not a multiple of fast_jl's
+    512); `grad_dim` is the gradient's dimension either way."""
+    if kind == "normal":
+        return make_projector(gradient_dim(model), proj_dim, seed, device, batch_size)
+    projector = FactorizedProjector(model.network(), model.featurized_parameters(), proj_dim, seed, device,
+                                    lambda dim, k: make_projector(dim, k, seed, device, batch_size, fast_jl=False))
+    return projector, {"proj_dim": proj_dim, "proj_seed": seed, "grad_dim": gradient_dim(model), **projector.info}
+
+
 def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps, noise_seed: int,
              projector, batch_size: int, starts=None, max_pass_items: int | None = None, noise=None,
              noises: int = 1, labels: np.ndarray | None = None):
@@ -131,7 +152,7 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
         with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
             grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
                                     function, timesteps, noise_seed, rows, max_pass_items=max_pass_items,
-                                    eps=eps, noises=noises)
+                                    eps=eps, noises=noises, layer_rule=getattr(projector, "layer_rule", None))
         yield start, projector.project(grads, model_id=0).float().cpu().numpy()
 
 
@@ -159,8 +180,8 @@ def write_features(model: DiffusionModel, weights_path, images: np.ndarray, func
     (per timestep) join the provenance, and `noise`, `noises` and the images' `labels` are passed on
     to `features`."""
     batch_size = int(spec["batch_size"])
-    projector, projector_info = make_projector(gradient_dim(model), proj_dim, int(spec["proj_seed"]),
-                                               device, batch_size)
+    projector, projector_info = make_feature_projector(model, proj_dim, int(spec["proj_seed"]), device, batch_size,
+                                                       spec.get("projector", "normal"))
     attrs = {"model_sha256": file_sha256(weights_path), "function": function,
              "K": len(timesteps), "timesteps": list(timesteps), **attrs, "noises": noises, "dtype": "float32",
              "device": device_name(device), "query_sha256": array_sha256(images), "torch": torch.__version__,
@@ -176,9 +197,11 @@ def write_features(model: DiffusionModel, weights_path, images: np.ndarray, func
     array = zarr.open_array(output.partial, mode="r+")
     chunks = {str(start // batch_size): start for start in range(0, len(images), batch_size)}
     todo = [chunks[key] for key in output.todo(chunks)]
+    progress = Progress(len(chunks), "feature batches", done=len(chunks) - len(todo))
     for start, rows in features(model, images, function, timesteps, int(spec["noise_seed"]),
                                 projector, batch_size, starts=todo, max_pass_items=max_pass_items,
                                 noise=noise, noises=noises, labels=labels):
         array[start:start + len(rows)] = rows
         output.mark_done(str(start // batch_size))
+        progress.step()
     output.commit(chunks)

@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler
 
 from .device import device_name, precision
 from .models import DiffusionModel, load_model
+from .progress import Progress
 from .storage import file_sha256, write_array
 
 
@@ -65,9 +66,11 @@ def sample(model: DiffusionModel, n: int, shape, steps: int, eta: float, seed: i
     `batch_size` at a time."""
     ddim = ddim_scheduler(model, steps)
     model.to(device).train(False)
-    out = [denoise(model, ddim, range(start, min(n, start + batch_size)), shape, eta, seed, device, dtype,
-                   labels=None if labels is None else labels[start:start + batch_size]).cpu().numpy()
-           for start in range(0, n, batch_size)]
+    out, progress = [], Progress(n, "generated images")
+    for start in range(0, n, batch_size):
+        out.append(denoise(model, ddim, range(start, min(n, start + batch_size)), shape, eta, seed, device, dtype,
+                           labels=None if labels is None else labels[start:start + batch_size]).cpu().numpy())
+        progress.step(len(out[-1]))
     return np.concatenate(out).astype(np.float32)
 
 

@@ -15,6 +15,7 @@ from .device import device_name, precision
 from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
+from .progress import Progress
 from .protocol import DEFAULT_GT_FUNCTION, select_timesteps
 from .storage import ResumableOutput, array_sha256, file_sha256
 from .train import TRAINING_RECORD
@@ -105,9 +106,12 @@ def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: di
     group = zarr.open_group(output.partial, mode="r+")
     chunks = {f"{split}.{start // size[split]}": (split, range(start, min(len(images), start + size[split])))
               for split, images in queries.items() for start in range(0, len(images), size[split])}
-    for key in output.todo(chunks):
+    todo = output.todo(chunks)
+    progress = Progress(len(chunks), "ground-truth chunks", done=len(chunks) - len(todo))
+    for key in todo:
         split, rows = chunks[key]
         group[split][rows.start:rows.stop] = query_losses(model, queries[split], timesteps, seeds, batch_size,
                                                           device, dtype, rows, function, labels[split])
         output.mark_done(key)
+        progress.step()
     output.commit(chunks)

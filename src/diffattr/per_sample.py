@@ -95,11 +95,14 @@ def unsupported(network: torch.nn.Module, featurized: list[tuple[str, torch.nn.P
 
 
 def group_gradients(network: torch.nn.Module, featurized: list[tuple[str, torch.nn.Parameter]],
-                    objective: Callable[[], torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
+                    objective: Callable[[], torch.Tensor], groups: int,
+                    layer_rule: Callable | None = None) -> dict[str, torch.Tensor]:
     """name -> (groups, *shape): the gradient of `objective()` (a scalar, the sum over groups, computed
     by calling `network`) with respect to each featurized parameter, split by group. Every input batch
     of a featurized layer must hold the same number of items per group, item i in group i mod G.
-    A parameter that the objective does not depend on gets zeros (as torch.func.grad gives)."""
+    A parameter that the objective does not depend on gets zeros (as torch.func.grad gives).
+    `layer_rule(module)`, when given, may return a rule of RULES' signature to use in place of the
+    module's own (diffattr.factorized: projected weight blocks instead of weight gradients)."""
     if missing := unsupported(network, featurized):
         raise ValueError(f"no per-group gradient rule for the layers of: {', '.join(missing)}")
     names = {id(p): name for name, p in featurized}
@@ -116,8 +119,10 @@ def group_gradients(network: torch.nn.Module, featurized: list[tuple[str, torch.
         if len(x[0]) % groups:
             raise ValueError(f"a batch of {len(x[0])} items cannot be split into {groups} equal groups")
 
+        rule = (layer_rule and layer_rule(module)) or _rule(module)
+
         def receive(grad):
-            result = dict(zip(("weight", "bias"), _rule(module)(module, x.pop(), grad, groups)))
+            result = dict(zip(("weight", "bias"), rule(module, x.pop(), grad, groups)))
             for attr, name in wanted:  # a layer called more than once adds up
                 grads[name] = grads[name] + result[attr] if name in grads else result[attr]
 

@@ -39,6 +39,7 @@ PATHS = {
     "lds_curve": "{root}/lds/{scores}_{qsplit}.lambdas.csv",
     "ablation": "results/{experiment}/ablations/{ablation}.{ext}",
     "table": "results/lds_{experiment}.csv",
+    "figure": "results/{experiment}/figures/{figure}.png",  # and the .svg beside it
 }
 
 
@@ -142,6 +143,14 @@ class Plan:
     def threads(self, stage: str) -> int:
         """CPU threads of the stage's jobs (settings `threads.<stage>`, 1 where not set)."""
         return int((self.settings.get("threads") or {}).get(stage, 1))
+
+    @cached_property
+    def main(self) -> dict:
+        """The preset's main setting, which the headline table and the figures show: the featurize
+        grid's first K and k, and the first of its lds.lambda_rules."""
+        spec = self.settings["featurize"]
+        return {"timesteps": int(as_list(spec["timesteps"])[0]), "proj_dim": int(as_list(spec["proj_dims"])[0]),
+                "lambda_rule": str(self.settings["lds"]["lambda_rules"][0])}
 
     @cached_property
     def retrain(self) -> dict:
@@ -334,6 +343,8 @@ class Plan:
         names = [ablation["name"] for ablation in ablations]
         jobs["ablation"] = [path("ablation", experiment=e, ablation=name, ext="csv") for name in names]
         jobs["table"] = [path("table", experiment=e)]
+        from .figure_plan import figures  # imported here: it imports this module
+        jobs["figure"] = [path("figure", experiment=e, figure=name) for name in figures(self)]
         return {rule: outputs for rule, outputs in jobs.items() if outputs}
 
     def products(self) -> list[str]:

@@ -71,11 +71,13 @@ class BlockProjector:
         return sketch
 
 
-def make_projector(grad_dim: int, proj_dim: int, seed: int, device: torch.device, max_batch_size: int):
+def make_projector(grad_dim: int, proj_dim: int, seed: int, device: torch.device, max_batch_size: int,
+                   fast_jl: bool = True):
     """A projector and the attributes that identify its matrix (features of different ones never mix;
-    the device it is drawn on, which also changes it, is recorded by the caller)."""
+    the device it is drawn on, which also changes it, is recorded by the caller). `fast_jl`: use trak's
+    CUDA kernel where it is installed and the device is a GPU (it needs k a multiple of 512)."""
     info = {"proj_dim": proj_dim, "proj_seed": seed, "proj_type": "normal", "grad_dim": grad_dim}
-    if device.type == "cuda" and importlib.util.find_spec("fast_jl") is not None:
+    if fast_jl and device.type == "cuda" and importlib.util.find_spec("fast_jl") is not None:
         props = torch.cuda.get_device_properties(device)
         # fast_jl has kernels for 8, 16 and 32 rows at a time (and loops over larger batches)
         kernel_rows = next((rows for rows in (8, 16) if max_batch_size <= rows), 32)

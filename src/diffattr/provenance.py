@@ -9,9 +9,10 @@ import numpy as np
 # model) also identifies the projector's matrix: torch's CPU and CUDA generators draw different numbers
 # from one seed (BasicProjector), and fast_jl's matrix depends on the GPU (`gpu`, `sm_count`).
 # `checkpoint`: the training step of the weights when they are a kept checkpoint (None: the final ones).
+# A factorized projection (diffattr.factorized) records its split and its dense part's matrix.
 FEATURE_KEYS = ("model_sha256", "checkpoint", "function", "K", "timesteps", "scheme", "noise_seed", "dtype", "device",
                 "projector", "proj_dim", "proj_seed", "proj_type", "grad_dim", "block_size", "gpu",
-                "sm_count", "noises")
+                "sm_count", "noises", "factor_side", "factorized_layers", "dense_dim", "dense")
 # What every feature store written by featurize records; a store without them is not trusted.
 REQUIRED_FEATURE_KEYS = ("model_sha256", "function", "K", "timesteps", "projector", "proj_dim",
                          "proj_seed", "query_sha256")

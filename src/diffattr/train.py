@@ -21,6 +21,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from .data import load_images, load_labels
 from .device import precision
 from .models import DiffusionModel, build_model, model_class
+from .progress import Progress
 from .storage import array_sha256, atomic_output, file_sha256
 
 TRAINING_RECORD = "training.json"  # beside the weights: the training images, subset and seed
@@ -120,6 +121,7 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         if state is not None:
             first, order, cursor, log = _restore(state, params, optimizer, schedule, gen)
             print(f"{checkpoint}: resuming from step {first} of {steps}", flush=True)
+    progress = Progress(steps, "training steps", done=first)
     for step in range(first, steps):
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(images), generator=gen), 0
@@ -142,6 +144,7 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         optimizer.step()
         schedule.step()
         log.append((step, loss.item(), float(grad_norm), schedule.get_last_lr()[0]))
+        progress.step()
         if store is not None and step + 1 in keep:
             store.save(step + 1, model)
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 PRELOAD = ["torch", "diffusers.models.unets.unet_2d", "diffusers.schedulers", "zarr", "pandas",
            "scipy.stats", "sklearn.model_selection", "diffattr.data", "diffattr.featurize",
            "diffattr.generate", "diffattr.ground_truth", "diffattr.lds", "diffattr.score",
-           "diffattr.subsets", "diffattr.table", "diffattr.train"]
+           "diffattr.subsets", "diffattr.table", "diffattr.train", "diffattr.figures", "diffattr.gallery"]
 
 # A job computes on its rule's `threads`: torch's intra-op pool and every BLAS / OpenMP pool.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

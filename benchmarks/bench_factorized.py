@@ -1,0 +1,123 @@
+"""The factorized projection (featurize.projector: factorized) against the dense Normal one, in one run.
+
+    PYTHONPATH=src python benchmarks/bench_factorized.py lds [preset]     # after `snakemake results/lds_<preset>.csv`
+    PYTHONPATH=src python benchmarks/bench_factorized.py speed [preset] [--proj-dim 32768]
+
+`lds`: on a finished run's full model, images, subsets and ground truth, featurizes the preset's
+first grid set for TRAK (simple) and D-TRAK (square) with both projections (same k, same seed) into a
+scratch folder, scores them with the workflow's own score and LDS code and prints the LDS of each with
+its bootstrap interval, and the featurization time per sample.
+`speed`: seconds per sample (K = 10) on the preset's model with random weights: the factorized
+projection at k, against per-sample gradients plus their dense projection (the projection is timed at
+a small k' and scaled by k / k': its matrix, p x k, is drawn on every call when it does not fit in
+memory, and both its draw and its product are linear in k).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from diffattr.featurize import batch_gradients, featurize_split, make_feature_projector
+from diffattr.lds import lds_table
+from diffattr.plan import Plan, path
+from diffattr.protocol import FeatureSet
+from diffattr.score import score_split
+from presets import preset_model, preset_settings
+
+PROJECTORS = ("normal", "factorized")
+
+
+def lds(preset: str, workdir: Path) -> pd.DataFrame:
+    settings = preset_settings(preset)
+    plan = Plan(preset, settings)
+    grid = settings["featurize"]
+    weights = plan.weights(path("full_model", experiment=preset))
+    truth = {m: path("ground_truth", root=plan.root, model=m) for m in plan.lds_models}
+    subsets = path("subsets", experiment=preset)
+    lds_spec = {**settings["lds"], "lambda_rules": ["oracle", "heldout"]}
+    rows = []
+    for function in ("simple", "square"):
+        fset = FeatureSet(function, grid["timesteps"][0], grid["proj_dims"][0])
+        for projector in PROJECTORS:
+            spec = {**grid, "scheme": fset.scheme, "noises": 1, "projector": projector}
+            stores, seconds = {}, 0.0
+            for split in ("train", "val", "gen"):
+                stores[split] = workdir / f"{fset.name}_{projector}_{split}.zarr"
+                start = time.perf_counter()
+                featurize_split(weights, settings["model"], plan.images(split), function,
+                                fset.timesteps(plan.num_train_timesteps), fset.proj_dim, spec, stores[split])
+                seconds += time.perf_counter() - start
+            samples = sum(zarr.open_array(store, mode="r").shape[0] for store in stores.values())
+            for split in ("val", "gen"):
+                preds = workdir / f"{fset.name}_{projector}_{split}_preds.zarr"
+                score_split(stores["train"], stores[split], subsets,
+                            {"methods": ["trak"], "lambda_exponents": settings["score"]["lambda_exponents"]},
+                            preds, split)
+                table = workdir / f"{fset.name}_{projector}_{split}.csv"
+                lds_table(preds, subsets, truth, split, lds_spec, table)
+                for row in pd.read_csv(table).to_dict("records"):
+                    rows.append({"function": function, "projector": projector, "split": split,
+                                 "rule": row["lambda_rule"], "lds": row["lds"], "ci_low": row["ci_low"],
+                                 "ci_high": row["ci_high"], "s_per_sample": seconds / samples})
+    return pd.DataFrame(rows)
+
+
+def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2) -> list[str]:
+    model, settings = preset_model(preset)
+    unet = settings["model"]["unet"]
+    images = torch.from_numpy(np.random.default_rng(0).uniform(
+        -1, 1, (batch, unet["in_channels"], unet["sample_size"], unet["sample_size"])).astype(np.float32))
+    timesteps, seed, device = list(range(0, 1000, 100)), 0, torch.device("cpu")
+
+    def timed(fn):
+        fn()  # warm-up (and the matrices' draw, once per job in the workflow)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    factorized, info = make_feature_projector(model, proj_dim, seed, device, batch, "factorized")
+    fact = timed(lambda: factorized.project(batch_gradients(model, images, range(batch), "square", timesteps, 0,
+                                                            layer_rule=factorized.layer_rule)))
+    grads = batch_gradients(model, images, range(batch), "square", timesteps, 0)
+    gradient = timed(lambda: batch_gradients(model, images, range(batch), "square", timesteps, 0))
+    dense, _ = make_feature_projector(model, small_k, seed, device, batch, "normal")
+    projection = timed(lambda: dense.project(grads)) * proj_dim / small_k
+    return [f"# {preset} UNet, p = {grads.shape[1]}, batch {batch}, K = 10, k = {proj_dim}, torch {torch.__version__}",
+            f"factorized: s = {info['factor_side']} per side, {info['factorized_layers']} layers, dense part "
+            f"{info['dense_dim']} columns",
+            "| path | s per sample |", "|---|---|",
+            f"| factorized projection | {fact / batch:.3g} |",
+            f"| per-sample gradients | {gradient / batch:.3g} |",
+            f"| their dense projection (k = {small_k} timed, x {proj_dim // small_k}) | {projection / batch:.3g} |",
+            f"| dense path | {(gradient + projection) / batch:.3g} |",
+            f"| **ratio** | **{(gradient + projection) / fact:.1f}x** |"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["lds", "speed"])
+    parser.add_argument("preset", nargs="?", default="default")
+    parser.add_argument("--proj-dim", type=int, default=32768)
+    parser.add_argument("--small-k", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.what == "speed":
+        print("\n".join(speed(args.preset, args.proj_dim, args.small_k, args.batch)))
+        return
+    with tempfile.TemporaryDirectory() as workdir:
+        table = lds(args.preset, Path(workdir))
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+
+
+if __name__ == "__main__":
+    main()

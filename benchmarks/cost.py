@@ -1,0 +1,89 @@
+"""Device-hours of a preset's whole plan, per rule and in total: the planner's jobs times the work of
+each job (diffattr.cost) divided by throughputs, either stored (a JSON file of benchmarks/throughputs/,
+measured on a device for one preset's model) or measured now on the machine in hand.
+
+    PYTHONPATH=src python benchmarks/cost.py cifar2                       # stored H200 numbers
+    PYTHONPATH=src python benchmarks/cost.py cifar2-mini --measure        # measured here, now
+    PYTHONPATH=src python benchmarks/cost.py cifar2 --throughputs FILE
+
+Host rules (scoring, LDS, tables, CLIP embeddings) run on CPUs and are counted, not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffattr.cost import plan_cost
+from diffattr.plan import Plan
+from presets import preset_settings
+
+STORED = Path(__file__).resolve().parent / "throughputs" / "h200_cifar2.json"
+
+
+def stored_throughputs(path: Path, preset: str, settings: dict) -> tuple[dict, str]:
+    """The file's throughputs and a line naming their origin; exits with one line when they were
+    measured on another model or training batch than the preset's."""
+    record = json.loads(path.read_text())
+    measured = preset_settings(record["model_preset"])
+    for key in ("model", "train"):
+        mine = settings[key] if key == "model" else settings[key]["batch_size"]
+        theirs = measured[key] if key == "model" else measured[key]["batch_size"]
+        if mine != theirs:
+            sys.exit(f"{path}: measured on preset {record['model_preset']!r}, whose {key} "
+                     f"{'block' if key == 'model' else 'batch_size'} differs from {preset!r}'s; "
+                     f"measure this preset's with --measure (on the device in question)")
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    return record["throughputs"], f"{record['device']}, stored {record['date']} ({versions}; {path.name})"
+
+
+def measured_throughputs(settings: dict, device: str) -> tuple[dict, str]:
+    import torch
+
+    from diffattr.device import device_name, resolve_device
+    from stage_throughput import unit_throughputs
+    where = resolve_device(device)
+    return (unit_throughputs(settings, where, steps=10, gt_images=64),
+            f"{device_name(where)}, measured now (torch {torch.__version__})")
+
+
+def table(preset: str, rows, origin: str, throughputs: dict) -> str:
+    timed = [r for r in rows if r.seconds is not None]
+    total = sum(r.seconds for r in timed)
+    lines = [f"# {preset}: device-hours on {origin}", "",
+             "| rule | jobs | work (units) | device-hours | per job (h) | share |", "|---|---|---|---|---|---|"]
+    for r in sorted(timed, key=lambda r: -r.seconds):
+        work = ", ".join(f"{amount:.3g} {unit}" for unit, amount in r.work.items())
+        lines.append(f"| {r.rule} | {r.jobs} | {work} | {r.seconds / 3600:.3g} | "
+                     f"{r.seconds / 3600 / r.jobs:.3g} | {r.seconds / total:.1%} |")
+    lines.append(f"| **total** | {sum(r.jobs for r in timed)} | | **{total / 3600:.4g}** | | 100% |")
+    host = [r for r in rows if r.modelled and r.work is None]
+    missing = [r for r in rows if r.work is not None and r.seconds is None]
+    unmodelled = [r for r in rows if not r.modelled]
+    lines += ["", "Host (CPU) rules, not in the total: " + ", ".join(f"{r.rule} ({r.jobs})" for r in host)]
+    if missing:
+        lines.append("No throughput for their units (not in the total): " + ", ".join(
+            f"{r.rule} ({', '.join(u for u in r.work if u not in throughputs)})" for r in missing))
+    if unmodelled:
+        lines.append("Work not modelled (diffattr.cost.Work.job; not in the total): "
+                     + ", ".join(f"{r.rule} ({r.jobs})" for r in unmodelled))
+    lines.append("Throughputs (units/s): " + ", ".join(f"{u} {v:.4g}" for u, v in throughputs.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset")
+    parser.add_argument("--throughputs", type=Path, default=STORED, help="a stored measurement (JSON)")
+    parser.add_argument("--measure", action="store_true", help="measure throughputs here and now")
+    parser.add_argument("--device", default="auto", help="with --measure: auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    settings = preset_settings(args.preset)
+    throughputs, origin = (measured_throughputs(settings, args.device) if args.measure
+                           else stored_throughputs(args.throughputs, args.preset, settings))
+    print(table(args.preset, plan_cost(Plan(args.preset, settings), throughputs), origin, throughputs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""What an experiment costs on a device: its plan's jobs (`Plan.jobs`) times the work of each job, in
+units a stage harness measures (`benchmarks/stage_throughput.py`), divided by the throughput of
+each unit on that device. The work of a job is read from its output path and the settings, so the
+cost follows the plan: a rule the plan gains shows up here, as unmodelled until its work is named.
+
+Units (what one unit is):
+- `train_step`: one optimizer step at the preset's `train.batch_size`;
+- `eval_<dtype>`: one UNet forward pass of one noised image in that precision (ground truth; DAS's
+  residuals, fp32);
+- `gradient`: the per-sample gradient of one noised copy (featurization: samples x K x noises);
+- `projection`: one gradient row projected to one output dimension (rows x k; a dense projection's
+  cost is linear in k, as fast_jl's and our `BlockProjector`'s are);
+- `ddim_step_<dtype>`: one image through one sampler step (generation; Journey-TRAK's trajectories).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .plan import PATHS, Plan
+from .protocol import FeatureSet
+
+UNITS = ("train_step", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "projection",
+         "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16")
+# Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
+HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
+                        "tracin", "baseline", "score_ensemble", "retrain_score", "lds", "lds_other_truth",
+                        "ablation", "table", "figure"})
+
+
+# What a {field} matches: one path component, but a {root} holds several and a ground truth's
+# {model} may be a pool model's retrain/<name> (rules/ground_truth.smk).
+FIELD_PATTERNS = {"root": ".+", "model": "(?:retrain/)?[^/]+"}
+
+
+def _matcher(template: str) -> re.Pattern:
+    """A regex with one named group per {field} of a PATHS template."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{FIELD_PATTERNS.get(p, '[^/]+')})"
+                              for i, p in enumerate(parts)) + "$")
+
+
+def fields(kind: str, product: str) -> dict[str, str]:
+    """The {field} values of a product path of PATHS[kind]: `path`'s inverse."""
+    found = _matcher(PATHS[kind]).match(product)
+    if found is None:
+        raise ValueError(f"{product!r} is not a {kind} path ({PATHS[kind]})")
+    return found.groupdict()
+
+
+class Work:
+    """The work of each job of a plan, in UNITS."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.settings = plan, plan.settings
+
+    def count(self, split: str) -> int:
+        """Images of a split: the dataset's train / val, or the generation set."""
+        if split == "gen":
+            return int(self.settings["generate"]["n"])
+        return int(self.settings["dataset"]["n_train" if split == "train" else "n_val"])
+
+    def queries(self) -> int:
+        return self.count("val") + self.count("gen")
+
+    def sampling(self) -> str:
+        return f"ddim_step_{self.settings['generate'].get('dtype', 'fp32')}"
+
+    def featurization(self, fset: FeatureSet, split: str) -> Counter:
+        n = self.count(split)
+        return Counter(gradient=n * fset.n_timesteps * fset.noises, projection=n * fset.proj_dim)
+
+    def job(self, rule: str, output: str) -> Counter | None:
+        """The work of the job of `rule` with first output `output`; None for a host rule, and for
+        a rule whose work is not modelled (KeyError)."""
+        s = self.settings
+        if rule in HOST_RULES:
+            return None
+        if rule in ("train_full", "train_lds", "train_retrain"):
+            steps = s["train"]["full_steps" if rule == "train_full" else "lds_steps"]
+            return Counter(train_step=int(steps))
+        if rule in ("ground_truth", "ground_truth_other_function"):
+            pool = "/ground_truth/retrain/" in output  # a pool model's outputs (rules/ground_truth.smk)
+            spec = self.plan.retrain if pool else s["ground_truth"]
+            evals = self.queries() * int(spec["timesteps"]) * len(spec["noise_seeds"])
+            return Counter({f"eval_{s['ground_truth']['dtype']}": evals})
+        if rule == "generate":
+            return Counter({self.sampling(): self.count("gen") * int(s["generate"]["steps"])})
+        if rule in ("featurize", "featurize_retrained"):
+            kind = "features" if rule == "featurize" else "pool_features"
+            found = fields(kind, output)
+            return self.featurization(FeatureSet.parse(found["fset"]), found["split"])
+        if rule == "featurize_journey":
+            found = fields("journey", output)
+            steps, n = int(s["generate"]["steps"]), self.count("gen")
+            return Counter({self.sampling(): n * steps, "gradient": n * steps, "projection": n * int(found["k"])})
+        if rule == "residual":
+            fset = FeatureSet.parse(fields("residual", output)["fset"])
+            return Counter(eval_fp32=self.count("train") * fset.n_timesteps * fset.noises)
+        raise KeyError(rule)
+
+
+@dataclass
+class RuleCost:
+    rule: str
+    jobs: int
+    work: Counter | None        # summed over the jobs; None: a host rule or not modelled
+    modelled: bool
+    seconds: float | None = None
+
+
+def plan_cost(plan: Plan, throughputs: dict[str, float]) -> list[RuleCost]:
+    """Per rule of the plan: its jobs, their summed work and the device seconds at `throughputs`
+    (units/s; a unit missing there leaves the rule's seconds None)."""
+    work, rows = Work(plan), []
+    for rule, outputs in plan.jobs().items():
+        try:
+            per_job = [work.job(rule, output) for output in outputs]
+        except KeyError:
+            rows.append(RuleCost(rule, len(outputs), None, modelled=False))
+            continue
+        if per_job[0] is None:
+            rows.append(RuleCost(rule, len(outputs), None, modelled=True))
+            continue
+        total = sum(per_job, Counter())
+        seconds = (sum(amount / throughputs[unit] for unit, amount in total.items())
+                   if all(unit in throughputs for unit in total) else None)
+        rows.append(RuleCost(rule, len(outputs), total, modelled=True, seconds=seconds))
+    return rows

@@ -1,0 +1,107 @@
+"""The cost model (diffattr.cost, benchmarks/cost.py): the work of each job against counts written out
+from the settings, every rule of every preset accounted for, and the hours from work and throughputs."""
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffattr.cost import HOST_RULES, UNITS, Work, fields, plan_cost
+from diffattr.plan import PATHS, Plan, path
+from diffattr.settings import experiment
+
+from dry_run import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import cost  # noqa: E402
+import stage_throughput  # noqa: E402
+
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def plan(preset: str) -> Plan:
+    return Plan(preset, experiment(CONFIG, preset, libraries=False))
+
+
+def test_fields_invert_path():
+    values = {"experiment": "cifar2-mini", "split": "val", "family": "lds", "model": "retrain/s003-r1",
+              "fset": "square_K10_k512_e2", "root": "results/x/truth_l2", "scores": "simple_K10_k512_tracin",
+              "qsplit": "gen", "function": "simple", "k": "512", "ablation": "eta", "ext": "csv",
+              "figure": "gallery_val"}
+    for kind, template in PATHS.items():
+        wanted = {key: value for key, value in values.items() if "{" + key + "}" in template}
+        if kind != "ground_truth" and "model" in wanted:  # a pool model's folder is its bare name
+            wanted["model"] = "s003-r1"
+        assert fields(kind, path(kind, **wanted)) == wanted
+    with pytest.raises(ValueError, match="is not a features path"):
+        fields("features", "results/default/scores/a/val.zarr")
+
+
+def test_default_work_written_out():
+    """default: 72 LDS models of 150 steps; ground truth of 100 val + 100 gen queries x 20 timesteps x
+    1 noise per model; square with 2 noises at K 10, k 512 on the 400 train images; 100 images x 50
+    DDIM steps; Journey-TRAK: the 100 generated images' 50 trajectory steps, projected to 512."""
+    p = plan("default")
+    totals = {row.rule: row.work for row in plan_cost(p, {})}
+    assert totals["train_lds"] == Counter(train_step=72 * 150)
+    assert totals["train_full"] == Counter(train_step=600)
+    assert totals["ground_truth"] == Counter(eval_fp32=72 * 200 * 20)
+    assert totals["generate"] == Counter(ddim_step_fp32=100 * 50)
+    assert totals["featurize_journey"] == Counter(ddim_step_fp32=100 * 50, gradient=100 * 50, projection=100 * 512)
+    store = path("features", experiment="default", fset="square_K10_k512_e2", split="train")
+    assert Work(p).job("featurize", store) == Counter(gradient=400 * 10 * 2, projection=400 * 512)
+    assert totals["score"] is None and totals["table"] is None  # host rules
+
+
+def test_pool_models_ground_truth_uses_the_retrain_budget():
+    """cifar2: a pool model's outputs are its 2000 queries at retrain.timesteps (1000) x 1 noise;
+    an LDS model's the ground truth's 1000 timesteps x 3 noises."""
+    work = Work(plan("cifar2"))
+    lds = path("ground_truth", root="results/cifar2", model="s000-r0")
+    pool = path("ground_truth", root="results/cifar2", model="retrain/s000-r0")
+    assert work.job("ground_truth", lds) == Counter(eval_fp32=2000 * 1000 * 3)
+    assert work.job("ground_truth", pool) == Counter(eval_fp32=2000 * 1000 * 1)
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIG["experiments"]))
+def test_every_rule_of_every_preset_is_accounted_for(preset):
+    """A rule the planner gains must have its work named here or be a host rule; units are known."""
+    p = plan(preset)
+    for rule, outputs in p.jobs().items():
+        for output in outputs:
+            work = Work(p).job(rule, output)  # KeyError: a device rule whose work is not modelled
+            assert (work is None) == (rule in HOST_RULES)
+            assert work is None or (set(work) <= set(UNITS) and all(v > 0 for v in work.values()))
+
+
+def test_hours_are_work_over_throughput():
+    p = plan("default")
+    rows = {row.rule: row for row in plan_cost(p, {unit: 2.0 for unit in UNITS})}
+    assert rows["train_lds"].seconds == 72 * 150 / 2.0
+    assert math.isclose(rows["featurize_journey"].seconds, (100 * 50 * 2 + 100 * 512) / 2.0)
+    partial = {row.rule: row for row in plan_cost(p, {"train_step": 1.0})}
+    assert partial["train_lds"].seconds == 72 * 150 and partial["ground_truth"].seconds is None
+
+
+def test_stored_throughputs_apply_to_their_model_only(capsys):
+    settings = experiment(CONFIG, "cifar2", libraries=False)
+    throughputs, origin = cost.stored_throughputs(cost.STORED, "cifar2", settings)
+    assert set(throughputs) <= set(UNITS) and "H200" in origin
+    cost.main(["cifar2"])
+    out = capsys.readouterr().out
+    assert "| ground_truth | 704 |" in out and "| **total** |" in out
+    with pytest.raises(SystemExit, match="model block differs from 'default'"):
+        cost.stored_throughputs(cost.STORED, "default", experiment(CONFIG, "default", libraries=False))
+
+
+def test_measured_units_are_the_cost_models_units():
+    """stage_throughput measures each unit the cost model counts (on the CPU: fp32 only), at tiny size."""
+    settings = experiment(CONFIG, "tiny", libraries=False)
+    rates = stage_throughput.unit_throughputs(settings, torch.device("cpu"), steps=2, gt_images=4,
+                                              feature_batch=2, proj_dim=8)
+    assert set(rates) == set(UNITS) - {"eval_tf32", "eval_bf16", "ddim_step_tf32", "ddim_step_bf16"}
+    assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
