@@ -8,8 +8,8 @@ from types import SimpleNamespace
 from diffattr.methods import METHODS, methods_reading
 from diffattr.plan import (CIFAR10_ARCHIVE, OTHER_TRUTH_ROOT, PATHS, QUERY_SPLITS, SPLITS, TRUTH_ROOT, Plan,
                            truth_root)
-from diffattr.protocol import (ARTIFACTS, DEFAULT_GT_FUNCTION, FEATURE_SET, FEATURE_SET_ANY, MODEL_NAME, FeatureSet,
-                               ModelName)
+from diffattr.protocol import (ARTIFACTS, DEFAULT_GT_FUNCTION, FEATURE_SET, FEATURE_SET_ANY, INFLUENCE_STORE,
+                               MODEL_NAME, FeatureSet, ModelName)
 from diffattr.settings import ConfigError, undefined_preset, validate_config
 from diffattr.worker import run_script
 
@@ -35,8 +35,8 @@ wildcard_constraints:
     # a feature set (diffattr.protocol.FeatureSet), with _step{S} for a kept checkpoint's features
     fset=FEATURE_SET_ANY,
     # a predictions store (diffattr.plan.Plan.score_stores): a feature set's, <set>_ens<C> (an ensemble
-    # of C retrained models), <set>_tracin (TracInCP / GAS), a baseline, or retrain_n<N>
-    scores=f"{FEATURE_SET_ANY}|{FEATURE_SET}_ens\\d+|{FEATURE_SET}_tracin|retrain_n\\d+|"
+    # of C retrained models), <set>_tracin (TracInCP / GAS), a baseline, retrain_n<N>, or an influence store
+    scores=f"{FEATURE_SET_ANY}|{FEATURE_SET}_ens\\d+|{FEATURE_SET}_tracin|retrain_n\\d+|{INFLUENCE_STORE}|"
     + "|".join(methods_reading("pixels", "embeddings")),
     # the model-output function of an ablation's ground truth other than the protocol's L_Simple
     gt=r"[a-z0-9.]+",

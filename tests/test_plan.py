@@ -25,14 +25,17 @@ def test_default_plan():
     ablation's 5 interp sets, square cumulative and square with 2 noises (the scheme and noises
     ablations), and simple at the 3 kept checkpoints: 4 + 5 + 2 + 3 = 14 sets x 3 splits. Every set
     is scored for val and gen; TracInCP / GAS over simple's checkpoints; 4 baselines (pixel, CLIP);
-    Journey-TRAK on simple (k 512: one trajectory store), DAS on avg (one residual store). Figures:
-    headline, functions, interpolation, lambda, checkpoints, a gallery per query split, losses, samples."""
-    models, sets, stores = 24 * 3, 4 + 5 + 2 + 3, 14 + 1 + 4
+    Journey-TRAK on simple (k 512: one trajectory store), DAS on avg (one residual store). Influence
+    functions: one curvature, train gradients once, the 3 measurements' query gradients per split.
+    Figures: headline, functions, interpolation, lambda, checkpoints, a gallery per query split,
+    losses, samples."""
+    models, sets, stores = 24 * 3, 4 + 5 + 2 + 3, 14 + 1 + 4 + 3
     assert jobs("default") == {
         "dataset": 1, "subsets": 1, "train_full": 1, "train_lds": models, "generate": 1,
         "ground_truth": models, "featurize": 3 * sets, "featurize_journey": 1, "residual": 1,
         "score": 2 * sets, "tracin": 2, "baseline": 2 * 4, "embed_clip": 3, "lds": 2 * stores,
-        "ablation": 4, "table": 1, "figure": 9}
+        "ablation": 4, "table": 1, "figure": 9,
+        "curvature": 1, "influence_features": 1 + 3 * 2, "influence_score": 3 * 2}
 
 
 def test_tiny_retrain_plan():

@@ -19,14 +19,14 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .plan import PATHS, Plan
-from .protocol import FeatureSet
+from .protocol import FeatureSet, parse_influence_store
 
 UNITS = ("train_step", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "projection",
          "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16")
 # Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
 HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
                         "tracin", "baseline", "score_ensemble", "retrain_score", "lds", "lds_other_truth",
-                        "ablation", "table", "figure"})
+                        "ablation", "table", "figure", "influence_score"})
 
 
 # What a {field} matches: one path component, but a {root} holds several and a ground truth's
@@ -98,6 +98,14 @@ class Work:
         if rule == "residual":
             fset = FeatureSet.parse(fields("residual", output)["fset"])
             return Counter(eval_fp32=self.count("train") * fset.n_timesteps * fset.noises)
+        if rule == "curvature":  # K-FAC's and EK-FAC's passes: a gradient per draw each (one Monte-Carlo vector)
+            return Counter(gradient=2 * int(self.plan.influence["samples"]) * self.count("train"))
+        if rule == "influence_features":  # gradients, then 2 variants x the dampings projected (when projected)
+            found = fields("influence_features", output)
+            _, K, k = parse_influence_store(found["istore"])
+            rows = self.count(found["split"])
+            projected = {} if k is None else {"projection": rows * k * 2 * len(self.plan.influence["dampings"])}
+            return Counter(gradient=rows * K, **projected)
         raise KeyError(rule)
 
 

@@ -31,7 +31,7 @@ from .storage import ResumableOutput, array_sha256, file_sha256
 def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, function: str, timesteps,
                     noise_seed: int, labels=None, max_pass_items: int | None = None,
                     eps: torch.Tensor | None = None, noises: int = 1, engine: str | None = None,
-                    layer_rule=None) -> torch.Tensor:
+                    layer_rule=None, parameters: list | None = None) -> torch.Tensor:
     """(B, p) fp32: row b is the flat gradient of (1/(K N)) sum_t sum_d f(images[b], t, eps_td), with
     eps_td = noise.gaussian(noise_seed, indices[b], t, draw=d) for the N = `noises` draws d < N
     (N = 1: draw 0, the noise of (noise_seed, indices[b], t)), the model conditioned on labels[b]
@@ -47,12 +47,14 @@ def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, functi
     max(1, max_pass_items // B) so that a pass holds at most that many noised copies (memory at
     large K), and the chunks' means are combined with weights |chunk| / (K N). `layer_rule`
     (hooks only): per_sample's rule override, e.g. a factorized projector's weight blocks, which
-    then stand in the rows in place of those weights' gradients.
+    then stand in the rows in place of those weights' gradients. `parameters`: the named
+    parameters differentiated, in the row's order (default the model's featurized ones).
     """
     if eps is not None and noises != 1:
         raise ValueError(f"noises: got {noises}; expected 1 when the noise `eps` is given")
+    parameters = model.featurized_parameters() if parameters is None else parameters
     if engine is None:
-        engine = "vmap" if per_sample.unsupported(model.network(), model.featurized_parameters()) else "hooks"
+        engine = "vmap" if per_sample.unsupported(model.network(), parameters) else "hooks"
     if layer_rule is not None and engine != "hooks":
         raise ValueError("a factorized projection needs the hooks engine: every featurized layer needs a "
                          "per_sample rule")
@@ -64,7 +66,7 @@ def batch_gradients(model: DiffusionModel, images: torch.Tensor, indices, functi
         chunk = draws[start:start + per_pass]
         noised = _noised_copies(model, images, indices, chunk, noise_seed, labels,
                                 None if eps is None else eps[:, start:start + per_pass])
-        grads = one_pass(model, function, *noised)
+        grads = one_pass(model, function, parameters, *noised)
         if len(chunk) == len(draws):
             return grads
         total = grads.mul_(len(chunk) / len(draws)) if total is None else \
@@ -84,8 +86,7 @@ def _noised_copies(model: DiffusionModel, images: torch.Tensor, indices, draws, 
     return x0, t, eps, model.conditioning(None if labels is None else torch.as_tensor(labels, device=x0.device))
 
 
-def _hooks_pass(model: DiffusionModel, function: str, x0, t, eps, cond, layer_rule=None) -> torch.Tensor:
-    featurized = model.featurized_parameters()
+def _hooks_pass(model: DiffusionModel, function: str, featurized, x0, t, eps, cond, layer_rule=None) -> torch.Tensor:
     # item j B + b is sample b's copy j (per_sample's groups in turn)
     t_all, eps_all = t.repeat_interleave(len(x0)), eps.transpose(0, 1).flatten(0, 1)
 
@@ -100,8 +101,8 @@ def _hooks_pass(model: DiffusionModel, function: str, x0, t, eps, cond, layer_ru
     return torch.cat([grads[name].reshape(len(x0), -1) for name, _ in featurized], dim=1).float()
 
 
-def _vmap_pass(model: DiffusionModel, function: str, x0, t, eps, cond) -> torch.Tensor:
-    params = {name: p.detach() for name, p in model.featurized_parameters()}
+def _vmap_pass(model: DiffusionModel, function: str, featurized, x0, t, eps, cond) -> torch.Tensor:
+    params = {name: p.detach() for name, p in featurized}
 
     def value(params, x0, eps, cond):
         x0 = x0.expand(len(t), *x0.shape)

@@ -30,6 +30,7 @@ READS = {
     "embeddings": ("score", "baselines"),               # CLIP image embeddings (score.DotJob)
     "ensemble": ("retrain", "ensembles"),               # features of several retrained models (ensemble.EnsembleJob)
     "outputs": ("retrain", "methods"),                  # retrained models' outputs (retrain.RetrainJob)
+    "influence": ("score", "influence_methods"),        # (E)K-FAC-preconditioned gradients (kfac.InfluenceJob)
 }
 
 
@@ -81,6 +82,9 @@ METHODS = {
     # DAS: kernel scores on gradients of the noise predictor's output, times residuals (diffattr.das)
     "das": Method("DAS", "features", True, lambda job: job.kernel("weighted", weights="residual"),
                   functions=("avg",), extra_inputs=("residual",)),
+    # influence functions with the GGN approximated by K-FAC or EK-FAC, over the dampings (diffattr.kfac)
+    "kfac_influence": Method("K-FAC influence", "influence", True, lambda job: job.influence("kfac")),
+    "ekfac_influence": Method("EK-FAC influence", "influence", True, lambda job: job.influence("ekfac")),
 }
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from .methods import METHODS, READS, methods_reading
-from .protocol import ARTIFACTS, DEFAULT_GT_FUNCTION, FeatureSet, ModelName
-from .settings import ConfigError, as_list, num_train_timesteps, retrain_settings, score_methods
+from .protocol import ARTIFACTS, DEFAULT_GT_FUNCTION, FeatureSet, ModelName, influence_store
+from .settings import ConfigError, as_list, influence_settings, num_train_timesteps, retrain_settings, score_methods
 
 QUERY_SPLITS = ("val", "gen")
 SPLITS = ("train", *QUERY_SPLITS)
@@ -32,6 +32,8 @@ PATHS = {
     "journey": "results/{experiment}/features/{function}_journey_k{k}/gen.zarr",
     "residual": "results/{experiment}/features/{fset}/train_residual.zarr",
     "embeddings": "results/{experiment}/embeddings/clip/{split}.zarr",
+    "curvature": "results/{experiment}/curvature/kfac.pt",
+    "influence_features": "results/{experiment}/features/{istore}/{split}.zarr",
     "scores": "results/{experiment}/scores/{scores}/{qsplit}.zarr",
     "lds": "{root}/lds/{scores}_{qsplit}.csv",
     "lds_curve": "{root}/lds/{scores}_{qsplit}.lambdas.csv",
@@ -213,6 +215,21 @@ class Plan:
         return {extra: EXTRA_INPUTS[extra](self, fset) for name in self.scored(fset, split)
                 for extra in METHODS[name].extra_inputs}
 
+    @cached_property
+    def influence(self) -> dict | None:
+        return influence_settings(self.settings)
+
+    def influence_stores(self) -> list[str]:
+        """The influence functions' predictions stores (protocol.influence_store), one per measurement."""
+        spec = self.influence
+        if not spec or not self.methods("influence"):
+            return []
+        return [influence_store(f, spec["K"], spec["proj_dim"]) for f in spec["functions"]]
+
+    def influence_train(self) -> str:
+        """The influence store whose features hold the train gradients: the training loss's (simple)."""
+        return influence_store("simple", self.influence["K"], self.influence["proj_dim"])
+
     def trajectory_stores(self) -> list[FeatureSet]:
         return list(self.trajectories) if self.methods("trajectory") else []
 
@@ -224,7 +241,8 @@ class Plan:
                 *(f"{fset.name}_tracin" for fset in self.trajectory_stores()),
                 *self.methods("pixels"), *self.methods("embeddings"),
                 *(f"{fset.name}_ens{c}" for fset in self.ensemble_sets for c in self.retrain["ensembles"]),
-                *(f"retrain_n{n}" for n in self.retrain["n_models"])]
+                *(f"retrain_n{n}" for n in self.retrain["n_models"]),
+                *self.influence_stores()]
 
     def ablation(self, name: str) -> dict:
         ablations = {a["name"]: a for a in self.settings.get("ablations", [])}
@@ -303,6 +321,11 @@ class Plan:
             "score_ensemble": [p for fset in self.ensemble_sets for c in retrain["ensembles"]
                                for p in scores(f"{fset.name}_ens{c}")],
             "retrain_score": [p for n in retrain["n_models"] for p in scores(f"retrain_n{n}")],
+            "curvature": [path("curvature", experiment=e)] if self.influence_stores() else [],
+            "influence_features": [path("influence_features", experiment=e, istore=name, split=s) for name, s in [
+                *([(self.influence_train(), "train")] if self.influence_stores() else []),
+                *((name, s) for name in self.influence_stores() for s in QUERY_SPLITS)]],
+            "influence_score": [p for name in self.influence_stores() for p in scores(name)],
             "lds": [path("lds", root=root, scores=name, qsplit=s) for name in self.score_stores() for s in QUERY_SPLITS],
         }
         for fset in self.final_sets:

@@ -122,6 +122,23 @@ class FeatureSet:
         return fset
 
 
+# An influence-function store (diffattr.kfac): influence_<f>_K<K>, then _k<k> when projected.
+_INFLUENCE_STORE = re.compile(r"influence_(?P<function>[a-z0-9.]+)_K(?P<K>\d+)(?:_k(?P<k>\d+))?")
+INFLUENCE_STORE = re.sub(r"\(\?P<\w+>", "(?:", _INFLUENCE_STORE.pattern)
+
+
+def influence_store(function: str, K: int, proj_dim: int | None = None) -> str:
+    return f"influence_{function}_K{int(K)}" + ("" if proj_dim is None else f"_k{int(proj_dim)}")
+
+
+def parse_influence_store(name: str) -> tuple[str, int, int | None]:
+    """(function, K, proj_dim or None) of an influence store's name."""
+    match = _INFLUENCE_STORE.fullmatch(name)
+    if not match:
+        raise ValueError(f"influence store name {name!r}: expected influence_{{function}}_K{{K}}[_k{{k}}]")
+    return match["function"], int(match["K"]), None if match["k"] is None else int(match["k"])
+
+
 # The files of a trained model's folder that the workflow's rules name, the same for every model kind
 # (rules name them before they know an experiment's kind): the weights the kind trains (every kind
 # saves them under this name), the trainer's loss log and its training record (diffattr.train).

@@ -260,6 +260,15 @@ def _check_retrain(settings: dict, within_T: str, T: int) -> list[str]:
     return faults
 
 
+def influence_settings(settings: dict) -> dict | None:
+    """The preset's `influence:` block completed by the schema's defaults; None without one."""
+    if not settings.get("influence"):
+        return None
+    properties = schema()["$defs"]["experiment"]["properties"]["influence"]["properties"]
+    return {**{key: value["default"] for key, value in properties.items() if "default" in value},
+            **settings["influence"]}
+
+
 def retrain_settings(settings: dict) -> dict:
     """The preset's `retrain` section with the schema's defaults filled in (timesteps and noise seeds
     of the outputs default to the ground truth's), plus `pool`: how many models to train, the largest

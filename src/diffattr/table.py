@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .methods import METHODS, methods_reading
 from .storage import atomic_output
 
 COLUMNS = ["experiment", "method", "function", "timesteps", "proj_dim", "checkpoint", "tags", "split",
@@ -65,9 +66,11 @@ def headline(table: pd.DataFrame, timesteps: int, proj_dim: int, lambda_rule: st
     """One row per method and query split at the preset's main setting, as the paper's Table 2: its
     K and k (or none: the similarity baselines), the final weights (TracInCP / GAS: their sum over
     the checkpoints), default tags, the lambda rule `lambda_rule` (or none). Each row is a row of
-    `table`, unchanged; a method on several functions keeps the first of HEADLINE_FUNCTIONS it has."""
+    `table`, unchanged; a method on several functions keeps the first of HEADLINE_FUNCTIONS it has.
+    The influence functions join at the main K whatever their k (exact ones have k = p)."""
     keys = table[["timesteps", "proj_dim"]]
-    at_main = (keys.isna().all(axis=1) | ((keys.timesteps == timesteps) & (keys.proj_dim == proj_dim)))
+    influence = table.method.isin([METHODS[name].label for name in methods_reading("influence")])
+    at_main = (keys.isna().all(axis=1) | ((keys.timesteps == timesteps) & ((keys.proj_dim == proj_dim) | influence)))
     checkpoint = table.checkpoint.map(_text)
     rows = table[at_main & (checkpoint.eq("") | checkpoint.str.contains("+", regex=False))
                  & table.tags.map(_text).eq("") & table.lambda_rule.eq(lambda_rule)]
