@@ -76,13 +76,15 @@ FEATURE_ATTRS = {"model_sha256": "a" * 64, "checkpoint": None, "function": "squa
                  "scheme": "uniform", "noise_seed": 0, "dtype": "float32", "projector": "CudaProjector",
                  "proj_dim": 4, "proj_seed": 0, "proj_type": "normal", "grad_dim": 100, "block_size": None,
                  "gpu": "NVIDIA H100 80GB HBM3", "sm_count": 132, "device": "NVIDIA H100 80GB HBM3",
-                 "noises": 1, "query_sha256": "b" * 64}
+                 "noises": 1, "query_sha256": "b" * 64,
+                 "factor_side": None, "factorized_layers": None, "dense_dim": None, "dense": None}
 # The disagreement the issue lists, and the value the query store has instead.
 DISAGREEMENTS = [("model_sha256", "c" * 64), ("checkpoint", 100), ("function", "simple"), ("K", 3), ("timesteps", [0, 250]),
                  ("scheme", "cumulative"), ("noise_seed", 1), ("dtype", "bfloat16"),
                  ("projector", "BasicProjector"), ("proj_seed", 7), ("proj_type", "rademacher"),
                  ("grad_dim", 101), ("gpu", "NVIDIA A100-SXM4-80GB"), ("sm_count", 108),
-                 ("device", "cpu"), ("noises", 2)]
+                 ("device", "cpu"), ("noises", 2), ("factor_side", 3), ("factorized_layers", 5),
+                 ("dense_dim", 10), ("dense", {"projector": "BasicProjector", "block_size": 4})]
 
 
 def stores(tmp_path, query_change: dict, train_attrs=FEATURE_ATTRS, query_rows=None):
