@@ -22,6 +22,7 @@ include: "rules/ensemble.smk"
 include: "rules/lds.smk"
 include: "rules/table.smk"
 include: "rules/ablation.smk"
+include: "rules/counterfactual.smk"
 
 
 # The default target: the experiment's table and every intermediate output (see `products`).
