@@ -151,6 +151,8 @@ def summarize(table, confidence: float, resamples: int, seed: int):
     count). Medians: per (remover, removed, metric) with the bootstrap interval. Tests: per removed
     count and metric, each remover against Random, and D-TRAK against TRAK (every pair of those
     labels), paired by target."""
+    import pandas as pd
+
     medians, tests = [], []
     for (name, removed), rows in table.groupby(["remover", "removed"], sort=False):
         for metric in METRICS:
