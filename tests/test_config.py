@@ -84,7 +84,7 @@ MALFORMED = [
      "lds_steps, checkpoint_every, keep_checkpoints"),
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
-     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, retrain, threads, ablations"),
+     "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, retrain, counterfactual, threads, ablations"),
     ("kept steps descending", tiny(train={"keep_checkpoints": [30, 20]}, featurize={"extra_grids": []}),
      "experiments.tiny.train.keep_checkpoints: got [30, 20]; expected steps in ascending order"),
     ("kept step beyond the training", tiny(train={"keep_checkpoints": [20, 41]}),
