@@ -289,12 +289,13 @@ class Plan:
 
     def removal_inputs(self, removal: str) -> dict[str, str]:
         """What a removal job reads: the train index (its count), and for a method its train and
-        generated-query features, its extra inputs and the LDS table that chose its lambda."""
+        generated-query features, its own extra inputs and the LDS table that chose its lambda."""
         remover, _ = self.removals[removal]
         out = {"train_index": path("index", experiment=self.experiment, split="train")}
         if remover.features is not None:
             out.update(train=self.features(remover.features, "train"), query=self.features(remover.features, "gen"),
-                       **self.extra_inputs(remover.features, "gen"))
+                       **{extra: EXTRA_INPUTS[extra](self, remover.features)
+                          for extra in METHODS[remover.method].extra_inputs})
             if remover.uses_lambda:
                 out["lds"] = path("lds", root=self.root, scores=remover.features.name, qsplit="gen")
         return out
