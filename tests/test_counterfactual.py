@@ -254,6 +254,9 @@ def test_the_plan_refuses_a_feature_set_the_experiment_lacks_and_lists_every_job
     assert len(jobs["counterfactual_removal"]) == 4 and len(jobs["train_counterfactual"]) == 8
     assert "results/tiny/models/counterfactual/trak_simple_K4_k64_oracle_n5/t1/diffusion_pytorch_model.safetensors" \
         in jobs["train_counterfactual"]
+    inputs = Plan("tiny", settings).removal_inputs("trak_simple_K4_k64_oracle_n3")
+    assert set(inputs) == {"train_index", "train", "query", "lds"}  # not journey_trak's trajectory features
+    assert inputs["lds"] == "results/tiny/lds/simple_K4_k64_gen.csv"
     bad = copy.deepcopy(settings)
     bad["counterfactual"]["methods"][1]["features"] = "simple_K4_k128"
     with pytest.raises(ConfigError, match=r"counterfactual\.methods\[1\]\.features: got 'simple_K4_k128'"):
