@@ -24,6 +24,7 @@ include: "rules/lds.smk"
 include: "rules/table.smk"
 include: "rules/ablation.smk"
 include: "rules/figures.smk"
+include: "rules/counterfactual.smk"
 
 
 # `snakemake --report results/report_<experiment>.html`: the figures and the table, with captions.

@@ -85,7 +85,7 @@ MALFORMED = [
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
      "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, influence, retrain, "
-     "threads, ablations"),
+     "counterfactual, threads, ablations"),
     ("kept steps descending", tiny(train={"keep_checkpoints": [30, 20]}, featurize={"extra_grids": []}),
      "experiments.tiny.train.keep_checkpoints: got [30, 20]; expected steps in ascending order"),
     ("kept step beyond the training", tiny(train={"keep_checkpoints": [20, 41]}),

@@ -31,7 +31,7 @@ def test_fields_invert_path():
     values = {"experiment": "cifar2-mini", "split": "val", "family": "lds", "model": "retrain/s003-r1",
               "fset": "square_K10_k512_e2", "root": "results/x/truth_l2", "scores": "simple_K10_k512_tracin",
               "qsplit": "gen", "function": "simple", "k": "512", "ablation": "eta", "ext": "csv",
-              "figure": "gallery_val", "istore": "influence_elbo_K10_k512"}
+              "figure": "gallery_val", "istore": "influence_elbo_K10_k512", "removal": "trak_n100", "target": "7"}
     for kind, template in PATHS.items():
         wanted = {key: value for key, value in values.items() if "{" + key + "}" in template}
         if kind != "ground_truth" and "model" in wanted:  # a pool model's folder is its bare name

@@ -120,6 +120,20 @@ def test_finished_run_has_nothing_to_do(workdir):
     assert planned_jobs(workdir, TARGET) == {}
 
 
+def test_counterfactual_target_runs_its_planned_jobs_on_the_built_models(workdir, tiny):
+    """results/counterfactual_tiny.csv on the experiment's models: only the planned jobs, then one
+    finite row per target, remover and removed count."""
+    plan, target = Plan("tiny", tiny), "results/counterfactual_tiny.csv"
+    assert planned_jobs(workdir, target) == {rule: len(outputs) for rule, outputs in plan.counterfactual_jobs().items()}
+    snakemake(workdir, target)
+    table = pd.read_csv(workdir / target)
+    assert len(table) == len(plan.removals) * tiny["counterfactual"]["targets"]
+    assert table[["l2", "clip_cosine", "loss_change"]].notna().all().all() and (table["l2"] > 0).all()
+    assert set(table["gen_index"]) == set(plan.counterfactual_targets)
+    assert "Paired Wilcoxon" in (workdir / "results/counterfactual_tiny.md").read_text()
+    assert planned_jobs(workdir, target) == {}
+
+
 def test_deleting_one_model_reruns_only_it_and_its_dependents(workdir, tiny):
     before = pd.read_csv(workdir / TARGET)
     weights = workdir / "results/tiny/models/lds/s001-r1/diffusion_pytorch_model.safetensors"

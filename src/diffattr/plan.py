@@ -9,9 +9,11 @@ import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
+from .counterfactual import Remover, removal_name, removers, target_indices
 from .methods import METHODS, READS, methods_reading
 from .protocol import ARTIFACTS, DEFAULT_GT_FUNCTION, FeatureSet, ModelName, influence_store
-from .settings import ConfigError, as_list, influence_settings, num_train_timesteps, retrain_settings, score_methods
+from .settings import (ConfigError, as_list, counterfactual_settings, influence_settings, num_train_timesteps,
+                       retrain_settings, score_methods)
 
 QUERY_SPLITS = ("val", "gen")
 SPLITS = ("train", *QUERY_SPLITS)
@@ -40,6 +42,17 @@ PATHS = {
     "ablation": "results/{experiment}/ablations/{ablation}.{ext}",
     "table": "results/lds_{experiment}.csv",
     "figure": "results/{experiment}/figures/{figure}.png",  # and the .svg beside it
+    # the counterfactual evaluation (diffattr.counterfactual); {removal} is <remover>_n<removed count>
+    "removal_kept": "results/{experiment}/counterfactual/removals/{removal}.kept.csv",
+    "removal": "results/{experiment}/counterfactual/removals/{removal}.csv",
+    "counterfactual_model": "results/{experiment}/models/counterfactual/{removal}/t{target}",
+    "regenerated": "results/{experiment}/counterfactual/regenerated/{removal}/t{target}.zarr",
+    "regenerated_full": "results/{experiment}/counterfactual/regenerated/full.zarr",
+    "counterfactual_images": "results/{experiment}/counterfactual/images.zarr",
+    "counterfactual_medians": "results/{experiment}/counterfactual/medians.csv",
+    "counterfactual_tests": "results/{experiment}/counterfactual/tests.csv",
+    "counterfactual": "results/counterfactual_{experiment}.csv",
+    "counterfactual_summary": "results/counterfactual_{experiment}.md",
 }
 
 
@@ -265,6 +278,67 @@ class Plan:
         return list(dict.fromkeys(point.gt_function for ablation in self.settings.get("ablations", [])
                                   for point in ablation_points(ablation)
                                   if point.gt_function != DEFAULT_GT_FUNCTION))
+
+    # --- the counterfactual evaluation (not part of `products`: its own target)
+
+    @cached_property
+    def counterfactual(self) -> dict:
+        """The resolved `counterfactual` section; refused when the preset has none or a remover names a
+        feature set the experiment does not compute."""
+        spec = counterfactual_settings(self.settings)
+        if spec is None:
+            raise ConfigError(f"experiments.{self.experiment}.counterfactual: got no value; expected the section "
+                              "that results/counterfactual_<experiment>.csv is built from (docs/methods.md)")
+        names = [fset.name for fset in self.final_sets]
+        for i, remover in enumerate(removers(spec)):
+            if remover.features is not None and remover.features.name not in names:
+                raise ConfigError(f"experiments.{self.experiment}.counterfactual.methods[{i}].features: got "
+                                  f"{remover.features.name!r}; expected one of the experiment's feature sets: "
+                                  f"{', '.join(names)}")
+        return spec
+
+    @cached_property
+    def removals(self) -> dict[str, tuple[Remover, int]]:
+        """{removal set name: (remover, removed count)}: every remover x removed count."""
+        spec = self.counterfactual
+        return {removal_name(r, k): (r, int(k)) for r in removers(spec) for k in spec["removed"]}
+
+    def removal_entry(self, removal: str) -> dict:
+        """The config entry of a removal set's remover (counterfactual.methods), as a job's param."""
+        remover = self.removals[removal][0]
+        return next(entry for entry in self.counterfactual["methods"] if removers({"methods": [entry]})[0] == remover)
+
+    @cached_property
+    def counterfactual_targets(self) -> list[int]:
+        """The generated images that are targets (their indices in the generation set), target j first."""
+        spec = self.counterfactual
+        return target_indices(self.settings["generate"]["n"], spec["targets"], spec["target_seed"])
+
+    def removal_inputs(self, removal: str) -> dict[str, str]:
+        """What a removal job reads: the train index (its count), and for a method its train and
+        generated-query features, its own extra inputs and the LDS table that chose its lambda."""
+        remover, _ = self.removals[removal]
+        out = {"train_index": path("index", experiment=self.experiment, split="train")}
+        if remover.features is not None:
+            out.update(train=self.features(remover.features, "train"), query=self.features(remover.features, "gen"),
+                       **{extra: EXTRA_INPUTS[extra](self, remover.features)
+                          for extra in METHODS[remover.method].extra_inputs})
+            if remover.uses_lambda:
+                out["lds"] = path("lds", root=self.root, scores=remover.features.name, qsplit="gen")
+        return out
+
+    def counterfactual_jobs(self) -> dict[str, list[str]]:
+        """{rule: the first output of each job} of results/counterfactual_<experiment>.csv beyond `jobs()`."""
+        e, targets = self.experiment, range(len(self.counterfactual_targets))
+        return {
+            "counterfactual_removal": [path("removal_kept", experiment=e, removal=r) for r in self.removals],
+            "train_counterfactual": [self.weights(path("counterfactual_model", experiment=e, removal=r, target=j))
+                                     for r in self.removals for j in targets],
+            "regenerate_full": [path("regenerated_full", experiment=e)],
+            "regenerate_counterfactual": [path("regenerated", experiment=e, removal=r, target=j)
+                                          for r in self.removals for j in targets],
+            "counterfactual": [path("counterfactual", experiment=e)],
+        }
 
     # --- paths
 

@@ -18,7 +18,7 @@ import yaml
 
 from .methods import METHODS, READS, methods_reading
 from .messages import schema_error_lines, show
-from .protocol import FUNCTION_EXPECTED, lambda_grid, parse_function
+from .protocol import FUNCTION_EXPECTED, FeatureSet, lambda_grid, parse_function
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 # Multiple of which trak's CudaProjector (fast_jl) needs its projection dimension to be.
@@ -233,6 +233,7 @@ def check(settings: dict, name: str, device: str = "auto", libraries: bool = Tru
         faults += library_block_faults(model, {fault.split(":")[0].split(".")[1].split("[")[0]
                                                for fault in faults if fault.startswith("model.")})
     faults += _check_retrain(settings, within_T, T)
+    faults += _check_counterfactual(settings)
     faults += _check_clip(settings["score"])
     faults += _check_ablations(settings, T)
     if faults:
@@ -281,6 +282,60 @@ def retrain_settings(settings: dict) -> dict:
     spec.setdefault("methods", list(methods_reading("outputs")))
     spec["pool"] = max([0, *spec["ensembles"], *spec["n_models"]])
     return spec
+
+
+def counterfactual_settings(settings: dict) -> dict | None:
+    """The preset's `counterfactual` section with the schema's defaults filled in; None without one."""
+    if not settings.get("counterfactual"):
+        return None
+    properties = schema()["$defs"]["experiment"]["properties"]["counterfactual"]["properties"]
+    spec = {key: copy.deepcopy(p["default"]) for key, p in properties.items() if "default" in p}
+    spec.update(copy.deepcopy(settings["counterfactual"]))
+    spec["methods"] = [{"lambda_rule": "oracle", **entry} for entry in spec["methods"]]
+    return spec
+
+
+def _check_counterfactual(settings: dict) -> list[str]:
+    """Targets within the generation set, removed counts within the train split, each remover random
+    or a method on gradient features (with a feature set it applies to on generated queries and, for
+    a method with lambda, a lambda rule the LDS uses). That the feature set is the experiment's is
+    the planner's check (diffattr.plan.Plan.counterfactual)."""
+    spec = counterfactual_settings(settings)
+    if spec is None:
+        return []
+    faults, n_gen, n_train = [], settings["generate"]["n"], settings["dataset"]["n_train"]
+    if spec["targets"] >= n_gen:
+        faults.append(f"counterfactual.targets: got {spec['targets']}; expected fewer than the {n_gen} generated "
+                      "images (generate.n), which the targets are drawn from")
+    for i, k in enumerate(spec["removed"]):
+        if k > n_train:
+            faults.append(f"counterfactual.removed[{i}]: got {k}; expected at most dataset.n_train = {n_train}")
+    known = ("random", *methods_reading("features"))
+    for i, entry in enumerate(spec["methods"]):
+        where, name = f"counterfactual.methods[{i}]", entry["method"]
+        if name not in known:
+            faults.append(f"{where}.method: got {show(name)}; expected one of {', '.join(show(k) for k in known)}")
+            continue
+        if name == "random":
+            if "features" in entry:
+                faults.append(f"{where}.features: got {show(entry['features'])}; expected none for random")
+            continue
+        if "features" not in entry:
+            faults.append(f"{where}.features: got no value; expected the feature set {name} is scored on, "
+                          "e.g. square_K10_k512")
+            continue
+        try:
+            fset = FeatureSet.parse(entry["features"])
+        except ValueError as error:
+            faults.append(f"{where}.features: got {show(entry['features'])}; {error}")
+            continue
+        if not METHODS[name].applies(fset, "gen"):
+            faults.append(f"{where}.features: got {show(entry['features'])}; expected a feature set {name} is "
+                          "scored on for generated queries")
+        if METHODS[name].uses_lambda and entry["lambda_rule"] not in settings["lds"]["lambda_rules"]:
+            faults.append(f"{where}.lambda_rule: got {show(entry['lambda_rule'])}; expected one of "
+                          f"lds.lambda_rules {show(settings['lds']['lambda_rules'])}")
+    return faults
 
 
 def _check_checkpoints(train: dict, grids: dict) -> list[str]:
