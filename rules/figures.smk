@@ -15,7 +15,7 @@ rule figure:
     benchmark:
         benchmark("logs/{experiment}/figures/{figure}.log")
     wildcard_constraints:
-        figure=r"[a-z_]+",
+        figure=r"(?!counterfactual\b)[a-z_]+",  # rule counterfactual draws that one
     params:
         spec=lambda w: figure_plan.params(plan(w), w.figure),
     threads: threads("score")  # a gallery scores as a score job does

@@ -50,3 +50,15 @@ def test_captions_name_the_settings(name):
     text = caption(plan("default"), name)
     assert "K = 10 timesteps, k = 512 projections" in text and "24 subsets x 3 training seeds" in text
     assert "oracle" in text
+
+
+def test_the_counterfactual_figure_is_the_counterfactual_targets_only():
+    cifar2 = plan("cifar2")
+    assert "counterfactual" not in figures(cifar2)  # drawn by rule counterfactual, not by `rule all`
+    got = params(cifar2, "counterfactual")
+    assert (got["targets"], got["removed"]) == (6, 1000)
+    assert [r["label"] for r in got["removers"]] == ["Random", "TRAK", "D-TRAK"]
+    assert got["removers"][0]["name"] == "random"
+    text = got["caption"]
+    assert "first 6 of 60" in text and "top 1000" in text and "Random, TRAK, D-TRAK" in text
+    assert "random-init" in text

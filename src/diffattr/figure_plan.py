@@ -1,9 +1,11 @@
 """Which figures an experiment draws, what each reads and its caption: only those its outputs allow
 (no interpolation curve without interp functions, no ensemble figure without retrained models).
-The figure rule (rules/figures.smk) asks this module; diffattr.figures draws them. Planning only:
-no torch, no matplotlib."""
+The figure rule (rules/figures.smk) asks this module; diffattr.figures draws them. The counterfactual
+figure is not one of `figures`: the counterfactual rule draws it from its own outputs, with `params`.
+Planning only: no torch, no matplotlib."""
 from __future__ import annotations
 
+from .counterfactual import removers
 from .methods import METHODS, label
 from .plan import EXTRA_INPUTS, path, truth_root
 from .protocol import ARTIFACTS, FeatureSet
@@ -15,6 +17,7 @@ GALLERY_TOP = 5      # proponents and opponents shown per query and method
 # A gallery scores its queries over the n singleton subsets of the training set (diffattr.gallery), an
 # (n, n) mask: 200 MB at cifar2's 5000 training images, 20 GB at cifar10's 50000, which gets none.
 GALLERY_MAX_TRAIN = 10000
+COUNTERFACTUAL_TARGETS = 6  # rows of the counterfactual figure: its first targets
 
 
 def _main_sets(plan) -> list[FeatureSet]:
@@ -73,6 +76,8 @@ def category(name: str) -> str:
     """The report's section of figure `name`."""
     if name.startswith("gallery_"):
         return "Galleries"
+    if name == "counterfactual":
+        return "Counterfactual evaluation"
     return "Training and samples" if name in ("losses", "samples") else "LDS"
 
 
@@ -113,6 +118,10 @@ def params(plan, name: str) -> dict:
         out["methods"] = [{"method": m, "function": None if f is None else f.function,
                            "label": label(m, None if f is None else f.function)}
                           for m, f in gallery_methods(plan, name.removeprefix("gallery_"))]
+    if name == "counterfactual":
+        spec = plan.counterfactual
+        out.update(targets=min(COUNTERFACTUAL_TARGETS, int(spec["targets"])), removed=int(spec["removed"][0]),
+                   removers=[{"name": r.name, "label": r.label} for r in removers(spec)])
     return out
 
 
@@ -142,9 +151,26 @@ def caption(plan, name: str) -> str:
         "samples": f"The generated queries: {spec['generate']['n']} DDIM samples of the full model "
                    f"({spec['generate']['steps']} steps, eta {spec['generate']['eta']}).",
     }
+    if name == "counterfactual":
+        return counterfactual_caption(plan)
     if name.startswith("gallery_"):
         split = {"val": "validation", "gen": "generated"}[name.removeprefix("gallery_")]
         return (f"Attribution gallery of the first {GALLERY_QUERIES} {split} queries: for each method, the query "
                 f"(left) and its top {GALLERY_TOP} proponents (highest scores, first row) and opponents (lowest scores, second "
                 "row) among the training images, each with its score. " + setting + ".")
     return texts[name] + " " + setting + "."
+
+
+def counterfactual_caption(plan) -> str:
+    """The counterfactual figure's caption: its targets, removed count, removers and CLIP weights."""
+    spec = plan.counterfactual
+    shown = min(COUNTERFACTUAL_TARGETS, int(spec["targets"]))
+    pretrained = (plan.settings["score"].get("clip") or {}).get("pretrained")
+    clip = ("CLIP random-init (score.clip.pretrained is null): its cosine says nothing about semantic closeness"
+            if pretrained is None else f"CLIP weights {pretrained}")
+    return (f"Counterfactual evaluation: the first {shown} of {spec['targets']} generated targets (rows), the full "
+            f"model's regeneration (left) and each retrained model's after removing the top {spec['removed'][0]} "
+            f"training images of {', '.join(r.label for r in removers(spec))} (columns), titled with the L2 to the "
+            "original and the CLIP cosine; below, each method's median L2 and CLIP cosine over all targets with "
+            f"its {spec['confidence']:.0%} bootstrap interval ({clip}). Same generator seed per target; "
+            f"results/counterfactual_{plan.experiment}.md has the paired tests.")

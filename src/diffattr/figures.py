@@ -1,7 +1,7 @@
 """The report's figures, drawn with matplotlib (Agg) from the experiment's outputs: each `draw_<name>`
 takes the figure job's inputs and params (diffattr.figure_plan) and writes a PNG and an SVG beside it.
-A new figure (the counterfactual evaluation's, say) is a `draw_` function here and an entry in
-figure_plan's `figures`, `inputs` and `caption`."""
+A new figure is a `draw_` function here and an entry in figure_plan's `figures`, `inputs` and `caption`
+(the counterfactual one: `params` and `caption`, drawn by the counterfactual rule)."""
 from __future__ import annotations
 
 import io
@@ -275,6 +275,41 @@ def draw_samples(inputs: dict, params: dict, out) -> None:
     save(fig, out)
 
 
+def draw_counterfactual(inputs: dict, params: dict, out) -> None:
+    """Per target (rows, the first params['targets']) the full model's image, then each remover's
+    regeneration at params['removed'] titled with its L2 and CLIP cosine; below, each remover's median
+    L2 and CLIP cosine with its bootstrap interval (inputs: the counterfactual rule's table, medians
+    and images store)."""
+    import zarr
+    table = pd.read_csv(inputs["table"]).set_index(["remover", "removed", "target"])
+    medians = pd.read_csv(inputs["medians"])
+    store = zarr.open_group(str(inputs["images"]), mode="r")
+    removers, removed, targets = params["removers"], params["removed"], range(params["targets"])
+    height = 0.3 * len(removers) + 1.0  # the medians' panels
+    fig = plt.figure(figsize=(1.5 * (len(removers) + 1) + 1.0, 1.6 * len(targets) + height), layout="constrained")
+    grid, bars = fig.subfigures(2, 1, height_ratios=[1.6 * len(targets), height])
+    axes = grid.subplots(len(targets), len(removers) + 1, squeeze=False)
+    for j, row in zip(targets, axes):
+        _image(row[0], store["original"][j])
+        row[0].set_title("original" if j == 0 else "", fontsize=7)
+        row[0].set_ylabel(f"target {j}\n(gen {store.attrs['gen_indices'][j]})", fontsize=7)
+        for ax, remover in zip(row[1:], removers):
+            _image(ax, store[f"regenerated/{remover['name']}_n{removed}"][j])
+            metrics = table.loc[(remover["name"], removed, j)]
+            ax.set_title(f"{remover['label']}\nL2 {metrics.l2:.3g}, CLIP {metrics.clip_cosine:.4f}", fontsize=7)
+    for ax, metric, name in zip(bars.subplots(1, 2), ("l2", "clip_cosine"), ("L2", "CLIP cosine")):
+        rows = medians[(medians.removed == removed) & (medians.metric == metric)].set_index("remover")
+        rows = rows.loc[[r["name"] for r in removers]]
+        ax.errorbar(rows["median"], np.arange(len(rows)), fmt="o", capsize=3,
+                    xerr=np.vstack([rows["median"] - rows.ci_low, rows.ci_high - rows["median"]]).clip(min=0))
+        ax.set_yticks(np.arange(len(rows)), [r["label"] for r in removers], fontsize=7)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(3))
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel(f"median {name} over {int(rows.n_targets.iloc[0])} targets", fontsize=7)
+    save(fig, out)
+
+
 def draw(name: str, inputs: dict, params: dict, out) -> None:
     """Figure `name` (diffattr.figure_plan.figures) from its job's inputs and params, to `out` (.png)."""
     if name.startswith("gallery_"):
@@ -289,4 +324,4 @@ def draw(name: str, inputs: dict, params: dict, out) -> None:
 
 DRAW = {"headline": draw_headline, "functions": draw_functions, "interpolation": draw_interpolation,
         "lambda": draw_lambda, "checkpoints": draw_checkpoints, "ensembles": draw_ensembles,
-        "losses": draw_losses, "samples": draw_samples}
+        "losses": draw_losses, "samples": draw_samples, "counterfactual": draw_counterfactual}
