@@ -49,7 +49,7 @@ class FactorizedProjector:
         if self.side < 1:
             raise ValueError(f"proj_dim {proj_dim}: too small to factorize {len(layers)} layers "
                              f"(expected at least {len(layers) + 1})")
-        self.proj_dim, self.seed, self.device, self.dtype = proj_dim, seed, torch.device(device), dtype
+        self.proj_dim, self.device = proj_dim, torch.device(device)
         self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(module) -> (P_out, P_in)
         for index, module in enumerate(layers):
             inputs = module.weight[0].numel()
