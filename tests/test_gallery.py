@@ -3,8 +3,8 @@ references, and the ranking of training images they give."""
 import numpy as np
 import pytest
 
-from diffattr.gallery import rank, singleton_scores
-from diffattr.score import scores as dense_kernel_scores
+from diffattr.gallery import rank
+from diffattr.score import scores as dense_kernel_scores, singleton_scores
 
 
 def test_an_exact_copy_of_a_training_image_is_its_top_proponent():

@@ -11,7 +11,7 @@ import zarr
 from .methods import predictions, write_predictions
 from .provenance import FEATURE_KEYS, ProvenanceError, require_same
 from .protocol import lambda_grid
-from .score import kernel_predictions, read_features, read_masks
+from .score import kernel_predictions, read_feature_pair, read_masks
 from .storage import file_sha256
 
 # What every model's features must share: all of their provenance but the model itself.
@@ -59,10 +59,8 @@ def ensemble_split(train_paths, query_paths, subsets_path, spec: dict, out_path)
 
     def models():
         for train_path, query_path in zip(train_paths, query_paths):
-            train, train_attrs = read_features(train_path)
-            query, query_attrs = read_features(query_path)
+            train, query, train_attrs, query_attrs = read_feature_pair(train_path, query_path)
             train_store, query_store = (str(train_path), train_attrs), (str(query_path), query_attrs)
-            require_same(FEATURE_KEYS, train_store, query_store)
             if seen:
                 first_train, first_query = next(iter(seen.values()))
                 # the same settings, train images and queries; query_sha256 hashes a store's images

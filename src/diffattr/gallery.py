@@ -19,10 +19,8 @@ import pandas as pd
 from .data import load_images
 from .figure_plan import GALLERY_QUERIES, GALLERY_TOP
 from .methods import METHODS
-from .provenance import FEATURE_KEYS, require_same
-from .score import DotJob, FeatureJob, read_features, read_residuals
+from .score import read_feature_pair, read_residuals, singleton_scores
 from .table import _text
-
 
 
 @dataclass(frozen=True)
@@ -33,22 +31,6 @@ class Entry:
     proponent_scores: np.ndarray
     opponents: np.ndarray
     opponent_scores: np.ndarray
-
-
-def singleton_scores(method: str, train: np.ndarray, query: np.ndarray, lam: float | None = None,
-                     extras: dict | None = None) -> np.ndarray:
-    """(m, n) attribution scores S(z, i) of registered `method` (at `lam`, for a method with a lambda)
-    for the `query` rows against every `train` row: its predictions over singleton subsets, negated."""
-    train = np.asarray(train).reshape(len(train), -1)
-    query = np.asarray(query).reshape(len(query), -1)
-    masks = np.eye(len(train), dtype=bool)
-    if METHODS[method].reads in ("pixels", "embeddings"):
-        job = DotJob(train, query, masks)
-    else:
-        if METHODS[method].uses_lambda and lam is None:
-            raise ValueError(f"{method} scores at a lambda; none was given")
-        job = FeatureJob(train, query, masks, [lam] if METHODS[method].uses_lambda else [], extras or {})
-    return -METHODS[method].predict(job)[0]
 
 
 def rank(scores: np.ndarray, label: str, top: int = GALLERY_TOP) -> list[Entry]:
@@ -62,20 +44,13 @@ def rank(scores: np.ndarray, label: str, top: int = GALLERY_TOP) -> list[Entry]:
     return entries
 
 
-def read_feature_pair(train_path, query_path, rows) -> tuple[np.ndarray, np.ndarray, dict, dict]:
-    """Train features and the query features of `rows`, refused unless projected alike."""
-    train, train_attrs = read_features(train_path)
-    query, query_attrs = read_features(query_path)
-    require_same(FEATURE_KEYS, (str(train_path), train_attrs), (str(query_path), query_attrs))
-    return train, query[rows], train_attrs, query_attrs
-
-
 def method_scores(method: str, inputs: dict, rows, lam: float | None) -> np.ndarray:
     """Scores of `method` for query `rows`, from the gallery job's `inputs` for it: {'train',
     'query'} image stores for a pixel method; feature stores, and 'residual' for DAS, otherwise."""
     if METHODS[method].reads == "pixels":
         return singleton_scores(method, load_images(inputs["train"]), load_images(inputs["query"])[rows])
-    train, query, train_attrs, query_attrs = read_feature_pair(inputs["train"], inputs["query"], rows)
+    train, query, train_attrs, _ = read_feature_pair(inputs["train"], inputs["query"])
+    query = query[rows]
     extras = {}
     if "residual" in inputs:
         extras["residual"] = read_residuals(inputs["residual"], inputs["train"], train_attrs, len(train))

@@ -168,6 +168,14 @@ def read_features(path) -> tuple[np.ndarray, dict]:
     return features, attrs
 
 
+def read_feature_pair(train_path, query_path) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """Train and query features with their attributes, refused unless computed alike (FEATURE_KEYS)."""
+    train, train_attrs = read_features(train_path)
+    query, query_attrs = read_features(query_path)
+    require_same(FEATURE_KEYS, (str(train_path), train_attrs), (str(query_path), query_attrs))
+    return train, query, train_attrs, query_attrs
+
+
 class DotJob:
     """What methods on one matrix of train rows and one of query rows compute (gradient features,
     flattened images or CLIP embeddings): kernel-free dot products or cosines."""
@@ -248,15 +256,30 @@ READERS = {"journey": lambda path, train_path, train_attrs, query_attrs, n:
            read_residuals(path, train_path, train_attrs, n)}
 
 
+def singleton_scores(method: str, train: np.ndarray, query: np.ndarray, lam: float | None = None,
+                     extras: dict | None = None) -> np.ndarray:
+    """(m, n) attribution scores S(z, i) of registered `method` (at `lam`, for a method with a lambda)
+    for the `query` rows against every `train` row: its predictions over the n singleton subsets {i}
+    are -S(z, i) (the galleries' and the counterfactual removals' scores)."""
+    train = np.asarray(train).reshape(len(train), -1)
+    query = np.asarray(query).reshape(len(query), -1)
+    masks = np.eye(len(train), dtype=bool)
+    if METHODS[method].reads in ("pixels", "embeddings"):
+        job = DotJob(train, query, masks)
+    else:
+        if METHODS[method].uses_lambda and lam is None:
+            raise ValueError(f"{method} scores at a lambda; none was given")
+        job = FeatureJob(train, query, masks, [lam] if METHODS[method].uses_lambda else [], extras or {})
+    return -METHODS[method].predict(job)[0]
+
+
 def score_split(train_path, query_path, subsets_path, spec: dict, out_path, split: str | None = None,
                 extra_paths: dict | None = None) -> None:
     """Subset predictions g_j(z) of every method in `spec['methods']` (default every method on
     features) that applies to the features' feature set and query `split` (`Method.applies`), each
     over the lambda grid or at its single point, in one store with their provenance. `extra_paths`
     gives the stores of the extra inputs those methods read ({'journey': ..., 'residual': ...})."""
-    train, train_attrs = read_features(train_path)
-    query, query_attrs = read_features(query_path)
-    require_same(FEATURE_KEYS, (str(train_path), train_attrs), (str(query_path), query_attrs))
+    train, query, train_attrs, query_attrs = read_feature_pair(train_path, query_path)
     masks = read_masks(subsets_path, len(train), train_path)
     fset = FeatureSet(train_attrs["function"], int(train_attrs["K"]), int(train_attrs["proj_dim"]),
                       step=train_attrs.get("checkpoint"))

@@ -15,7 +15,7 @@ import numpy as np
 
 from .methods import methods_reading, predictions, write_predictions
 from .provenance import FEATURE_KEYS, ProvenanceError, require_same
-from .score import dot_predictions, read_features, read_masks
+from .score import dot_predictions, read_feature_pair, read_masks
 from .storage import file_sha256
 
 # What the features of every checkpoint share: everything but the weights they were computed from.
@@ -55,9 +55,7 @@ def read_trajectory(train_paths, query_paths) -> tuple[list, list, list[dict], l
     trains, queries, train_attrs, query_attrs = [], [], [], []
     shared = (*TRAJECTORY_KEYS, "query_sha256")  # query_sha256: the hash of the store's images
     for train_path, query_path in zip(train_paths, query_paths):
-        train, t_attrs = read_features(train_path)
-        query, q_attrs = read_features(query_path)
-        require_same(FEATURE_KEYS, (str(train_path), t_attrs), (str(query_path), q_attrs))
+        train, query, t_attrs, q_attrs = read_feature_pair(train_path, query_path)
         if train_attrs:
             require_same(shared, (str(train_paths[0]), train_attrs[0]), (str(train_path), t_attrs))
             require_same(shared, (str(query_paths[0]), query_attrs[0]), (str(query_path), q_attrs))
