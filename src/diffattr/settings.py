@@ -261,22 +261,24 @@ def _check_retrain(settings: dict, within_T: str, T: int) -> list[str]:
     return faults
 
 
+def _with_defaults(settings: dict, section: str) -> dict:
+    """A copy of the preset's `section` (empty when absent) with the schema's defaults filled in."""
+    properties = schema()["$defs"]["experiment"]["properties"][section]["properties"]
+    spec = {key: copy.deepcopy(p["default"]) for key, p in properties.items() if "default" in p}
+    spec.update(copy.deepcopy(settings.get(section) or {}))
+    return spec
+
+
 def influence_settings(settings: dict) -> dict | None:
     """The preset's `influence:` block completed by the schema's defaults; None without one."""
-    if not settings.get("influence"):
-        return None
-    properties = schema()["$defs"]["experiment"]["properties"]["influence"]["properties"]
-    return {**{key: value["default"] for key, value in properties.items() if "default" in value},
-            **settings["influence"]}
+    return _with_defaults(settings, "influence") if settings.get("influence") else None
 
 
 def retrain_settings(settings: dict) -> dict:
     """The preset's `retrain` section with the schema's defaults filled in (timesteps and noise seeds
     of the outputs default to the ground truth's), plus `pool`: how many models to train, the largest
     ensemble or model count (0 without retraining-based methods)."""
-    properties = schema()["$defs"]["experiment"]["properties"]["retrain"]["properties"]
-    spec = {key: copy.deepcopy(p["default"]) for key, p in properties.items() if "default" in p}
-    spec.update(copy.deepcopy(settings.get("retrain") or {}))
+    spec = _with_defaults(settings, "retrain")
     for key in ("timesteps", "noise_seeds"):
         spec.setdefault(key, copy.deepcopy(settings["ground_truth"][key]))
     spec.setdefault("methods", list(methods_reading("outputs")))
@@ -288,9 +290,7 @@ def counterfactual_settings(settings: dict) -> dict | None:
     """The preset's `counterfactual` section with the schema's defaults filled in; None without one."""
     if not settings.get("counterfactual"):
         return None
-    properties = schema()["$defs"]["experiment"]["properties"]["counterfactual"]["properties"]
-    spec = {key: copy.deepcopy(p["default"]) for key, p in properties.items() if "default" in p}
-    spec.update(copy.deepcopy(settings["counterfactual"]))
+    spec = _with_defaults(settings, "counterfactual")
     spec["methods"] = [{"lambda_rule": "oracle", **entry} for entry in spec["methods"]]
     return spec
 
