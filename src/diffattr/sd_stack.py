@@ -125,8 +125,11 @@ def local_tokenizer(directory, words, max_length: int) -> CLIPTokenizer:
     and each word's prefixes ending in the whole word (`d`, `di`, ..., `digit</w>`), with the merges that
     build them letter by letter. Whole-word tokens keep prompts short (`max_length` counts tokens, as
     SD's 77) and give each word one embedding, as CLIP's tokenizer does for common words. The single
-    letters make the tokenizer total: any lowercase word tokenizes without unknown tokens, at worst
-    into letters (where another word's merge takes a pair first), and decodes back to itself.
+    letters make the tokenizer total: any lowercase word tokenizes without unknown tokens and decodes
+    back to itself. BPE applies the lowest-ranked merge first, so one word's merge can take a pair
+    inside another word (`e v` of "even" inside "seven") and leave it in a few pieces; longer words'
+    merges are ranked first, which keeps a word whole when the words it contains are shorter (the
+    default words are each one token).
     `words`: strings of lowercase ascii words separated by spaces (a list of words or of prompts).
     """
     from transformers import CLIPTokenizer
@@ -137,7 +140,7 @@ def local_tokenizer(directory, words, max_length: int) -> CLIPTokenizer:
         raise ValueError(f"words: got {bad}; expected lowercase ascii letters and spaces only")
     tokens = [BOS, EOS, *string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]
     merges = []
-    for word in vocabulary:
+    for word in sorted(vocabulary, key=lambda word: (-len(word), word)):
         pieces, built = [*word[:-1], word[-1] + "</w>"], word[0]
         for piece in pieces[1:]:
             merges.append(f"{built} {piece}")
