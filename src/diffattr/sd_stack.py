@@ -164,14 +164,15 @@ def tiny_components(spec: dict, seed: int) -> Components:
     default (`TINY`), for 16x16 one-channel images:
     - vae: block_out_channels [16, 32] (16x16 images -> 4x8x8 latents), layers_per_block 1,
       norm_num_groups 8;
-    - text_encoder: hidden 32, intermediate 64, 2 layers, 2 heads; vocab_size, the bos/eos/pad ids and
-      (unless larger) max_position_embeddings come from the tokenizer;
+    - text_encoder: hidden 32, intermediate 64, 2 layers, 2 heads; vocab_size and the bos/eos/pad ids
+      are the tokenizer's, max_position_embeddings is max_length unless given larger;
     - unet: sample_size 8, 4 channels in and out, block_out_channels [32, 64], CrossAttnDownBlock2D +
       DownBlock2D / UpBlock2D + CrossAttnUpBlock2D, layers_per_block 1, attention_head_dim 8,
       norm_num_groups 8; cross_attention_dim is the text encoder's hidden size;
     - scheduler: SD 1.x's (SD_SCHEDULER); words: "a photo of the digit zero" .. "nine"; max_length 16.
-    Measured on this project's 2-core CPU with one torch thread (default spec): 206,529 parameters
-    (VAE 68,065, text encoder 36,640, UNet 1,431,724 ... see the test) and, for a batch of 64, ...
+    The defaults have 981,017 parameters (VAE 167,381, text encoder 20,672, UNet 792,964). Forward
+    time for a batch of 64 on this project's 2-core CPU (torch 2.13, one thread / two threads): VAE
+    encode 25 / 10 ms, VAE decode 34 / 20 ms, text encoder (16 tokens) 3 / 2 ms, UNet 107 / 81 ms.
     """
     import tempfile
 
@@ -264,7 +265,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, spec: dict, seed: int, d
     images = images.to(device)
     vae.to(device).train(True)
     vae.requires_grad_(True)
-    params = [p for p in vae.parameters()]
+    params = list(vae.parameters())
     optimizer = torch.optim.AdamW(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
     order, cursor, log = torch.randperm(len(images), generator=gen), 0, []
     for step in range(steps):
