@@ -93,6 +93,12 @@ def images(split=None):
     return lambda w: plan(w).images(split or w.split)
 
 
+def samples(split=None):
+    """An input function: the store of `split` that models read (Plan.samples: its images, or a latent
+    kind's latents), by default of the job's {split}."""
+    return lambda w: plan(w).samples(split or w.split)
+
+
 def threads(stage):
     """A rule's `threads`: the experiment's threads.<stage>, which the job's torch and BLAS use
     (diffattr.worker) and the SLURM profile requests as CPUs."""

@@ -50,7 +50,7 @@ rule counterfactual_removal:
 
 rule train_counterfactual:
     input:
-        images=pattern("images", split="train"),
+        unpack(lambda w: plan(w).train_inputs()),
         subsets=PATHS["removal_kept"],
     output:
         **model_files(PATHS["counterfactual_model"]),
@@ -79,7 +79,7 @@ def regenerate_params(wildcards) -> dict:
 rule regenerate_full:
     input:
         **model_files(pattern("full_model")),
-        gen=images("gen"),
+        gen=samples("gen"),
     output:
         images=directory(PATHS["regenerated_full"]),
     log:
@@ -107,7 +107,7 @@ def removal_attrs(wildcards) -> dict:
 rule regenerate_counterfactual:
     input:
         **model_files(PATHS["counterfactual_model"]),
-        gen=images("gen"),
+        gen=samples("gen"),
     output:
         images=directory(PATHS["regenerated"]),
     log:

@@ -15,7 +15,7 @@ def member_features(split=None):
 rule featurize_retrained:
     input:
         model=pattern("model", family="retrain") + "/" + ARTIFACTS["weights"],
-        images=images(),
+        images=samples(),
     output:
         features=directory(PATHS["pool_features"]),
     log:

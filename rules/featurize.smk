@@ -40,7 +40,7 @@ def featurize_model(wildcards):
 rule featurize:
     input:
         model=featurize_model,
-        images=images(),
+        images=samples(),
     output:
         features=directory(PATHS["features"]),
     log:
@@ -64,7 +64,7 @@ rule featurize:
 rule featurize_journey:
     input:
         weights=pattern("full_model") + "/" + ARTIFACTS["weights"],
-        images=images("gen"),
+        images=samples("gen"),
     output:
         features=directory(PATHS["journey"]),
     log:
@@ -88,7 +88,7 @@ rule featurize_journey:
 rule residual:
     input:
         weights=pattern("full_model") + "/" + ARTIFACTS["weights"],
-        images=images("train"),
+        images=samples("train"),
     output:
         residuals=directory(PATHS["residual"]),
     log:

@@ -20,8 +20,8 @@ rule ground_truth:
     input:
         weights=lambda w: f"{evaluated_model(w)}/{ARTIFACTS['weights']}",
         training=lambda w: f"{evaluated_model(w)}/{ARTIFACTS['training']}",
-        val=images("val"),
-        gen=images("gen"),
+        val=samples("val"),
+        gen=samples("gen"),
     output:
         losses=directory(pattern("ground_truth", root=TRUTH_ROOT)),
     log:

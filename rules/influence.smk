@@ -13,7 +13,7 @@ def influence_spec(wildcards):
 rule curvature:
     input:
         weights=pattern("full_model") + "/" + ARTIFACTS["weights"],
-        images=images("train"),
+        images=samples("train"),
     output:
         curvature=PATHS["curvature"],
     log:
@@ -33,7 +33,7 @@ rule curvature:
 rule influence_features:
     input:
         weights=pattern("full_model") + "/" + ARTIFACTS["weights"],
-        images=images(),
+        images=samples(),
         curvature=PATHS["curvature"],
     output:
         features=directory(PATHS["influence_features"]),

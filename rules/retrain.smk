@@ -28,7 +28,7 @@ rule retrain_subsets:
 
 rule train_retrain:
     input:
-        images=pattern("images", split="train"),
+        unpack(lambda w: plan(w).train_inputs()),
         subsets=PATHS["pool_subsets"],
     output:
         **model_files(pattern("model", family="retrain")),

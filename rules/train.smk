@@ -14,7 +14,7 @@ def checkpoint_every(wildcards) -> int:
 
 rule train_full:
     input:
-        images=pattern("images", split="train"),
+        unpack(lambda w: plan(w).train_inputs()),
     output:
         **model_files(pattern("full_model")),
         # the weights after each step of train.keep_checkpoints: trajectory/step<S>/ (diffattr.train)
@@ -37,7 +37,7 @@ rule train_full:
 
 rule train_lds:
     input:
-        images=pattern("images", split="train"),
+        unpack(lambda w: plan(w).train_inputs()),
         subsets=PATHS["subsets"],
     output:
         **model_files(pattern("model", family="lds")),

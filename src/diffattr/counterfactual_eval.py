@@ -19,7 +19,7 @@ from .counterfactual import (RANDOM, Remover, random_scores, removal_tables, cho
                              summarize, summary_markdown)
 from .data import load_images, load_labels
 from .device import device_name
-from .generate import ddim_scheduler, denoise
+from .generate import ddim_scheduler, denoise, guidance_scale
 from .ground_truth import query_losses, training_record
 from .methods import RANDOM_INIT
 from .models import load_model
@@ -70,7 +70,8 @@ def regenerate(weights_path, model_spec: dict, gen_path, gen_indices, gen_spec: 
     dtype = gen_spec.get("dtype", "fp32")
     images = np.concatenate([
         denoise(model, ddim, [int(i)], model.latent_shape(), float(gen_spec["eta"]), int(gen_spec["seed"]), device,
-                dtype, labels=None if labels is None else labels[[i]]).cpu().numpy() for i in rows]).astype(np.float32)
+                dtype, labels=None if labels is None else labels[[i]], guidance=guidance_scale(gen_spec)).cpu().numpy()
+        for i in rows]).astype(np.float32)
     timesteps = select_timesteps(int(loss_spec["timesteps"]), "uniform", model.scheduler.config.num_train_timesteps)
     generated = load_images(gen_path)
     # one query at a time in the generation set's rows: its noise is that of its ground truth

@@ -4,7 +4,8 @@ Each image store carries its images' class labels in its attribute `labels` (`lo
 that the stages condition a model on them without the index table.
 
 Sources (`dataset.source`):
-- `sklearn_digits`: one pool of images, split stratified into train and val;
+- `sklearn_digits`: one pool of images, split stratified into train and val (`classes`: the digits
+  kept, e.g. ["5", "6"], labelled 0, 1, ...);
 - `cifar10`, `celeba`, `image_folder`: sources with their own train/test partition (read by
   `diffattr.datasets`). As in the paper, n_train images are drawn stratified from the source's
   train images and n_val from its test images, both with `split_seed` (CelebA: partitions train
@@ -26,6 +27,7 @@ PARTITIONED_SOURCES = ("cifar10", "celeba", "image_folder")
 SOURCES = ("sklearn_digits", *PARTITIONED_SOURCES)
 # Which split of a partitioned source feeds each of our splits, and the count's config key.
 PARTITION = {"train": ("train", "n_train"), "val": ("test", "n_val")}
+DIGITS = tuple(str(d) for d in range(10))  # sklearn_digits' class names (dataset.classes)
 
 
 def load_source(spec: dict):
@@ -36,7 +38,7 @@ def load_source(spec: dict):
     """
     source = spec["source"]
     if source == "sklearn_digits":
-        return _sklearn_digits(int(spec.get("image_size", 8)))
+        return _select_digits(*_sklearn_digits(int(spec.get("image_size", 8))), _classes(spec))
     if source in PARTITIONED_SOURCES:
         return {split: (to_float(part.read()), part.labels)
                 for split, part in open_partitioned(spec).items()}
@@ -137,6 +139,20 @@ def _sklearn_digits(size: int) -> tuple[np.ndarray, np.ndarray]:
         images = F.interpolate(torch.from_numpy(images), size=(size, size), mode="bilinear",
                                align_corners=False).clamp(-1, 1).numpy()
     return images, digits.target.astype(np.int64)
+
+
+def _select_digits(images: np.ndarray, labels: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray]:
+    """The digits of `classes` (names "0".."9"), labelled by their position in it (all ten: unchanged)."""
+    if classes is None:
+        return images, labels
+    if unknown := [c for c in classes if c not in DIGITS]:
+        raise ValueError(f"dataset.classes: {unknown} are not digits (expected names among {', '.join(DIGITS)})")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"dataset.classes: {classes} names a digit twice")
+    keep = np.isin(labels, [int(c) for c in classes])
+    relabel = np.full(10, -1, dtype=np.int64)
+    relabel[[int(c) for c in classes]] = np.arange(len(classes))
+    return images[keep], relabel[labels[keep]]
 
 
 def stratified_split(labels: np.ndarray, n_train: int, n_val: int, seed: int):

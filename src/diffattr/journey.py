@@ -40,7 +40,7 @@ import torch
 
 from .data import load_images, load_labels
 from .featurize import write_features
-from .generate import ddim_scheduler, denoise
+from .generate import ddim_scheduler, denoise, guidance_scale
 from .models import DiffusionModel, load_model
 
 # Largest |regenerated - stored| pixel difference accepted for a generated image (pixels in [-1, 1]):
@@ -75,7 +75,8 @@ def trajectory_noise(sampler: DiffusionModel, images: np.ndarray, spec: dict, de
             index = range(batch * size, min(n, (batch + 1) * size))
             kept[batch] = denoise(sampler, ddim, index, sampler.latent_shape(), float(spec["eta"]),
                                   int(spec["seed"]), device, spec.get("dtype", "fp32"), keep_states=True,
-                                  labels=None if labels is None else labels[index.start:index.stop])
+                                  labels=None if labels is None else labels[index.start:index.stop],
+                                  guidance=guidance_scale(spec))
         return kept[batch]
 
     def noise(rows: range) -> torch.Tensor:

@@ -40,7 +40,7 @@ def library_block_faults(model: dict, built: bool | set = True) -> list[str]:
     if name not in KINDS:
         return [f"model.kind: got {show(name)}; expected one of {', '.join(show(k) for k in KINDS)}"]
     kind = KINDS[name]
-    takes = ["kind", *kind.config_blocks]
+    takes = ["kind", *kind.config_blocks, *kind.config_keys]
     faults = [unknown_key(f"model.{block}", model[block], name, takes) for block in model if block not in takes]
     for block in kind.config_blocks:
         if block not in model:

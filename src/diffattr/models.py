@@ -4,9 +4,9 @@ Every stage talks to a `DiffusionModel` and to nothing else of the model: `encod
 images in [-1, 1] and the space where diffusion runs, `conditioning` of each image's class label,
 the network's `predict`ion and its training `target` (eps or v, the scheduler's prediction_type),
 the parameters to featurize, and the files a saved model consists of. The pixel-space DDPM below
-is the first kind; a latent Stable Diffusion with LoRA (VAE latents, a prompt per class, only LoRA
-parameters featurized) is meant to be a second subclass registered in `KINDS`
-(tests/test_model_kind.py runs every stage with a class-conditional v-prediction kind).
+is the first kind; the latent Stable Diffusion with LoRA (VAE latents, a prompt per class, only LoRA
+parameters featurized) the second (diffattr.latent). tests/test_model_kind.py runs every stage with a
+test-only class-conditional v-prediction kind.
 """
 from __future__ import annotations
 
@@ -18,16 +18,22 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from .protocol import ARTIFACTS
 
+DROPPED = -1  # the class label of an image whose caption is dropped (caption dropout, the unconditional branch)
+
 
 class DiffusionModel:
     scheduler: DDPMScheduler
     weights_file = ARTIFACTS["weights"]  # the file a model's provenance hashes (model_sha256)
     artifact_files: tuple[str, ...]  # every file `save` writes into a model folder, weights_file among them
     num_classes: int | None = None  # classes `conditioning` tells apart; None: the kind ignores labels
+    # True: a split's store holds the samples of the diffusion space (VAE latents, made by the `encode` rule)
+    # and `encode` is the identity; False: it holds images, which `encode` maps
+    stores_latents = False
     # The blocks of the `model:` config that the kind passes to a library class as keyword arguments
     # (block name -> class). The config check (diffattr.settings.library_block_faults) holds each block
     # to its class's signature and builds it on the meta device, before any job runs.
     config_blocks: dict[str, type] = {}
+    config_keys: tuple[str, ...] = ()  # the kind's other keys of the `model:` block (typed by the schema)
 
     @classmethod
     def block_arguments(cls, block: str, spec: dict | None) -> dict:
@@ -36,7 +42,8 @@ class DiffusionModel:
         return dict(spec or {})
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> their clean samples x0 in the space where diffusion runs."""
+        """A split store's samples (B, ...) -> their clean samples x0 in the space where diffusion runs:
+        images (B, C, H, W) in [-1, 1] mapped, or, for a kind that `stores_latents`, the samples themselves."""
         raise NotImplementedError
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -46,6 +53,10 @@ class DiffusionModel:
     def conditioning(self, labels: torch.Tensor | None):
         """What the network takes for the class labels (B,) of a batch (None for an unconditional kind)."""
         raise NotImplementedError
+
+    def unconditional(self, n: int):
+        """The conditioning of n images without their class (classifier-free guidance's other branch)."""
+        raise ValueError(f"{type(self).__name__}: no unconditional branch, so generate.guidance_scale must be 1")
 
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample in the space where diffusion runs (pixels here, VAE latents for SD)."""
@@ -125,7 +136,7 @@ class PixelDDPM(DiffusionModel):
         return cls(UNet2DModel(**spec["unet"]), ddpm_scheduler(spec.get("scheduler")))
 
     @classmethod
-    def load(cls, directory) -> "PixelDDPM":
+    def load(cls, directory, spec: dict | None = None) -> "PixelDDPM":
         directory = Path(directory)
         unet = UNet2DModel.from_pretrained(directory, use_safetensors=True)
         return cls(unet, DDPMScheduler.from_pretrained(directory))
@@ -179,7 +190,9 @@ class PixelDDPM(DiffusionModel):
         return self
 
 
-KINDS = {"pixel_ddpm": PixelDDPM}
+from .latent import LatentLoRA  # noqa: E402  (it subclasses DiffusionModel, defined above)
+
+KINDS = {"pixel_ddpm": PixelDDPM, "latent_lora": LatentLoRA}
 
 
 def model_class(spec: dict) -> type[DiffusionModel]:
@@ -194,4 +207,4 @@ def build_model(spec: dict, seed: int) -> DiffusionModel:
 
 
 def load_model(spec: dict, directory) -> DiffusionModel:
-    return model_class(spec).load(directory)
+    return model_class(spec).load(directory, spec)

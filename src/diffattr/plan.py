@@ -11,7 +11,7 @@ from functools import cached_property
 
 from .counterfactual import Remover, removal_name, removers, target_indices
 from .methods import METHODS, READS, methods_reading
-from .protocol import ARTIFACTS, DEFAULT_GT_FUNCTION, FeatureSet, ModelName, influence_store
+from .protocol import ARTIFACTS, DEFAULT_GT_FUNCTION, LATENT_KINDS, FeatureSet, ModelName, influence_store
 from .settings import (ConfigError, as_list, counterfactual_settings, influence_settings, num_train_timesteps,
                        retrain_settings, score_methods)
 
@@ -23,6 +23,12 @@ PATHS = {
     "images": "results/{experiment}/data/{split}.zarr",
     "index": "results/{experiment}/data/{split}.csv",
     "generated": "results/{experiment}/generated/gen.zarr",
+    # a latent kind's (protocol.LATENT_KINDS): its embedded base (a diffusers Stable Diffusion folder), the
+    # VAE latents of the data's splits (train's flipped images too), the generation set's decoded images
+    "base": "results/{experiment}/base",
+    "latents": "results/{experiment}/latents/{split}.zarr",
+    "latents_flipped": "results/{experiment}/latents/{split}_flipped.zarr",
+    "decoded": "results/{experiment}/generated/gen_images.zarr",
     "subsets": "results/{experiment}/subsets.csv",
     "pool_subsets": "results/{experiment}/retrain/subsets.csv",
     "model": "results/{experiment}/models/{family}/{model}",
@@ -138,8 +144,12 @@ class Plan:
     top-level config's local CIFAR-10 copy (None: the downloaded archive)."""
 
     def __init__(self, experiment: str, settings: dict, cifar10_path: str | None = None):
-        self.experiment, self.settings, self.cifar10_path = experiment, settings, cifar10_path
+        self.experiment, self.cifar10_path = experiment, cifar10_path
         self.root = f"results/{experiment}"
+        self.latent = settings["model"].get("kind") in LATENT_KINDS
+        if self.latent and settings["model"].get("pretrained") is None:  # the base the workflow builds
+            settings = {**settings, "model": {**settings["model"], "pretrained": path("base", experiment=experiment)}}
+        self.settings = settings
 
     # --- names
 
@@ -346,10 +356,31 @@ class Plan:
         return f"{directory}/{ARTIFACTS['weights']}"
 
     def images(self, split: str) -> str:
-        """The image store of a split: the dataset's train / val, or the generation set."""
+        """The image store of a split: the dataset's train / val, or the generation set's images."""
+        if split == "gen":
+            return path("decoded" if self.latent else "generated", experiment=self.experiment)
+        return path("images", experiment=self.experiment, split=split)
+
+    def samples(self, split: str) -> str:
+        """The store of a split that the models read (training, ground truth, features): its images, or
+        a latent kind's VAE latents (the generation set: its latents, as sampled)."""
         if split == "gen":
             return path("generated", experiment=self.experiment)
-        return path("images", experiment=self.experiment, split=split)
+        return path("latents", experiment=self.experiment, split=split) if self.latent else self.images(split)
+
+    def train_inputs(self) -> dict[str, str]:
+        """A training job's data: the train split's samples, and a latent kind's flipped samples when
+        training flips (train.hflip: the latents of the flipped images, diffattr.train)."""
+        flipped = self.latent and self.settings["train"].get("hflip", False)
+        return {"images": self.samples("train"),
+                **({"flipped": path("latents_flipped", experiment=self.experiment, split="train")} if flipped else {})}
+
+    def base(self) -> str | None:
+        """A latent kind's base model folder (model.pretrained, or the one the workflow builds); None otherwise."""
+        return self.settings["model"]["pretrained"] if self.latent else None
+
+    def builds_base(self) -> bool:
+        return self.latent and self.base() == path("base", experiment=self.experiment)
 
     def features(self, fset: FeatureSet, split: str) -> str:
         return path("features", experiment=self.experiment, fset=fset.name, split=split)
@@ -373,6 +404,10 @@ class Plan:
         jobs = {
             "download_cifar10": [CIFAR10_ARCHIVE] if self.dataset_path() == CIFAR10_ARCHIVE else [],
             "dataset": [path("images", experiment=e, split="train")],
+            "base": [path("base", experiment=e)] if self.builds_base() else [],
+            "encode": [path("latents", experiment=e, split=s) for s in ("train", "val")] if self.latent else [],
+            "encode_flipped": [self.train_inputs().get("flipped")] if "flipped" in self.train_inputs() else [],
+            "decode_generated": [path("decoded", experiment=e)] if self.latent else [],
             "subsets": [path("subsets", experiment=e)],
             "train_full": [self.weights(path("full_model", experiment=e))],
             "train_lds": [self.weights(path("model", experiment=e, family="lds", model=m)) for m in self.lds_models],

@@ -142,6 +142,10 @@ def parse_influence_store(name: str) -> tuple[str, int, int | None]:
 # The files of a trained model's folder that the workflow's rules name, the same for every model kind
 # (rules name them before they know an experiment's kind): the weights the kind trains (every kind
 # saves them under this name), the trainer's loss log and its training record (diffattr.train).
+# The model kinds (diffattr.models.KINDS) that diffuse in a VAE's latent space: their splits are encoded
+# once by their own job, and their models read the latents (diffattr.plan.Plan.samples).
+LATENT_KINDS = ("latent_lora",)
+
 ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "loss_log": "train_log.csv",
              "training": "training.json"}
 

@@ -108,8 +108,11 @@ def _chain(presets: dict, name: str) -> list[str]:
 def _merged(presets: dict, name: str) -> dict:
     settings: dict = {}
     for preset in reversed(_chain(presets, name)):
-        own = {k: v for k, v in presets[preset].items() if k != "base"}
-        settings = deep_merge(settings, coerce(own, schema()["$defs"]["experiment"]))
+        own = coerce({k: v for k, v in presets[preset].items() if k != "base"}, schema()["$defs"]["experiment"])
+        kinds = [(block or {}).get("kind", "pixel_ddpm") for block in (settings.get("model"), own.get("model"))]
+        if "model" in settings and "model" in own and kinds[0] != kinds[1]:
+            settings = {k: v for k, v in settings.items() if k != "model"}  # another kind: none of the base's blocks
+        settings = deep_merge(settings, own)
     return settings
 
 
@@ -184,7 +187,9 @@ def cuda_projector_possible(device: str) -> bool:
 
 def num_train_timesteps(settings: dict) -> int:
     """T of the experiment's DDPM scheduler (the protocol's 1000 unless model.scheduler says otherwise)."""
-    return int((settings["model"].get("scheduler") or {}).get("num_train_timesteps", 1000))
+    model = settings["model"]
+    scheduler = model.get("scheduler") or (model.get("base") or {}).get("scheduler") or {}
+    return int(scheduler.get("num_train_timesteps", 1000))
 
 
 def check(settings: dict, name: str, device: str = "auto", libraries: bool = True) -> None:
@@ -232,12 +237,45 @@ def check(settings: dict, name: str, device: str = "auto", libraries: bool = Tru
 
         faults += library_block_faults(model, {fault.split(":")[0].split(".")[1].split("[")[0]
                                                for fault in faults if fault.startswith("model.")})
+    faults += _check_text_conditioning(settings)
     faults += _check_retrain(settings, within_T, T)
     faults += _check_counterfactual(settings)
     faults += _check_clip(settings["score"])
     faults += _check_ablations(settings, T)
     if faults:
         raise ConfigError("\n".join(f"{where}.{fault}" for fault in faults))
+
+
+def _check_text_conditioning(settings: dict) -> list[str]:
+    """A latent_lora model's prompts and base against the data; guidance and caption dropout only for it."""
+    model, faults = settings["model"], []
+    if model.get("kind", "pixel_ddpm") != "latent_lora":
+        for key in ("generate.guidance_scale", "train.caption_dropout"):
+            section, leaf = key.split(".")
+            if settings[section].get(leaf, 0 if leaf == "caption_dropout" else 1) != (0 if leaf == "caption_dropout" else 1):
+                faults.append(f"{key}: got {settings[section][leaf]}; expected "
+                              f"{0 if leaf == 'caption_dropout' else 1} for model.kind "
+                              f"{show(model.get('kind', 'pixel_ddpm'))} (it has no prompts)")
+        return faults
+    classes = settings["dataset"].get("classes")
+    if classes is not None and len(model["prompts"]) != len(classes):
+        faults.append(f"model.prompts: got {len(model['prompts'])} prompts; expected one per class of "
+                      f"dataset.classes ({len(classes)})")
+    if model.get("pretrained") is None and "base" not in model:
+        faults.append("model.base: got no value; expected the recipe of the base the workflow trains when "
+                      "model.pretrained is null (or set model.pretrained to a diffusers Stable Diffusion folder)")
+    if "base" in model:
+        base = model["base"]
+        if model.get("pretrained") is not None:
+            faults.append(f"model.base: got a recipe; expected none when model.pretrained is set "
+                          f"({show(model['pretrained'])}): the base is that folder")
+        base_classes = base["dataset"].get("classes")
+        if base_classes is not None and len(base["prompts"]) != len(base_classes):
+            faults.append(f"model.base.prompts: got {len(base['prompts'])} prompts; expected one per class of "
+                          f"model.base.dataset.classes ({len(base_classes)})")
+        if "steps" not in base["unet_train"]:
+            faults.append("model.base.unet_train.steps: got no value; expected the base UNet's training steps")
+    return faults
 
 
 def _check_retrain(settings: dict, within_T: str, T: int) -> list[str]:

@@ -20,7 +20,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from .data import load_images, load_labels
 from .device import precision
-from .models import DiffusionModel, build_model, model_class
+from .models import DROPPED, DiffusionModel, build_model, model_class
 from .progress import Progress
 from .storage import array_sha256, atomic_output, file_sha256
 
@@ -75,9 +75,16 @@ class KeptWeights:
 
 
 def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None, spec: dict,
-          seed: int, device: torch.device = torch.device("cpu"), checkpoint=None, kept=None) -> pd.DataFrame:
+          seed: int, device: torch.device = torch.device("cpu"), checkpoint=None, kept=None,
+          flipped: torch.Tensor | None = None) -> pd.DataFrame:
     """Train in place on `device`, image i conditioned on labels[i] (None: no labels); deterministic
     given `seed` on CPU. Returns the loss log (one row per step).
+
+    `images` are a split store's samples (`DiffusionModel.encode`'s input); with `spec["hflip"]` each is
+    replaced, with probability 1/2, by its mirror image: `flipped[i]` when given (a latent kind's
+    encoding of the flipped image), else images[i] flipped. With `spec["caption_dropout"]` p > 0, each
+    label is replaced, with probability p, by models.DROPPED (the empty prompt, classifier-free
+    guidance's unconditional branch).
 
     Batches are drawn epoch by epoch from a seeded permutation; flips, timesteps and noise come from
     the same CPU generator whatever the device, dropout from torch's global generator seeded with `seed`.
@@ -102,11 +109,15 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     n_timesteps = model.scheduler.config.num_train_timesteps
     images = images.to(device)
     labels = None if labels is None else labels.to(device)
+    flipped = None if flipped is None else flipped.to(device)
+    dropout = float(spec.get("caption_dropout", 0.0))
+    if dropout and labels is None:
+        raise ValueError("train.caption_dropout: the images have no labels (captions) to drop")
     model.to(device).train(True)
     order, cursor, log = torch.randperm(len(images), generator=gen), 0, []
     first, store = 0, None
     if checkpoint is not None or keep:
-        identity = _identity(model, images, labels, spec, seed, torch.device(device))
+        identity = _identity(model, images, labels, spec, seed, torch.device(device), flipped)
     if keep:
         store = KeptWeights(kept, identity)
     if checkpoint is not None:
@@ -130,12 +141,17 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         x0 = images[index]
         if spec.get("hflip", False):
             flip = (torch.rand(len(index), generator=gen) < 0.5).to(device)
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            mirrored = x0.flip(-1) if flipped is None else flipped[index]
+            x0 = torch.where(flip[:, None, None, None], mirrored, x0)
         x0 = model.encode(x0)
         t = torch.randint(0, n_timesteps, (len(index),), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = model.scheduler.add_noise(x0, noise, t)
-        cond = model.conditioning(labels[index] if labels is not None else None)
+        batch_labels = labels[index] if labels is not None else None
+        if dropout:
+            drop = (torch.rand(len(index), generator=gen) < dropout).to(device)
+            batch_labels = torch.where(drop, torch.full_like(batch_labels, DROPPED), batch_labels)
+        cond = model.conditioning(batch_labels)
         optimizer.zero_grad(set_to_none=True)
         with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
             loss = (model.predict(x_t, t, cond) - model.target(x0, noise, t)).pow(2).mean()
@@ -156,13 +172,15 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     return pd.DataFrame(log, columns=["step", "loss", "grad_norm", "lr"])
 
 
-def _identity(model: DiffusionModel, images, labels, spec: dict, seed: int, device: torch.device) -> str:
+def _identity(model: DiffusionModel, images, labels, spec: dict, seed: int, device: torch.device,
+              flipped=None) -> str:
     """What a training is a function of: a checkpoint of any other training is never resumed."""
     initial = torch.cat([p.detach().flatten().cpu().float() for p in model.trainable_parameters()])
     return json.dumps({
         "spec": {key: value for key, value in spec.items() if key not in ("checkpoint_every", "keep_checkpoints")},
         "seed": seed,
         "images": array_sha256(images.detach().cpu().numpy()),
+        **({} if flipped is None else {"flipped": array_sha256(flipped.detach().cpu().numpy())}),
         "labels": None if labels is None else array_sha256(labels.detach().cpu().numpy()),
         "initial_weights": array_sha256(initial.numpy()), "torch": torch.__version__, "device": device.type,
     }, sort_keys=True, default=str)
@@ -238,18 +256,20 @@ def trajectory_weights(trajectory_path, step: int, model_spec: dict) -> Path:
 
 
 def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, weights_path,
-                   device: torch.device = torch.device("cpu"), trajectory_path=None) -> None:
+                   device: torch.device = torch.device("cpu"), trajectory_path=None, flipped_path=None) -> None:
     """Train one model (on the whole split, or on LDS subset `subset`) and save it beside `weights_path`,
     with a record of what it was trained on (TRAINING_RECORD).
 
     Files are written to a temporary folder and moved in with the weights last, so an
     interrupted job never leaves weights that look finished. A rerun after a kill resumes from the
     last checkpoint (`checkpoint_path`), which is deleted once the weights are in place.
+    `flipped_path`: the store of the split's flipped samples (a latent kind's, see `train`).
     With `trajectory_path`, the weights after each of `kept_steps(spec)` are kept in it, one loadable
     model folder `step<S>/` each (with TRAINING_RECORD and its step), written as one folder before
     the final weights; until then they wait in `kept_path`, which a resumed training reuses.
     """
     images, labels = load_images(images_path), load_labels(images_path)
+    flipped = None if flipped_path is None else load_images(flipped_path)
     if subsets_path is not None:
         table = pd.read_csv(subsets_path)
         positions = table.loc[table["subset"] == subset, "train_position"].to_numpy()
@@ -257,6 +277,7 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
             raise ValueError(f"{subsets_path}: subset {subset} has no members")
         rows = np.sort(positions)
         images, labels = images[rows], None if labels is None else labels[rows]
+        flipped = None if flipped is None else flipped[rows]
     # what the model was trained on, for the provenance of its ground truth (ground_truth.py)
     record = {"images_sha256": array_sha256(images), "subset": subset, "train_seed": int(seed),
               "subsets_sha256": None if subsets_path is None else file_sha256(subsets_path)}
@@ -264,7 +285,8 @@ def train_and_save(images_path, subsets_path, subset, seed: int, spec: dict, wei
     checkpoint = checkpoint_path(weights_path)
     kept = None if trajectory_path is None else kept_path(weights_path)
     log = train(model, torch.from_numpy(np.ascontiguousarray(images)),
-                None if labels is None else torch.from_numpy(labels), spec, seed, device, checkpoint, kept)
+                None if labels is None else torch.from_numpy(labels), spec, seed, device, checkpoint, kept,
+                None if flipped is None else torch.from_numpy(np.ascontiguousarray(flipped)))
     model.to(torch.device("cpu"))
     out = Path(weights_path).parent
     out.mkdir(parents=True, exist_ok=True)

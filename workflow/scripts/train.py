@@ -11,4 +11,5 @@ if failing and failing == snakemake.wildcards.get("model"):
 spec = {**snakemake.params.spec, "checkpoint_every": snakemake.config["checkpoint_every"]}
 train_and_save(snakemake.input.images, snakemake.input.get("subsets"), snakemake.params.subset,
                snakemake.params.seed, spec, snakemake.output.weights,
-               resolve_device(snakemake.config["device"]), snakemake.output.get("trajectory"))
+               resolve_device(snakemake.config["device"]), snakemake.output.get("trajectory"),
+               snakemake.input.get("flipped"))
