@@ -109,8 +109,8 @@ def _merged(presets: dict, name: str) -> dict:
     settings: dict = {}
     for preset in reversed(_chain(presets, name)):
         own = coerce({k: v for k, v in presets[preset].items() if k != "base"}, schema()["$defs"]["experiment"])
-        kinds = [(block or {}).get("kind", "pixel_ddpm") for block in (settings.get("model"), own.get("model"))]
-        if "model" in settings and "model" in own and kinds[0] != kinds[1]:
+        inherited = (settings.get("model") or {}).get("kind", "pixel_ddpm")
+        if "model" in settings and (own.get("model") or {}).get("kind", inherited) != inherited:
             settings = {k: v for k, v in settings.items() if k != "model"}  # another kind: none of the base's blocks
         settings = deep_merge(settings, own)
     return settings
