@@ -105,6 +105,21 @@ def assert_far(got, ref, rtol):
         assert_close(got, ref, rtol)
 
 
+def test_the_latent_modules_import_first():
+    """diffattr.latent and diffattr.models import each other: either may be a process's first import
+    (the workflow's worker happens to import diffattr.models first; encode.py and base.py start with
+    diffattr.latent)."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import diffattr.latent; from diffattr.models import KINDS; "
+                             "print(sorted(KINDS))"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['latent_lora', 'pixel_ddpm']"
+
+
 # ---------------------------------------------------------------- features
 
 def loop_gradients(model, x0, labels, indices, function, timesteps, seed, target="eps"):
