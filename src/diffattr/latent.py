@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .models import DROPPED, DiffusionModel
+from .models import DROPPED, KINDS, DiffusionModel
 from .protocol import ARTIFACTS
 from .storage import file_sha256
 
@@ -203,6 +203,9 @@ class LatentLoRA(DiffusionModel):
 
         self.unet.set_attn_processor(AttnProcessor())  # see PixelDDPM.for_per_sample_gradients
         return self
+
+
+KINDS["latent_lora"] = LatentLoRA
 
 
 def encode_split(pretrained, images_path, out_path, flipped: bool, batch_size: int,

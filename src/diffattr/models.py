@@ -190,9 +190,11 @@ class PixelDDPM(DiffusionModel):
         return self
 
 
-from .latent import LatentLoRA  # noqa: E402  (it subclasses DiffusionModel, defined above)
+KINDS = {"pixel_ddpm": PixelDDPM}  # and "latent_lora": diffattr.latent's LatentLoRA, which registers itself
 
-KINDS = {"pixel_ddpm": PixelDDPM, "latent_lora": LatentLoRA}
+# a module import, after KINDS: when diffattr.latent is imported first it is half-run here, which a
+# module import allows and a name import of LatentLoRA would not
+from . import latent  # noqa: E402,F401
 
 
 def model_class(spec: dict) -> type[DiffusionModel]:

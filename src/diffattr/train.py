@@ -86,8 +86,9 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     label is replaced, with probability p, by models.DROPPED (the empty prompt, classifier-free
     guidance's unconditional branch).
 
-    Batches are drawn epoch by epoch from a seeded permutation; flips, timesteps and noise come from
-    the same CPU generator whatever the device, dropout from torch's global generator seeded with `seed`.
+    Batches are drawn epoch by epoch from a seeded permutation; flips, timesteps, noise and caption
+    dropout come from the same CPU generator whatever the device, the network's dropout from torch's
+    global generator seeded with `seed`.
     The training images are held on the device: no loader is needed for data that fit there.
     With a `checkpoint` path, the state is saved there every `spec["checkpoint_every"]` steps and
     training resumes from it when it holds this very training (same settings, seed, images, initial
