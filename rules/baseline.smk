@@ -17,6 +17,9 @@ rule baseline:
         train=baseline_input("train"),
         query=baseline_input(),
         subsets=PATHS["subsets"],
+        # the store the models read for these queries, when it is not the images (a latent kind's
+        # latents): the predictions carry its hash, as the ground truth does (diffattr.baseline)
+        samples=lambda w: [s] if (s := plan(w).samples(w.qsplit)) != plan(w).images(w.qsplit) else [],
     output:
         predictions=directory(pattern("scores", scores="{baseline}")),
     log:

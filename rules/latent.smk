@@ -13,7 +13,7 @@ rule base:
     params:
         model=lambda w: {key: value for key, value in settings(w)["model"].items() if key != "pretrained"},
         dataset=lambda w: settings(w)["dataset"],
-    threads: threads("train")
+    threads: threads("base")
     resources:
         gpu=GPU_JOB,
     run:

@@ -17,10 +17,13 @@ from .score import DotJob, read_masks
 from .storage import array_sha256, file_sha256
 
 
-def baseline_split(train_path, query_path, subsets_path, baseline: str, out_path) -> None:
+def baseline_split(train_path, query_path, subsets_path, baseline: str, out_path, samples_path=None) -> None:
     """Subset predictions (1, m, M) of one baseline, with the hashes of both image sets and of the
     subsets table (and, for CLIP, the model, weights and preprocessing the embeddings record).
-    `train_path` and `query_path` are image stores, or CLIP embedding stores for the CLIP baselines."""
+    `train_path` and `query_path` are image stores, or CLIP embedding stores for the CLIP baselines.
+    `samples_path`: the store the models read for the queries when it is not their images (a latent
+    kind's latents); the queries are then identified by its hash (query_sha256), as the ground truth
+    that the LDS holds these predictions against identifies them."""
     known = methods_reading("pixels", "embeddings")
     if baseline not in known:
         raise ValueError(f"unknown baseline {baseline!r}; expected one of {', '.join(known)}")
@@ -31,6 +34,8 @@ def baseline_split(train_path, query_path, subsets_path, baseline: str, out_path
     else:
         train, query = _pixels(train_path, query_path)
         attrs = {"train_sha256": array_sha256(train), "query_sha256": array_sha256(query)}
+    if samples_path is not None:
+        attrs["query_sha256"] = array_sha256(load_images(samples_path))
     masks = read_masks(subsets_path, len(train), train_path, rows="")
     job = DotJob(train.reshape(len(train), -1), query.reshape(len(query), -1), masks)
     write_predictions(out_path, predictions([baseline], job), {**attrs, "subsets_sha256": file_sha256(subsets_path)})

@@ -30,8 +30,7 @@ from .protocol import ARTIFACTS
 from .storage import file_sha256
 
 BASE_RECORD = "base.json"
-LORA_DEFAULTS = {"rank": 128, "alpha": None, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
-                 "init": "gaussian"}
+LORA_DEFAULTS = {"rank": 128, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "init": "gaussian"}
 
 
 @torch.no_grad()
@@ -43,9 +42,9 @@ def vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def lora_settings(spec: dict | None) -> dict:
-    """The `model.lora` block over LORA_DEFAULTS; alpha defaults to the rank (scale 1)."""
-    lora = {**LORA_DEFAULTS, **(spec or {})}
-    return {**lora, "alpha": lora["rank"] if lora["alpha"] is None else lora["alpha"]}
+    """The `model.lora` block over LORA_DEFAULTS. Alpha is the rank (a scale of 1, the reference's): the
+    weights file diffusers reads holds no alpha, so any other would load at the wrong scale."""
+    return {**LORA_DEFAULTS, **(spec or {})}
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,7 +85,7 @@ class LatentLoRA(DiffusionModel):
         else:
             from peft import LoraConfig
 
-            self.unet.add_adapter(LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], init_lora_weights=lora["init"],
+            self.unet.add_adapter(LoraConfig(r=lora["rank"], lora_alpha=lora["rank"], init_lora_weights=lora["init"],
                                              target_modules=list(lora["target_modules"])))
         for name, module in self.unet.named_modules():
             if "attn" in name and isinstance(module, torch.nn.Dropout):

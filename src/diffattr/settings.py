@@ -258,22 +258,22 @@ def _check_text_conditioning(settings: dict) -> list[str]:
                               f"{show(model.get('kind', 'pixel_ddpm'))} (it has no prompts)")
         return faults
     classes = settings["dataset"].get("classes")
-    if classes is not None and len(model["prompts"]) != len(classes):
+    if isinstance(classes, list) and isinstance(model.get("prompts"), list) and len(model["prompts"]) != len(classes):
         faults.append(f"model.prompts: got {len(model['prompts'])} prompts; expected one per class of "
                       f"dataset.classes ({len(classes)})")
     if model.get("pretrained") is None and "base" not in model:
         faults.append("model.base: got no value; expected the recipe of the base the workflow trains when "
                       "model.pretrained is null (or set model.pretrained to a diffusers Stable Diffusion folder)")
-    if "base" in model:
+    if isinstance(model.get("base"), dict):
         base = model["base"]
         if model.get("pretrained") is not None:
             faults.append(f"model.base: got a recipe; expected none when model.pretrained is set "
                           f"({show(model['pretrained'])}): the base is that folder")
-        base_classes = base["dataset"].get("classes")
-        if base_classes is not None and len(base["prompts"]) != len(base_classes):
+        base_classes = (base.get("dataset") or {}).get("classes")
+        if isinstance(base_classes, list) and isinstance(base.get("prompts"), list) and len(base["prompts"]) != len(base_classes):
             faults.append(f"model.base.prompts: got {len(base['prompts'])} prompts; expected one per class of "
                           f"model.base.dataset.classes ({len(base_classes)})")
-        if "steps" not in base["unet_train"]:
+        if isinstance(base.get("unet_train"), dict) and "steps" not in base["unet_train"]:
             faults.append("model.base.unet_train.steps: got no value; expected the base UNet's training steps")
     return faults
 
