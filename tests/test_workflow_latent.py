@@ -43,7 +43,7 @@ def test_table_has_trak_and_dtrak_on_both_query_splits(run):
         assert set(rows.split) == ({"gen"} if method == "Journey-TRAK" else {"val", "gen"}), method
         assert all(math.isfinite(v) for v in rows.lds), rows
     assert {"Raw pixel (cos)", "CLIP (cos, random-init)", "TRAK ensemble (C=2)", "D-TRAK ensemble (C=2)",
-            "Empirical IF (N=4)", "Datamodel (N=4)"} <= set(table.method)
+            "Empirical IF (N=4)", "Datamodel (N=4)", "K-FAC influence", "EK-FAC influence"} <= set(table.method)
 
 
 def test_models_read_latents_and_baselines_read_decoded_images(run):
