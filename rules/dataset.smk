@@ -15,13 +15,14 @@ def dataset_source(wildcards):
     if path is None or path == CIFAR10_ARCHIVE:
         return {"source": path} if path else {}
     if not Path(path).exists():
-        from diffattr.datasets import celeba_help
+        from diffattr.datasets import artbench_help, celeba_help
 
         hint = {
             "cifar10": "set it to the official cifar-10-python.tar.gz, an extracted "
             "cifar-10-batches-py folder or an ImageFolder tree or archive, or to null to download "
             "the official archive",
             "celeba": celeba_help(path),
+            "artbench": artbench_help(path),
         }.get(spec["source"], "set it to an existing file or folder")
         raise FileNotFoundError(
             f"experiments.{wildcards.experiment}.dataset.path: {path} does not exist; {hint}"

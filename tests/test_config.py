@@ -474,3 +474,13 @@ def test_every_leaf_of_every_preset_refuses_a_wrong_value():
     used = {key for _, key, _ in skipped}
     assert {key for key, _ in OTHER_TYPE_ALLOWED} | set(NEGATIVE_ALLOWED) <= used
     assert set(ABOVE) <= {pattern(path) for _, path, _ in cases}
+
+
+def test_a_model_block_merges_into_its_bases_kind_unless_it_names_another():
+    """artbench5 names only its prompts: it keeps artbench2's latent_lora block (LoRA, base folder); a
+    preset whose model block names another kind gets none of its base's model keys."""
+    five, two = experiment(CONFIG, "artbench5", libraries=False), experiment(CONFIG, "artbench2", libraries=False)
+    assert five["model"] == {**two["model"], "prompts": five["model"]["prompts"]} and len(five["model"]["prompts"]) == 5
+    pixel = {"kind": "pixel_ddpm", "unet": CONFIG["experiments"]["cifar2"]["model"]["unet"]}
+    config = edited({"experiments": {"pix": {"base": "artbench2", "model": pixel}}})
+    assert cfg._merged(config["experiments"], "pix")["model"] == pixel

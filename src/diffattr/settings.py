@@ -24,7 +24,8 @@ SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.
 # Multiple of which trak's CudaProjector (fast_jl) needs its projection dimension to be.
 CUDA_PROJ_MULTIPLE = 512
 # The images each source gives when dataset.image_size is not set, as (side, channels).
-SOURCE_IMAGES = {"sklearn_digits": (8, 1), "cifar10": (32, 3), "celeba": (64, 3), "image_folder": (None, 3)}
+SOURCE_IMAGES = {"sklearn_digits": (8, 1), "cifar10": (32, 3), "celeba": (64, 3), "image_folder": (None, 3),
+                 "artbench": (256, 3)}
 
 
 class ConfigError(ValueError):
@@ -106,11 +107,13 @@ def _chain(presets: dict, name: str) -> list[str]:
 
 
 def _merged(presets: dict, name: str) -> dict:
+    """A preset's settings over its bases'; a model block that names another kind replaces the base's
+    whole block, one that names none keeps the base's kind and is merged into it."""
     settings: dict = {}
     for preset in reversed(_chain(presets, name)):
         own = coerce({k: v for k, v in presets[preset].items() if k != "base"}, schema()["$defs"]["experiment"])
-        kinds = [(block or {}).get("kind", "pixel_ddpm") for block in (settings.get("model"), own.get("model"))]
-        if "model" in settings and "model" in own and kinds[0] != kinds[1]:
+        inherited = (settings.get("model") or {}).get("kind", "pixel_ddpm")
+        if "model" in settings and "model" in own and (own["model"] or {}).get("kind", inherited) != inherited:
             settings = {k: v for k, v in settings.items() if k != "model"}  # another kind: none of the base's blocks
         settings = deep_merge(settings, own)
     return settings
