@@ -3,6 +3,8 @@ against the reference code's (sail-sg/D-TRAK, ArtBench2/ArtBench5), the one-line
 data and base weights, and how fast Snakemake plans artbench2's 1 + 192 LoRA models."""
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -178,3 +180,17 @@ def test_missing_weights_are_one_line_naming_the_key(workdir, local, tmp_path):
     assert line == f"  FileNotFoundError: experiments.artbench2.{check_pretrained(missing)}"
     assert "huggingface-cli download lambdalabs/miniSD-diffusers" in line and after == "Wildcards:"
     assert "Job stats" not in result.stdout
+
+
+def test_the_lora_slurm_layer_groups_lds_trainings_and_keeps_the_profiles_groups(workdir, local):
+    """`--profile slurm --profile slurm/lora` plans artbench2's 192 LDS trainings as 48 groups of 4 and
+    its 192 ground truths as 96 groups of 2, as the real profile alone groups them."""
+    real, lora = (yaml.safe_load((REPO / name / "config.yaml").read_text()) for name in ("slurm", "slurm/lora"))
+    for key in ("groups", "group-components"):
+        assert {rule: v for rule, v in lora[key].items() if rule != "train_lds"} == real[key]
+    shutil.copytree(REPO / "slurm", workdir / "slurm", dirs_exist_ok=True)
+    args = overrides(dataset=("path", local["data"]), model=("pretrained", local["pretrained"]))
+    result, _ = snakemake(workdir, "--profile", "slurm", "--profile", "slurm/lora", "-n", "results/lds_artbench2.csv", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    groups = re.findall(r"Group job (\w+) \(jobs in lexicogr. order\):", result.stdout)
+    assert (groups.count("train_lds"), groups.count("ground_truth"), len(groups)) == (192 // 4, 192 // 2, 48 + 96)
