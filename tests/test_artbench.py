@@ -52,10 +52,15 @@ def snakemake(workdir, *args):
     return result, time.perf_counter() - start
 
 
-def overrides(**model_and_dataset) -> list[str]:
-    """`--config` for artbench2's dataset.path / model.pretrained (Snakemake merges it into config.yaml)."""
-    block = {section: {key: str(value)} for section, (key, value) in model_and_dataset.items()}
-    return ["--config", "experiments=" + json.dumps({"artbench2": block})]
+def overrides(file=None, **model_and_dataset) -> list[str]:
+    """artbench2's dataset.path / model.pretrained over config.yaml's: `--config` as docs/presets-and-data.md
+    has it, or (`file`, where a null must stay null: --config reads it as the text "null") a YAML
+    config file written there."""
+    block = {section: {key: value if value is None else str(value)} for section, (key, value) in model_and_dataset.items()}
+    if file is None:
+        return ["--config", "experiments=" + json.dumps({"artbench2": block})]
+    file.write_text(yaml.safe_dump({"experiments": {"artbench2": block}}))
+    return ["--configfile", str(file)]
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +164,16 @@ def error_lines(result, key: str) -> list[str]:
     return [(line, lines[i + 1]) for i, line in enumerate(lines) if key in line and "Traceback" not in line]
 
 
-def test_missing_data_is_one_line_naming_the_key(workdir, local, tmp_path):
+@pytest.mark.parametrize("where", ["nowhere", None])
+def test_missing_data_is_one_line_naming_the_key(workdir, local, tmp_path, where):
+    path = where and tmp_path / where
     result, _ = snakemake(workdir, "-n", "results/lds_artbench2.csv",
-                        *overrides(dataset=("path", tmp_path / "nowhere"), model=("pretrained", local["pretrained"])))
+                          *overrides(tmp_path / "paths.yaml", dataset=("path", path),
+                                     model=("pretrained", local["pretrained"])))
     assert result.returncode != 0
     [(line, after)] = error_lines(result, "experiments.artbench2.dataset.path")
-    assert line.startswith("  FileNotFoundError: experiments.artbench2.dataset.path: ")
+    assert line.startswith(f"  FileNotFoundError: experiments.artbench2.dataset.path: "
+                           f"{'got null' if path is None else f'{path} does not exist'}; expected ")
     assert "artbench-10-imagefolder-split.tar" in line and "https://github.com/liaopeiyuan/artbench" in line
     assert "train/<style>/" in line and after == "Wildcards:"  # one line: the next is Snakemake's
     assert "Job stats" not in result.stdout  # before any job
@@ -174,7 +183,7 @@ def test_missing_weights_are_one_line_naming_the_key(workdir, local, tmp_path):
     missing = tmp_path / "miniSD"
     assert check_pretrained(missing) is not None and check_pretrained(local["pretrained"]) is None
     result, _ = snakemake(workdir, "-n", "results/lds_artbench2.csv",
-                        *overrides(dataset=("path", local["data"]), model=("pretrained", missing)))
+                          *overrides(dataset=("path", local["data"]), model=("pretrained", missing)))
     assert result.returncode != 0
     [(line, after)] = error_lines(result, "experiments.artbench2.model.pretrained")
     assert line == f"  FileNotFoundError: experiments.artbench2.{check_pretrained(missing)}"

@@ -77,7 +77,7 @@ MALFORMED = [
      'experiments.tiny.lds.lambda_rules[1]: got "best"; expected one of "oracle", "heldout"'),
     ("unknown source", tiny(dataset={"source": "mnist"}),
      'experiments.tiny.dataset.source: got "mnist"; expected one of "sklearn_digits", "cifar10", '
-     '"celeba", "image_folder"'),
+     '"celeba", "image_folder", "artbench"'),
     ("misspelt key", tiny(train={"ful_steps": 40}),
      "experiments.tiny.train.ful_steps: got 40; expected no such key (did you mean full_steps?): train "
      "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, full_steps, "

@@ -528,7 +528,7 @@ def artbench_help(root) -> str:
     """One line: what `dataset.path` must hold for source artbench and where ArtBench-10 is published."""
     return (f"expected ArtBench-10's 256x256 ImageFolder release (artbench-10-imagefolder-split.tar, linked "
             f"from {ARTBENCH_URL}) or the folder it extracts to, holding train/<style>/*.jpg and "
-            f"test/<style>/*.jpg (e.g. {root}/train/ukiyo_e/)")
+            f"test/<style>/*.jpg (e.g. {'<path>' if root is None else root}/train/ukiyo_e/)")
 
 
 def open_celeba(root, split: str = "train", crop: int | None = 140,
