@@ -80,7 +80,7 @@ MALFORMED = [
      '"celeba", "image_folder", "artbench"'),
     ("misspelt key", tiny(train={"ful_steps": 40}),
      "experiments.tiny.train.ful_steps: got 40; expected no such key (did you mean full_steps?): train "
-     "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, full_steps, "
+     "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, caption_dropout, full_steps, "
      "lds_steps, checkpoint_every, keep_checkpoints"),
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '

@@ -249,6 +249,11 @@ def check(settings: dict, name: str, device: str = "auto", libraries: bool = Tru
         raise ConfigError("\n".join(f"{where}.{fault}" for fault in faults))
 
 
+def _lists(*values) -> bool:
+    """Whether each value is a list: a value of another type is the schema's fault, reported there."""
+    return all(isinstance(value, list) for value in values)
+
+
 def _check_text_conditioning(settings: dict) -> list[str]:
     """A latent_lora model's prompts and base against the data; guidance and caption dropout only for it."""
     model, faults = settings["model"], []
@@ -261,7 +266,7 @@ def _check_text_conditioning(settings: dict) -> list[str]:
                               f"{show(model.get('kind', 'pixel_ddpm'))} (it has no prompts)")
         return faults
     classes = settings["dataset"].get("classes")
-    if classes is not None and len(model["prompts"]) != len(classes):
+    if _lists(classes, model.get("prompts")) and len(model["prompts"]) != len(classes):
         faults.append(f"model.prompts: got {len(model['prompts'])} prompts; expected one per class of "
                       f"dataset.classes ({len(classes)})")
     if model.get("pretrained") is None and "base" not in model:
@@ -273,7 +278,7 @@ def _check_text_conditioning(settings: dict) -> list[str]:
             faults.append(f"model.base: got a recipe; expected none when model.pretrained is set "
                           f"({show(model['pretrained'])}): the base is that folder")
         base_classes = base["dataset"].get("classes")
-        if base_classes is not None and len(base["prompts"]) != len(base_classes):
+        if _lists(base_classes, base.get("prompts")) and len(base["prompts"]) != len(base_classes):
             faults.append(f"model.base.prompts: got {len(base['prompts'])} prompts; expected one per class of "
                           f"model.base.dataset.classes ({len(base_classes)})")
         if "steps" not in base["unet_train"]:
