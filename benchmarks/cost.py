@@ -5,6 +5,7 @@ measured on a device for one preset's model) or measured now on the machine in h
     PYTHONPATH=src python benchmarks/cost.py cifar2                       # stored H200 numbers
     PYTHONPATH=src python benchmarks/cost.py cifar2-mini --measure        # measured here, now
     PYTHONPATH=src python benchmarks/cost.py cifar2 --throughputs FILE
+    PYTHONPATH=src python benchmarks/cost.py artbench2                    # work only: no throughputs of its model
 
 Host rules (scoring, LDS, tables, CLIP embeddings) run on CPUs and are counted, not timed.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from diffattr.cost import plan_cost
@@ -23,17 +23,17 @@ STORED = Path(__file__).resolve().parent / "throughputs" / "h200_cifar2.json"
 
 
 def stored_throughputs(path: Path, preset: str, settings: dict) -> tuple[dict, str]:
-    """The file's throughputs and a line naming their origin; exits with one line when they were
-    measured on another model or training batch than the preset's."""
+    """The file's throughputs and a line naming their origin; none, and a line saying why, when they
+    were measured on another model or training batch than the preset's (the work is still tabled)."""
     record = json.loads(path.read_text())
     measured = preset_settings(record["model_preset"])
     for key in ("model", "train"):
         mine = settings[key] if key == "model" else settings[key]["batch_size"]
         theirs = measured[key] if key == "model" else measured[key]["batch_size"]
         if mine != theirs:
-            sys.exit(f"{path}: measured on preset {record['model_preset']!r}, whose {key} "
-                     f"{'block' if key == 'model' else 'batch_size'} differs from {preset!r}'s; "
-                     f"measure this preset's with --measure (on the device in question)")
+            return {}, (f"no measured throughputs: {path.name} was measured on preset {record['model_preset']!r}, "
+                        f"whose {key} {'block' if key == 'model' else 'batch_size'} differs from {preset!r}'s; "
+                        f"measure this preset's with --measure (on the device in question)")
     versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
     return record["throughputs"], f"{record['device']}, stored {record['date']} ({versions}; {path.name})"
 
@@ -49,17 +49,22 @@ def measured_throughputs(settings: dict, device: str) -> tuple[dict, str]:
 
 
 def table(preset: str, rows, origin: str, throughputs: dict) -> str:
+    """Every device rule's work; hours and share for those whose units all have a throughput (first,
+    longest first), the others' hours left blank and named below."""
     timed = [r for r in rows if r.seconds is not None]
     total = sum(r.seconds for r in timed)
-    lines = [f"# {preset}: device-hours on {origin}", "",
+    title = f"device-hours on {origin}" if throughputs else f"work per rule; {origin}"
+    lines = [f"# {preset}: {title}", "",
              "| rule | jobs | work (units) | device-hours | per job (h) | share |", "|---|---|---|---|---|---|"]
-    for r in sorted(timed, key=lambda r: -r.seconds):
+    untimed = [r for r in rows if r.work is not None and r.seconds is None]
+    for r in [*sorted(timed, key=lambda r: -r.seconds), *untimed]:
         work = ", ".join(f"{amount:.3g} {unit}" for unit, amount in r.work.items())
-        lines.append(f"| {r.rule} | {r.jobs} | {work} | {r.seconds / 3600:.3g} | "
-                     f"{r.seconds / 3600 / r.jobs:.3g} | {r.seconds / total:.1%} |")
+        hours = (f"{r.seconds / 3600:.3g} | {r.seconds / 3600 / r.jobs:.3g} | {r.seconds / total:.1%}"
+                 if r.seconds is not None else "| |")
+        lines.append(f"| {r.rule} | {r.jobs} | {work} | {hours} |")
     lines.append(f"| **total** | {sum(r.jobs for r in timed)} | | **{total / 3600:.4g}** | | 100% |")
     host = [r for r in rows if r.modelled and r.work is None]
-    missing = [r for r in rows if r.work is not None and r.seconds is None]
+    missing = untimed
     unmodelled = [r for r in rows if not r.modelled]
     lines += ["", "Host (CPU) rules, not in the total: " + ", ".join(f"{r.rule} ({r.jobs})" for r in host)]
     if missing:
@@ -68,7 +73,7 @@ def table(preset: str, rows, origin: str, throughputs: dict) -> str:
     if unmodelled:
         lines.append("Work not modelled (diffattr.cost.Work.job; not in the total): "
                      + ", ".join(f"{r.rule} ({r.jobs})" for r in unmodelled))
-    lines.append("Throughputs (units/s): " + ", ".join(f"{u} {v:.4g}" for u, v in throughputs.items()))
+    lines.append("Throughputs (units/s): " + (", ".join(f"{u} {v:.4g}" for u, v in throughputs.items()) or "none"))
     return "\n".join(lines)
 
 

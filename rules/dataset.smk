@@ -9,22 +9,24 @@ def dataset_spec(wildcards):
 def dataset_source(wildcards):
     """The dataset's local copy as an input, so that a changed file reruns the split (the CIFAR-10
     archive to download when `path: null`); nothing for sklearn's digits. A path that does not
-    exist stops the workflow here, before any job runs."""
+    exist, or none for a source that needs one, stops the workflow here, before any job runs."""
     spec = dataset_spec(wildcards)
     path = spec.get("path")
-    if path is None or path == CIFAR10_ARCHIVE:
+    if spec["source"] == "sklearn_digits" or path == CIFAR10_ARCHIVE:
         return {"source": path} if path else {}
-    if not Path(path).exists():
-        from diffattr.datasets import celeba_help
+    if path is None or not Path(path).exists():
+        from diffattr.datasets import artbench_help, celeba_help
 
         hint = {
             "cifar10": "set it to the official cifar-10-python.tar.gz, an extracted "
             "cifar-10-batches-py folder or an ImageFolder tree or archive, or to null to download "
             "the official archive",
             "celeba": celeba_help(path),
+            "artbench": artbench_help(path),
         }.get(spec["source"], "set it to an existing file or folder")
         raise FileNotFoundError(
-            f"experiments.{wildcards.experiment}.dataset.path: {path} does not exist; {hint}"
+            f"experiments.{wildcards.experiment}.dataset.path: "
+            f"{'got null' if path is None else f'{path} does not exist'}; {hint}"
         )
     return {"source": path}
 

@@ -3,6 +3,18 @@
 # job), and the images of the generation set (read by the pixel / CLIP baselines and the galleries).
 
 
+def base_model(wildcards):
+    """The base's folder, as the encode jobs' input. A model.pretrained that is not a Stable Diffusion
+    directory stops the workflow here, before any job runs, with one line naming the key, what the
+    folder must hold and the command that fetches miniSD (diffattr.sd_stack.check_pretrained)."""
+    from diffattr.sd_stack import check_pretrained
+
+    experiment = plan(wildcards)
+    if not experiment.builds_base() and (fault := check_pretrained(experiment.base())):
+        raise FileNotFoundError(f"experiments.{wildcards.experiment}.{fault}")
+    return experiment.base()
+
+
 rule base:
     output:
         base=directory(PATHS["base"]),
@@ -22,7 +34,7 @@ rule base:
 
 rule encode:
     input:
-        base=lambda w: plan(w).base(),
+        base=base_model,
         images=pattern("images"),
     output:
         latents=directory(PATHS["latents"]),

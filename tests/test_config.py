@@ -77,7 +77,7 @@ MALFORMED = [
      'experiments.tiny.lds.lambda_rules[1]: got "best"; expected one of "oracle", "heldout"'),
     ("unknown source", tiny(dataset={"source": "mnist"}),
      'experiments.tiny.dataset.source: got "mnist"; expected one of "sklearn_digits", "cifar10", '
-     '"celeba", "image_folder"'),
+     '"celeba", "image_folder", "artbench"'),
     ("misspelt key", tiny(train={"ful_steps": 40}),
      "experiments.tiny.train.ful_steps: got 40; expected no such key (did you mean full_steps?): train "
      "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, caption_dropout, full_steps, "
@@ -474,3 +474,13 @@ def test_every_leaf_of_every_preset_refuses_a_wrong_value():
     used = {key for _, key, _ in skipped}
     assert {key for key, _ in OTHER_TYPE_ALLOWED} | set(NEGATIVE_ALLOWED) <= used
     assert set(ABOVE) <= {pattern(path) for _, path, _ in cases}
+
+
+def test_a_model_block_merges_into_its_bases_kind_unless_it_names_another():
+    """artbench5 names only its prompts: it keeps artbench2's latent_lora block (LoRA, base folder); a
+    preset whose model block names another kind gets none of its base's model keys."""
+    five, two = experiment(CONFIG, "artbench5", libraries=False), experiment(CONFIG, "artbench2", libraries=False)
+    assert five["model"] == {**two["model"], "prompts": five["model"]["prompts"]} and len(five["model"]["prompts"]) == 5
+    pixel = {"kind": "pixel_ddpm", "unet": CONFIG["experiments"]["cifar2"]["model"]["unet"]}
+    config = edited({"experiments": {"pix": {"base": "artbench2", "model": pixel}}})
+    assert cfg._merged(config["experiments"], "pix")["model"] == pixel

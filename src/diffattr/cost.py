@@ -10,7 +10,12 @@ Units (what one unit is):
 - `gradient`: the per-sample gradient of one noised copy (featurization: samples x K x noises);
 - `projection`: one gradient row projected to one output dimension (rows x k; a dense projection's
   cost is linear in k, as fast_jl's and our `BlockProjector`'s are);
-- `ddim_step_<dtype>`: one image through one sampler step (generation; Journey-TRAK's trajectories).
+- `ddim_step_<dtype>`: one image through one sampler step (generation; Journey-TRAK's trajectories);
+a latent kind's (LATENT_UNITS, which stage_throughput does not measure yet):
+- `vae_encode`, `vae_decode`: one image through the VAE's encoder (a split's latents, once each) or
+  decoder (the generation set's images);
+- `base_vae_step`, `base_unet_step`: one optimizer step of the embedded base's VAE or UNet at its own
+  batch size (model.base.vae_train, model.base.unet_train; only when model.pretrained is null).
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ from dataclasses import dataclass
 from .plan import PATHS, Plan
 from .protocol import FeatureSet, parse_influence_store
 
+LATENT_UNITS = ("vae_encode", "vae_decode", "base_vae_step", "base_unet_step")
 UNITS = ("train_step", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "projection",
-         "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16")
+         "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16", *LATENT_UNITS)
 # Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
 HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
                         "tracin", "baseline", "score_ensemble", "retrain_score", "lds", "lds_other_truth",
@@ -85,6 +91,14 @@ class Work:
             spec = self.plan.retrain if pool else s["ground_truth"]
             evals = self.queries() * int(spec["timesteps"]) * len(spec["noise_seeds"])
             return Counter({f"eval_{s['ground_truth']['dtype']}": evals})
+        if rule in ("encode", "encode_flipped"):
+            kind = "latents_flipped" if rule == "encode_flipped" else "latents"
+            return Counter(vae_encode=self.count(fields(kind, output)["split"]))
+        if rule == "decode_generated":
+            return Counter(vae_decode=self.count("gen"))
+        if rule == "base":
+            base = s["model"]["base"]
+            return Counter(base_vae_step=int(base["vae_train"]["steps"]), base_unet_step=int(base["unet_train"]["steps"]))
         if rule == "generate":
             return Counter({self.sampling(): self.count("gen") * int(s["generate"]["steps"])})
         if rule in ("featurize", "featurize_retrained"):

@@ -6,7 +6,7 @@ that the stages condition a model on them without the index table.
 Sources (`dataset.source`):
 - `sklearn_digits`: one pool of images, split stratified into train and val (`classes`: the digits
   kept, e.g. ["5", "6"], labelled 0, 1, ...);
-- `cifar10`, `celeba`, `image_folder`: sources with their own train/test partition (read by
+- `cifar10`, `celeba`, `image_folder`, `artbench`: sources with their own train/test partition (read by
   `diffattr.datasets`). As in the paper, n_train images are drawn stratified from the source's
   train images and n_val from its test images, both with `split_seed` (CelebA: partitions train
   and test of list_eval_partition.txt).
@@ -20,10 +20,13 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from .datasets import SHORT_SIDE
 from .storage import atomic_output, read_array, read_attrs, write_array
 
 
-PARTITIONED_SOURCES = ("cifar10", "celeba", "image_folder")
+PARTITIONED_SOURCES = ("cifar10", "celeba", "image_folder", "artbench")
+# per source: the defaults of dataset.image_size and dataset.crop (crop SHORT_SIDE: the central square)
+SOURCE_DEFAULTS = {"celeba": (64, 140), "artbench": (256, SHORT_SIDE)}
 SOURCES = ("sklearn_digits", *PARTITIONED_SOURCES)
 # Which split of a partitioned source feeds each of our splits, and the count's config key.
 PARTITION = {"train": ("train", "n_train"), "val": ("test", "n_val")}
@@ -98,10 +101,12 @@ def open_partitioned(spec: dict) -> dict:
     if not isinstance(path, (str, Path)):
         raise ValueError(f"dataset.path: expected a file or folder path, got {path!r}")
     if not Path(path).exists():
-        hint = f"\n{datasets.celeba_help(path)}" if source == "celeba" else ""
+        hint = {"celeba": f"\n{datasets.celeba_help(path)}",
+                "artbench": f"; {datasets.artbench_help(path)}"}.get(source, "")
         raise FileNotFoundError(f"dataset.path: {path} does not exist{hint}")
-    size = _optional_int(spec, "image_size", 64 if source == "celeba" else None)
-    crop = _optional_int(spec, "crop", 140 if source == "celeba" else None)
+    size, crop = SOURCE_DEFAULTS.get(source, (None, None))
+    size = _optional_int(spec, "image_size", size)
+    crop = _optional_int(spec, "crop") if "crop" in spec else crop
     classes = _classes(spec)
     with _config_key_errors():
         if source == "cifar10":
@@ -112,7 +117,7 @@ def open_partitioned(spec: dict) -> dict:
             if classes is not None:
                 raise ValueError("dataset.classes: CelebA has no classes (expected null)")
             return {split: datasets.open_celeba(path, split, crop, size) for split in ("train", "test")}
-        if source == "image_folder":
+        if source in ("image_folder", "artbench"):
             parts = {split: datasets.open_image_folder(path, split, classes, crop, size)
                      for split in ("train", "test")}
             if parts["train"].classes != parts["test"].classes:  # labels would mean different classes

@@ -246,9 +246,17 @@ def center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
-def _fit(image, crop: int | None, size: int | None):
+SHORT_SIDE = "short_side"  # a crop to the central square of each image's short side
+
+
+def _fit(image, crop: int | str | None, size: int | None):
+    """`image` center-cropped to `crop` (SHORT_SIDE: its short side), then resized to `size`; on a square
+    image of side `size` (ArtBench-10's 256 px) this is the identity, as torchvision's Resize(size) +
+    CenterCrop(size) are."""
     from PIL import Image
 
+    if crop == SHORT_SIDE:
+        crop = min(image.size)
     if crop is not None:
         image = center_crop(image, crop)
     if size is not None and image.size != (size, size):
@@ -338,13 +346,13 @@ def _check_classes(classes, available: Sequence[str], where) -> tuple[str, ...]:
     return classes
 
 
-def open_image_folder(path, split: str, classes=None, crop: int | None = None,
+def open_image_folder(path, split: str, classes=None, crop: int | str | None = None,
                       size: int | None = None) -> SplitSource:
     """List `<split>/<class>/*` of a folder or archive; labels follow `classes` (default: all, sorted).
 
     Files are ordered by sorted class name then sorted file name; only the classes asked for are
-    decoded. Images are converted to RGB, center-cropped to `crop` and resized to `size` (bilinear)
-    when given.
+    decoded. Images are converted to RGB, center-cropped to `crop` (pixels, or SHORT_SIDE) and resized
+    to `size` (bilinear) when given.
     """
     tree = Tree(path)
     return _image_folder(tree, split, _class_files(tree, split), classes, crop, size)
@@ -511,6 +519,16 @@ def celeba_help(root) -> str:
         f"so that {root}/img_align_celeba/000001.jpg and {root}/list_eval_partition.txt exist "
         "(or set `dataset.path` to the folder that holds them)."
     )
+
+
+ARTBENCH_URL = "https://github.com/liaopeiyuan/artbench"
+
+
+def artbench_help(root) -> str:
+    """One line: what `dataset.path` must hold for source artbench and where ArtBench-10 is published."""
+    return (f"expected ArtBench-10's 256x256 ImageFolder release (artbench-10-imagefolder-split.tar, linked "
+            f"from {ARTBENCH_URL}) or the folder it extracts to, holding train/<style>/*.jpg and "
+            f"test/<style>/*.jpg (e.g. {'<path>' if root is None else root}/train/ukiyo_e/)")
 
 
 def open_celeba(root, split: str = "train", crop: int | None = 140,

@@ -24,7 +24,8 @@ SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.
 # Multiple of which trak's CudaProjector (fast_jl) needs its projection dimension to be.
 CUDA_PROJ_MULTIPLE = 512
 # The images each source gives when dataset.image_size is not set, as (side, channels).
-SOURCE_IMAGES = {"sklearn_digits": (8, 1), "cifar10": (32, 3), "celeba": (64, 3), "image_folder": (None, 3)}
+SOURCE_IMAGES = {"sklearn_digits": (8, 1), "cifar10": (32, 3), "celeba": (64, 3), "image_folder": (None, 3),
+                 "artbench": (256, 3)}
 
 
 class ConfigError(ValueError):
@@ -106,11 +107,13 @@ def _chain(presets: dict, name: str) -> list[str]:
 
 
 def _merged(presets: dict, name: str) -> dict:
+    """A preset's settings over its bases'; a model block that names another kind replaces the base's
+    whole block, one that names none keeps the base's kind and is merged into it."""
     settings: dict = {}
     for preset in reversed(_chain(presets, name)):
         own = coerce({k: v for k, v in presets[preset].items() if k != "base"}, schema()["$defs"]["experiment"])
         inherited = (settings.get("model") or {}).get("kind", "pixel_ddpm")
-        if "model" in settings and (own.get("model") or {}).get("kind", inherited) != inherited:
+        if "model" in settings and "model" in own and (own["model"] or {}).get("kind", inherited) != inherited:
             settings = {k: v for k, v in settings.items() if k != "model"}  # another kind: none of the base's blocks
         settings = deep_merge(settings, own)
     return settings
@@ -246,6 +249,11 @@ def check(settings: dict, name: str, device: str = "auto", libraries: bool = Tru
         raise ConfigError("\n".join(f"{where}.{fault}" for fault in faults))
 
 
+def _lists(*values) -> bool:
+    """Whether each value is a list: a value of another type is the schema's fault, reported there."""
+    return all(isinstance(value, list) for value in values)
+
+
 def _check_text_conditioning(settings: dict) -> list[str]:
     """A latent_lora model's prompts and base against the data; guidance and caption dropout only for it."""
     model, faults = settings["model"], []
@@ -258,7 +266,7 @@ def _check_text_conditioning(settings: dict) -> list[str]:
                               f"{show(model.get('kind', 'pixel_ddpm'))} (it has no prompts)")
         return faults
     classes = settings["dataset"].get("classes")
-    if isinstance(classes, list) and isinstance(model.get("prompts"), list) and len(model["prompts"]) != len(classes):
+    if _lists(classes, model.get("prompts")) and len(model["prompts"]) != len(classes):
         faults.append(f"model.prompts: got {len(model['prompts'])} prompts; expected one per class of "
                       f"dataset.classes ({len(classes)})")
     if model.get("pretrained") is None and "base" not in model:
@@ -269,8 +277,8 @@ def _check_text_conditioning(settings: dict) -> list[str]:
         if model.get("pretrained") is not None:
             faults.append(f"model.base: got a recipe; expected none when model.pretrained is set "
                           f"({show(model['pretrained'])}): the base is that folder")
-        base_classes = (base.get("dataset") or {}).get("classes")
-        if isinstance(base_classes, list) and isinstance(base.get("prompts"), list) and len(base["prompts"]) != len(base_classes):
+        base_classes = (base.get("dataset") or {}).get("classes") if isinstance(base.get("dataset"), dict) else None
+        if _lists(base_classes, base.get("prompts")) and len(base["prompts"]) != len(base_classes):
             faults.append(f"model.base.prompts: got {len(base['prompts'])} prompts; expected one per class of "
                           f"model.base.dataset.classes ({len(base_classes)})")
         if isinstance(base.get("unet_train"), dict) and "steps" not in base["unet_train"]:
