@@ -24,9 +24,12 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig
 
 from .models import DROPPED, KINDS, DiffusionModel
 from .protocol import ARTIFACTS
+from .sd_stack import TINY
 from .storage import file_sha256
 
 BASE_RECORD = "base.json"
@@ -62,7 +65,9 @@ def base_digest(pretrained) -> str:
 class LatentLoRA(DiffusionModel):
     artifact_files = (ARTIFACTS["weights"], BASE_RECORD)
     stores_latents = True
-    config_blocks = {}
+    # the embedded base's networks (diffattr.latent_base), each block over sd_stack.TINY's
+    config_blocks = {"base.vae": AutoencoderKL, "base.text_encoder": CLIPTextConfig,
+                     "base.unet": UNet2DConditionModel, "base.scheduler": DDPMScheduler}
     # the model block's own keys: the base's directory (null: the workflow builds it from `base`), one
     # prompt per class label, the LoRA's settings, the training's attention dropout (the reference's 0.1)
     # and the embedded base's recipe (diffattr.latent_base)
@@ -91,6 +96,10 @@ class LatentLoRA(DiffusionModel):
             if "attn" in name and isinstance(module, torch.nn.Dropout):
                 module.p = float(attention_dropout)
         self._embeddings = None
+
+    @classmethod
+    def block_arguments(cls, block, spec):
+        return {**TINY[block.split(".")[-1]], **(spec or {})}
 
     @property
     def num_classes(self):

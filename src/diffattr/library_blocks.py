@@ -42,13 +42,14 @@ def library_block_faults(model: dict, built: bool | set = True) -> list[str]:
     kind = KINDS[name]
     takes = ["kind", *kind.config_blocks, *kind.config_keys]
     faults = [unknown_key(f"model.{block}", model[block], name, takes) for block in model if block not in takes]
-    for block in kind.config_blocks:
-        if block not in model:
+    for block in kind.config_blocks:  # a dotted name is a block inside another: base.vae
+        spec = model
+        for part in block.split("."):
+            spec = spec.get(part) if isinstance(spec, dict) else None
+        if not isinstance(spec, dict):  # absent, or the schema reports it
             continue
-        if not isinstance(model[block], dict):  # the schema reports it
-            continue
-        build = built if isinstance(built, bool) else block not in built
-        faults += _block_faults(kind, block, json.dumps(model[block], sort_keys=True), build)
+        build = built if isinstance(built, bool) else block.split(".")[0] not in built
+        faults += _block_faults(kind, block, json.dumps(spec, sort_keys=True), build)
     return faults
 
 
@@ -157,7 +158,8 @@ def annotation_schema(annotation) -> dict:
     if origin is typing.Literal:
         return {"enum": list(args)}
     if origin in (tuple, list, set, frozenset, collections.abc.Sequence) or annotation in (tuple, list):
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        # a fixed length from tuple[X, Y, ...] only: diffusers writes Tuple[int] for any length (AutoencoderKL)
+        if origin is tuple and len(args) > 1 and args[1] is not Ellipsis:
             items = [annotation_schema(a) for a in args]
             out = {"type": "array", "minItems": len(args), "maxItems": len(args), "prefixItems": items}
             if all(item == items[0] for item in items):
