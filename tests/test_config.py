@@ -384,7 +384,6 @@ OTHER_TYPE_ALLOWED = {
     ("model.unet.attention_head_dim", int): "an integer head size (null: diffusers' one head per block)",
     ("score.clip.pretrained", str): "a model directory (null: random-init weights)",
     ("model.pretrained", str): "a Stable Diffusion folder (null: the base the workflow trains)",
-    ("counterfactual", dict): "the section (null: none, in a preset whose base has one)",
 }
 # Keys whose numbers may be negative, and why; every other number gets -1 (an int) or -0.5.
 NEGATIVE_ALLOWED = {

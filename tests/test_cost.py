@@ -110,7 +110,7 @@ def test_measured_units_are_the_cost_models_units():
 def test_latent_work_written_out():
     """artbench2: the 5000 train and 1000 val images encoded, the train split's mirror images too, the
     1000 generated latents decoded, 1 + 192 LoRA trainings of 7813 and 3907 steps; sd-digits also
-    trains its embedded base (400 VAE and 500 UNet steps)."""
+    trains its embedded base (model.base's VAE and UNet steps)."""
     totals = {row.rule: row.work for row in plan_cost(plan("artbench2"), {})}
     assert totals["encode"] == Counter(vae_encode=5000 + 1000)
     assert totals["encode_flipped"] == Counter(vae_encode=5000)
@@ -118,8 +118,9 @@ def test_latent_work_written_out():
     assert totals["train_full"] == Counter(train_step=7813) and totals["train_lds"] == Counter(train_step=192 * 3907)
     assert totals["ground_truth"] == Counter(eval_fp32=192 * 2000 * 1000 * 3)
     assert "base" not in totals
+    base = plan("sd-digits").settings["model"]["base"]
     assert {row.rule: row.work for row in plan_cost(plan("sd-digits"), {})}["base"] == Counter(
-        base_vae_step=400, base_unet_step=500)
+        base_vae_step=base["vae_train"]["steps"], base_unet_step=base["unet_train"]["steps"])
 
 
 def test_a_preset_without_measured_throughputs_gets_its_work_and_the_missing_units(capsys):

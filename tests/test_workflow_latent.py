@@ -64,3 +64,18 @@ def test_an_lds_model_is_its_lora_not_a_copy_of_the_base(run):
     lora = root / plan.weights(f"results/{EXPERIMENT}/models/lds/{plan.lds_models[0]}")
     base_unet = next((root / plan.base() / "unet").glob("*.safetensors"))
     assert lora.stat().st_size < base_unet.stat().st_size / 5
+
+
+def test_counterfactual_target_compares_decoded_images(run):
+    """results/counterfactual_sd-tiny.csv: retrained LoRA models regenerate the targets, whose decoded
+    images (not latents) the L2 and CLIP metrics compare."""
+    root, plan = run
+    target = f"results/counterfactual_{EXPERIMENT}.csv"
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", target], cwd=root, text=True,
+                            capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    table = pd.read_csv(root / target)
+    assert len(table) == len(plan.removals) * plan.counterfactual["targets"]
+    assert np.isfinite(table[["l2", "clip_cosine", "loss_change"]].to_numpy()).all()
+    regenerated = read_array(root / f"results/{EXPERIMENT}/counterfactual/regenerated/full.zarr")[0]
+    assert regenerated.shape[1:] == read_array(root / plan.images("train"))[0].shape[1:]

@@ -19,7 +19,7 @@ from .counterfactual import (RANDOM, Remover, random_scores, removal_tables, cho
                              summarize, summary_markdown)
 from .data import load_images, load_labels
 from .device import device_name
-from .generate import ddim_scheduler, denoise, guidance_scale
+from .generate import ddim_scheduler, decode_images, denoise, guidance_scale
 from .ground_truth import query_losses, training_record
 from .methods import RANDOM_INIT
 from .models import load_model
@@ -72,6 +72,8 @@ def regenerate(weights_path, model_spec: dict, gen_path, gen_indices, gen_spec: 
         denoise(model, ddim, [int(i)], model.latent_shape(), float(gen_spec["eta"]), int(gen_spec["seed"]), device,
                 dtype, labels=None if labels is None else labels[[i]], guidance=guidance_scale(gen_spec)).cpu().numpy()
         for i in rows]).astype(np.float32)
+    if model.stores_latents:  # CLIP and the figure look at images
+        images = decode_images(model, images, len(images), device)
     timesteps = select_timesteps(int(loss_spec["timesteps"]), "uniform", model.scheduler.config.num_train_timesteps)
     generated = load_images(gen_path)
     # one query at a time in the generation set's rows: its noise is that of its ground truth
@@ -85,12 +87,12 @@ def regenerate(weights_path, model_spec: dict, gen_path, gen_indices, gen_spec: 
 
 
 def distance_space(model, images: np.ndarray) -> np.ndarray:
-    """Where the L2 is taken: the images in [0, 1] for a model that diffuses in image space (its
-    latent shape is the image's), else the model's encoding (a latent kind's VAE latents)."""
-    if tuple(model.latent_shape()) == tuple(images.shape[1:]):
+    """Where the L2 is taken: the images in [0, 1] for a model that diffuses in image space, else
+    their VAE latents (`encode_images`: the posterior's mode, as the reference's ArtBench L2)."""
+    if not model.stores_latents:
         return (images.astype(np.float64) + 1) / 2
     with torch.no_grad():
-        return model.encode(torch.from_numpy(images)).double().numpy()
+        return model.encode_images(torch.from_numpy(images)).double().numpy()
 
 
 def evaluate(original_path, regenerated_paths, model_spec: dict, full_weights, clip_spec: dict, summary_spec: dict,
@@ -129,7 +131,7 @@ def evaluate(original_path, regenerated_paths, model_spec: dict, full_weights, c
     clip_note = ("CLIP cosine of random-init weights (score.clip.pretrained is null): it says nothing about "
                  "semantic closeness." if clip_attrs["clip_weights"] == RANDOM_INIT else
                  f"CLIP weights: {clip_attrs['clip_weights']}.")
-    notes = [f"{len(original)} targets; L2 {'in [0, 1] pixels' if base.shape == original.shape else 'of the latents'} "
+    notes = [f"{len(original)} targets; L2 {'of the VAE latents' if model.stores_latents else 'in [0, 1] pixels'} "
              "between the full model's and the retrained model's image from the same generator seed; "
              "loss change: the target's loss under the retrained model minus under the full model.", "",
              clip_note]

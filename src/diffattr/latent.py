@@ -147,7 +147,10 @@ class LatentLoRA(DiffusionModel):
              "lora": self.lora, "prompts": self.prompts}, indent=1) + "\n")
 
     def encode(self, images):
-        return images  # a split's store holds its latents already (`encode_images`, the encode rule)
+        return images  # a split's store holds its latents already (the encode rule: `vae_latents`)
+
+    def encode_images(self, images):
+        return vae_latents(self.vae, images)
 
     @torch.no_grad()
     def decode(self, x0):

@@ -46,6 +46,11 @@ class DiffusionModel:
         images (B, C, H, W) in [-1, 1] mapped, or, for a kind that `stores_latents`, the samples themselves."""
         raise NotImplementedError
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> x0 in the diffusion space, whatever a split's store holds
+        (`encode` itself for a kind that stores images)."""
+        return self.encode(images)
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """The inverse of `encode`: samples of the diffusion space -> images (unclamped)."""
         raise NotImplementedError

@@ -296,10 +296,6 @@ class Plan:
         """The resolved `counterfactual` section; refused when the preset has none or a remover names a
         feature set the experiment does not compute."""
         spec = counterfactual_settings(self.settings)
-        if self.latent:
-            raise ConfigError(f"experiments.{self.experiment}.model.kind: got 'latent_lora'; expected a pixel kind for "
-                              "results/counterfactual_<experiment>.csv (its CLIP and L2 metrics read pixel samples; "
-                              "a latent kind's are not done yet)")
         if spec is None:
             raise ConfigError(f"experiments.{self.experiment}.counterfactual: got no value; expected the section "
                               "that results/counterfactual_<experiment>.csv is built from (docs/methods.md)")
