@@ -251,6 +251,10 @@ def test_clip_settings_are_needed_only_by_the_clip_baselines():
     config = with_clip(None)
     del config["experiments"]["default"]["score"]["clip"]
     config["experiments"]["default"]["score"]["baselines"] = ["pixel_dot"]
+    for preset in config["experiments"].values():  # presets based on default that list CLIP baselines
+        score = preset.get("score") or {}
+        if "clip" not in score and "baselines" in score:
+            score["baselines"] = [name for name in score["baselines"] if not name.startswith("clip")]
     resolve_all(config)
 
 
