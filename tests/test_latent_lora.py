@@ -452,3 +452,12 @@ def test_lora_training_and_features_on_the_gpu_follow_the_cpu(bases):
     np.testing.assert_allclose(trained["cuda"][1], trained["cpu"][1], rtol=1e-4)
     assert rel(trained["cuda"][0], trained["cpu"][0]) < 1e-4
     assert rel(grads["cuda"], grads["cpu"]) < 1e-5
+
+
+def test_the_planners_latent_kinds_are_the_kinds_that_store_latents():
+    """diffattr.plan (no torch) knows the latent kinds by name (protocol.LATENT_KINDS); the model
+    layer by their `stores_latents`: the two lists must agree."""
+    from diffattr.models import KINDS
+    from diffattr.protocol import LATENT_KINDS
+
+    assert {name for name, kind in KINDS.items() if kind.stores_latents} == set(LATENT_KINDS)
