@@ -190,12 +190,6 @@ class LatentLoRA(DiffusionModel):
         return torch.func.functional_call(self.unet, params, (x_t, t.to(x_t.device)),
                                           {"encoder_hidden_states": cond.to(x_t.dtype)}).sample
 
-    def trainable_parameters(self):
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def featurized_parameters(self):
-        return [(name, p) for name, p in self.unet.named_parameters() if p.requires_grad]
-
     def network(self):
         return self.unet
 

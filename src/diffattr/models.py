@@ -86,10 +86,12 @@ class DiffusionModel:
         raise ValueError(f"prediction_type: '{prediction}' is not supported (expected epsilon or v_prediction)")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        raise NotImplementedError
+        """The network's parameters that require gradients (a frozen base's adapters, say)."""
+        return [p for p in self.network().parameters() if p.requires_grad]
 
     def featurized_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        raise NotImplementedError
+        """(name in `network()`, parameter) of what the featurizer differentiates: the trainable ones."""
+        return [(name, p) for name, p in self.network().named_parameters() if p.requires_grad]
 
     def network(self) -> torch.nn.Module:
         """The module that `predict` calls and that holds the featurized parameters (the featurizer hooks
@@ -168,12 +170,6 @@ class PixelDDPM(DiffusionModel):
 
     def predict_with(self, params, x_t, t, cond=None):
         return torch.func.functional_call(self.unet, params, (x_t, t.to(x_t.device))).sample
-
-    def trainable_parameters(self):
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def featurized_parameters(self):
-        return [(name, p) for name, p in self.unet.named_parameters() if p.requires_grad]
 
     def network(self):
         return self.unet
