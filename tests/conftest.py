@@ -23,6 +23,32 @@ TINY_SPEC = {
 }
 
 
+# ---------------------------------------------------------------- references shared by the model-kind tests
+
+def abar(model, t):
+    """alpha-bar of the model's scheduler at timestep t, float64."""
+    return model.scheduler.alphas_cumprod.to(torch.float64)[t]
+
+
+def velocity(model, x0, eps, t):
+    """The v-prediction target sqrt(abar_t) eps - sqrt(1 - abar_t) x0, by hand."""
+    a = abar(model, t)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def assert_close(got, ref, rtol):
+    got, ref = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (got, ref))
+    scale = ref.abs().max().item()
+    assert scale > 0, "the reference is identically zero: the check would be vacuous"
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * scale)
+
+
+def assert_far(got, ref, rtol):
+    """`got` is not within `assert_close`'s tolerance of `ref`: the check can tell them apart."""
+    with pytest.raises(AssertionError):
+        assert_close(got, ref, rtol)
+
+
 @pytest.fixture
 def tiny_spec():
     """A fresh copy of the tiny model spec (tests may edit it)."""

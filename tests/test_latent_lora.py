@@ -25,6 +25,8 @@ from diffattr.sd_stack import load_components, save_components, tiny_components
 from diffattr.settings import experiment
 from diffattr.storage import file_sha256, read_array, write_array
 
+from conftest import abar, assert_close, assert_far, velocity
+
 from dry_run import REPO
 
 PROMPTS = ["a photo of the digit zero", "a photo of the digit one", "a photo of the digit two"]
@@ -82,27 +84,6 @@ def latents(n, seed=0):
 
 def lora_state(model):
     return {name: p.detach().clone() for name, p in model.featurized_parameters()}
-
-
-def abar(model, t):
-    return model.scheduler.alphas_cumprod.to(torch.float64)[t]
-
-
-def velocity(model, x0, eps, t):
-    a = abar(model, t)
-    return a.sqrt() * eps - (1 - a).sqrt() * x0
-
-
-def assert_close(got, ref, rtol):
-    got, ref = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (got, ref))
-    scale = ref.abs().max().item()
-    assert scale > 0, "the reference is identically zero: the check would be vacuous"
-    torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * scale)
-
-
-def assert_far(got, ref, rtol):
-    with pytest.raises(AssertionError):
-        assert_close(got, ref, rtol)
 
 
 def test_the_latent_modules_import_first():

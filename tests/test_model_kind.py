@@ -25,7 +25,7 @@ from diffattr.project import make_projector
 from diffattr.storage import read_array, read_attrs, read_member, write_array
 from diffattr.train import train_and_save
 
-from conftest import TINY_SPEC
+from conftest import TINY_SPEC, abar, assert_close, assert_far, velocity
 
 NUM_CLASSES, SCALE, SEED = 3, 0.5, 4
 SPEC = {"kind": "labelled_v", "unet": {**TINY_SPEC["unet"], "num_class_embeds": NUM_CLASSES},
@@ -95,15 +95,6 @@ def double(run):
     return model
 
 
-def abar(model, t):
-    return model.scheduler.alphas_cumprod.to(torch.float64)[t]
-
-
-def velocity(model, x0, eps, t):
-    a = abar(model, t)
-    return a.sqrt() * eps - (1 - a).sqrt() * x0
-
-
 def prediction(model, x_t, t, label):
     """The UNet's output for one sample (C, H, W) of class `label` at timestep t."""
     return model.unet(x_t[None], torch.tensor([t]), class_labels=torch.tensor([int(label)])).sample[0]
@@ -135,19 +126,6 @@ def hand_ddim(model, index: int, label: int, steps: int, seed: int):
             x0 = x0.clamp(-ddim.config.clip_sample_range, ddim.config.clip_sample_range)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return (x / SCALE).clamp(-1, 1), torch.stack(states)
-
-
-def assert_close(got, ref, rtol):
-    got, ref = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (got, ref))
-    scale = ref.abs().max().item()
-    assert scale > 0, "the reference is identically zero: the check would be vacuous"
-    torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * scale)
-
-
-def assert_far(got, ref, rtol):
-    """`got` is not within `assert_close`'s tolerance of `ref`: the check can tell them apart."""
-    with pytest.raises(AssertionError):
-        assert_close(got, ref, rtol)
 
 
 def test_target_is_the_velocity_and_epsilon_models_keep_eps(registered, make_tiny_model):
