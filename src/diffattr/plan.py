@@ -406,7 +406,7 @@ class Plan:
             "dataset": [path("images", experiment=e, split="train")],
             "base": [path("base", experiment=e)] if self.builds_base() else [],
             "encode": [path("latents", experiment=e, split=s) for s in ("train", "val")] if self.latent else [],
-            "encode_flipped": [self.train_inputs().get("flipped")] if "flipped" in self.train_inputs() else [],
+            "encode_flipped": [flipped] if (flipped := self.train_inputs().get("flipped")) else [],
             "decode_generated": [path("decoded", experiment=e)] if self.latent else [],
             "subsets": [path("subsets", experiment=e)],
             "train_full": [self.weights(path("full_model", experiment=e))],
