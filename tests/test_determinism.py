@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from diffattr import noise
-from diffattr.protocol import parse_function, select_timesteps
+from diffattr.protocol import parse_function, select_timesteps, stratified_timesteps
 from diffattr.generate import sample
-from diffattr.ground_truth import query_losses
+from diffattr.ground_truth import draw_losses, query_losses
 from diffattr.models import build_model, load_model
 from diffattr.storage import write_array
 from diffattr.train import train, train_and_save
@@ -48,22 +48,20 @@ def test_noise_batch_rows_are_independent_of_order_and_company():
 
 # ---------------------------------------------------------------- ground truth
 
-def reference_query_losses(model, images, timesteps, noise_seeds):
-    """Per query: mean over (t, seed) of mean_pixels (eps_theta(x_t, t) - eps)^2, one sample at a time,
-    in float64, with x_t built by hand."""
+def reference_draw_losses(model, images, timesteps, noise_seeds):
+    """(n, seeds, timesteps): mean_pixels (eps_theta(x_t, t) - eps)^2 of each draw, one sample at a
+    time, in float64, with x_t built by hand."""
     unet = model.unet
     abar = model.scheduler.alphas_cumprod.to(torch.float64)
-    out = np.zeros(len(images))
+    out = np.zeros((len(images), len(noise_seeds), len(timesteps)))
     with torch.no_grad():
         for q, image in enumerate(images):
-            values = []
-            for t, seed in itertools.product(timesteps, noise_seeds):
+            for (s, seed), (j, t) in itertools.product(enumerate(noise_seeds), enumerate(timesteps)):
                 eps = torch.from_numpy(noise.gaussian(seed, q, t, image.shape)).double()[None]
                 x0 = torch.from_numpy(image).double()[None]
                 x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
                 pred = unet(x_t, torch.tensor([t])).sample
-                values.append(((pred - eps) ** 2).mean().item())
-            out[q] = np.mean(values)
+                out[q, s, j] = ((pred - eps) ** 2).mean().item()
     return out
 
 
@@ -74,9 +72,13 @@ def test_query_losses_is_batch_independent_and_matches_loop(make_tiny_model, tin
     assert got[1].dtype == np.float64 and got[1].shape == (4,)
     np.testing.assert_allclose(got[7], got[1], rtol=1e-6)
     np.testing.assert_allclose(got[1000], got[1], rtol=1e-6)
-    reference = reference_query_losses(make_tiny_model(3, torch.float64), images, timesteps, seeds)
-    np.testing.assert_allclose(got[7], reference, rtol=1e-5)
-    assert len(np.unique(np.round(reference, 6))) == 4  # queries really differ
+    reference = reference_draw_losses(make_tiny_model(3, torch.float64), images, timesteps, seeds)
+    np.testing.assert_allclose(got[7], reference.mean(axis=(1, 2)), rtol=1e-5)
+    assert len(np.unique(np.round(reference.mean(axis=(1, 2)), 6))) == 4  # queries really differ
+    draws = draw_losses(model, images, timesteps, seeds, 5, rows=range(1, 4))
+    assert draws.shape == (3, 2, 3)  # (rows, noise seeds, timesteps)
+    np.testing.assert_allclose(draws, reference[1:], rtol=1e-5)
+    assert np.ptp(reference, axis=(1, 2)).min() > 1e-3  # draws really differ within a query
 
 
 def test_query_losses_depends_on_noise_seeds(make_tiny_model, tiny_images):
@@ -226,6 +228,22 @@ def test_select_timesteps_rejects_k_out_of_range(k):
 def test_select_timesteps_rejects_unknown_scheme():
     with pytest.raises(ValueError, match="linear"):
         select_timesteps(10, "linear")
+
+
+def test_stratified_timesteps_one_uniform_draw_per_stratum():
+    for count, T in ((10, 1000), (7, 1000), (3, 10), (1000, 1000)):
+        ts = stratified_timesteps(count, T, seed=3)
+        edges = [j * T // count for j in range(count + 1)]
+        assert len(ts) == count and all(low <= t < high for t, low, high in zip(ts, edges[:-1], edges[1:]))
+    assert stratified_timesteps(20, seed=1) == stratified_timesteps(20, seed=1)
+    assert stratified_timesteps(20, seed=1) != stratified_timesteps(20, seed=2)
+    # each stratum's draw is uniform over it: over many seeds, every offset of a 10-wide stratum shows up
+    # about as often as the others (chi-square-sized tolerance), and their mean estimates the stratum's
+    offsets = np.array([stratified_timesteps(100, seed=s) for s in range(400)]) % 10
+    counts = np.bincount(offsets.ravel(), minlength=10)
+    assert np.abs(counts - counts.mean()).max() < 5 * np.sqrt(counts.mean())
+    with pytest.raises(ValueError):
+        stratified_timesteps(0)
 
 
 def test_parse_function():

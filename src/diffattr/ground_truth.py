@@ -25,22 +25,22 @@ CHUNKS_PER_SPLIT = 16
 
 
 @torch.no_grad()
-def query_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds,
-                 batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32",
-                 rows: range | None = None, function: str = DEFAULT_GT_FUNCTION,
-                 labels: np.ndarray | None = None) -> np.ndarray:
-    """(n,) float64: mean over (t, seed) of f(x, t, eps) for the queries in `rows` (default all), each
-    conditioned on its class in `labels` (n,), f the model-output function `function`
-    (diffattr.functions) of the prediction and its target; by default L_Simple,
-    mean_pixels (eps_theta(x_t, t) - eps)^2 for an epsilon-prediction model.
+def draw_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds, batch_size: int,
+                device: torch.device = torch.device("cpu"), dtype: str = "fp32", rows: range | None = None,
+                function: str = DEFAULT_GT_FUNCTION, labels: np.ndarray | None = None) -> np.ndarray:
+    """(len(rows), len(noise_seeds), len(timesteps)) float64: f(x, t, eps) of each query in `rows`
+    (default all) at each (noise seed, timestep) draw, conditioned on its class in `labels` (n,), f
+    the model-output function `function` (diffattr.functions) of the prediction and its target; by
+    default L_Simple, mean_pixels (eps_theta(x_t, t) - eps)^2 for an epsilon-prediction model.
 
-    The noise of (query, t, seed) comes from `noise.gaussian`, so batching never changes it. The
-    UNet runs in precision `dtype` (`diffattr.device.precision`); the loss is taken in fp32.
+    The noise of (query, t, seed) comes from `noise.gaussian`, so batching never changes it and every
+    model sees the same draws (common random numbers). The UNet runs in precision `dtype`
+    (`diffattr.device.precision`); f is taken in fp32.
     """
     model.to(device).train(False)
     rows = range(len(images)) if rows is None else rows
     triples = list(itertools.product(noise_seeds, rows, timesteps))
-    totals = np.zeros(len(images), dtype=np.float64)
+    values = np.empty(len(triples), dtype=np.float64)
     for start in range(0, len(triples), batch_size):
         chunk = triples[start:start + batch_size]
         index = np.array([i for _, i, _ in chunk])
@@ -50,9 +50,17 @@ def query_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_see
         cond = model.conditioning(None if labels is None else torch.from_numpy(labels[index]).to(device))
         with precision(dtype, device):
             pred = model.predict(model.scheduler.add_noise(x0, eps, t), t, cond).float()
-        values = model_output(function, pred, model.target(x0, eps, t), t, model.scheduler)
-        np.add.at(totals, index, values.double().cpu().numpy())
-    return totals[rows.start:rows.stop:rows.step] / (len(timesteps) * len(noise_seeds))
+        values[start:start + len(chunk)] = model_output(function, pred, model.target(x0, eps, t), t,
+                                                        model.scheduler).double().cpu().numpy()
+    return values.reshape(len(noise_seeds), len(rows), len(timesteps)).transpose(1, 0, 2)
+
+
+def query_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds, batch_size: int,
+                 device: torch.device = torch.device("cpu"), dtype: str = "fp32", rows: range | None = None,
+                 function: str = DEFAULT_GT_FUNCTION, labels: np.ndarray | None = None) -> np.ndarray:
+    """(len(rows),) float64: each query's ground truth, the mean of its `draw_losses` over (t, seed)."""
+    return draw_losses(model, images, timesteps, noise_seeds, batch_size, device, dtype, rows, function,
+                       labels).mean(axis=(1, 2))
 
 
 def training_record(weights_path) -> dict:
