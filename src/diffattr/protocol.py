@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 FUNCTIONS = ("simple", "elbo", "square", "avg", "l1", "l2", "linf")
 FUNCTION_EXPECTED = (f"one of {', '.join(FUNCTIONS)} or interp<eta> with eta in [0, 1] "
                      "(e.g. interp0.25)")
@@ -36,6 +38,17 @@ def select_timesteps(count: int, scheme: str, num_train_timesteps: int = 1000) -
     if scheme == "cumulative":
         return list(range(count))
     raise ValueError(f"timestep scheme '{scheme}': expected 'uniform' or 'cumulative'")
+
+
+def stratified_timesteps(count: int, num_train_timesteps: int = 1000, seed: int = 0) -> list[int]:
+    """One timestep drawn uniformly in each of `count` equal strata of [0, T) (numpy generator `seed`):
+    an unbiased estimate of the mean over all T timesteps, with less variance than `count` independent
+    draws; the same timesteps for every model and query (common random numbers)."""
+    if not 1 <= count <= num_train_timesteps:
+        raise ValueError(f"number of timesteps K={count} must be in [1, {num_train_timesteps}]")
+    edges = [j * num_train_timesteps // count for j in range(count + 1)]
+    rng = np.random.default_rng(seed)
+    return [int(low + rng.integers(high - low)) for low, high in zip(edges[:-1], edges[1:])]
 
 
 def lambda_grid(exponents=(-2, 6), mantissas=(1, 2, 5)) -> list[float]:
