@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffattr.lds import lds, lds_interval, select_lambda, spearman_rows
+from diffattr.lds import lds, lds_difference_interval, lds_interval, select_lambda, spearman_rows
 from diffattr.protocol import lambda_grid
 from diffattr.score import subset_predictions
 
@@ -104,3 +104,23 @@ def test_select_lambda_unknown_rule(grid_preds):
     preds, lambdas = grid_preds
     with pytest.raises(ValueError, match="bestguess"):
         select_lambda(preds, preds[0], lambdas, "bestguess")
+
+
+def test_lds_difference_interval_is_paired():
+    """Two methods whose own intervals overlap widely, because every subset's truth carries a large
+    shared disturbance: resampled together, their difference has a tight interval above 0."""
+    rng = np.random.default_rng(1)
+    m, n_subsets = 30, 24
+    signal = rng.normal(size=(m, n_subsets))
+    truth = signal + 1.5 * rng.normal(size=(1, n_subsets)) * rng.uniform(0.5, 1.5, size=(m, 1))
+    good = signal + 0.1 * rng.normal(size=(m, n_subsets))
+    worse = signal + 0.8 * rng.normal(size=(m, n_subsets))
+    diff, low, high = lds_difference_interval(good, worse, truth, seed=2)
+    assert diff == pytest.approx(lds(good, truth) - lds(worse, truth), abs=1e-15)
+    assert 0 < low < diff < high
+    good_low, good_high = lds_interval(good, truth, seed=2)
+    worse_low, worse_high = lds_interval(worse, truth, seed=2)
+    assert good_low < worse_high  # unpaired, the intervals overlap: they order nothing
+    assert high - low < 0.6 * min(good_high - good_low, worse_high - worse_low)
+    same = lds_difference_interval(good, good, truth)
+    assert same == (0.0, 0.0, 0.0)

@@ -32,19 +32,44 @@ def lds(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def lds_interval(pred, truth, confidence=0.95, n_resamples=1000, seed=0) -> tuple[float, float]:
     """Bootstrap interval of the LDS, resampling subsets (columns); BCa, else percentile if BCa degenerates."""
+    pred, truth = _pair(pred, truth)
+    return _subset_bootstrap(lambda columns: _resampled_lds(pred, truth, columns), truth.shape,
+                             confidence, n_resamples, seed)
+
+
+def lds_difference_interval(pred_a, pred_b, truth, confidence=0.95, n_resamples=1000,
+                            seed=0) -> tuple[float, float, float]:
+    """LDS(a) - LDS(b) and its bootstrap interval, both methods on the same resampled subsets (a
+    paired comparison: the subsets' shared noise cancels, so it can order two methods whose own
+    intervals overlap)."""
+    pred_a, truth = _pair(pred_a, truth)
+    pred_b, _ = _pair(pred_b, truth)
+    low, high = _subset_bootstrap(
+        lambda columns: _resampled_lds(pred_a, truth, columns) - _resampled_lds(pred_b, truth, columns),
+        truth.shape, confidence, n_resamples, seed)
+    return lds(pred_a, truth) - lds(pred_b, truth), low, high
+
+
+def _pair(pred, truth) -> tuple[np.ndarray, np.ndarray]:
     pred = np.asarray(pred, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
     if pred.ndim != 2 or pred.shape != truth.shape:
         raise ValueError(f"pred and truth must both be (m, M), got {pred.shape} and {truth.shape}")
-    m, n_subsets = pred.shape
+    return pred, truth
 
-    def statistic(columns, axis=-1):
-        columns = np.asarray(columns).astype(np.intp)  # (..., M) resampled column indices
-        rho = _spearman(np.moveaxis(pred[:, columns], 0, -2), np.moveaxis(truth[:, columns], 0, -2))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # resample where every query is nan
-            return np.nanmean(rho, axis=-1)
 
+def _resampled_lds(pred: np.ndarray, truth: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The LDS over each resample of subsets: columns (..., M) of indices -> (...)."""
+    rho = _spearman(np.moveaxis(pred[:, columns], 0, -2), np.moveaxis(truth[:, columns], 0, -2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # resample where every query is nan
+        return np.nanmean(rho, axis=-1)
+
+
+def _subset_bootstrap(statistic, shape, confidence, n_resamples, seed) -> tuple[float, float]:
+    """scipy's bootstrap of statistic(columns) over resamples of the M subsets (columns) of an (m, M)
+    matrix; BCa, else percentile where BCa degenerates."""
+    m, n_subsets = shape
     batch = max(1, 10_000_000 // (m * n_subsets))  # bound memory: each resample holds (m, M) arrays
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
@@ -52,9 +77,9 @@ def lds_interval(pred, truth, confidence=0.95, n_resamples=1000, seed=0) -> tupl
             warnings.simplefilter("ignore", stats.DegenerateDataWarning)
             warnings.simplefilter("ignore", RuntimeWarning)
             ci = stats.bootstrap(
-                (np.arange(n_subsets),), statistic, vectorized=True, axis=-1, batch=batch,
-                n_resamples=n_resamples, confidence_level=confidence, method=method,
-                rng=np.random.default_rng(seed),
+                (np.arange(n_subsets),), lambda columns, axis=-1: statistic(np.asarray(columns).astype(np.intp)),
+                vectorized=True, axis=-1, batch=batch, n_resamples=n_resamples, confidence_level=confidence,
+                method=method, rng=np.random.default_rng(seed),
             ).confidence_interval
         if np.isfinite(ci.low) and np.isfinite(ci.high):
             break
