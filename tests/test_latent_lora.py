@@ -172,18 +172,39 @@ def trained(bases, tmp_path_factory):
     return {"model": caught[0], "folder": root / "model", "spec": spec["model"]}
 
 
-def test_training_changes_only_the_lora(bases, trained):
-    model, fresh = trained["model"], load_components(bases["eps"])
+def assert_only_the_lora_changed(model, base, spec):
+    """`model`'s VAE, text encoder and UNet are bitwise those of the stack at `base`, and every LoRA
+    parameter differs from its initial value under `spec`, in fp32."""
+    fresh = load_components(base)
     for ours, theirs in ((model.vae, fresh.vae), (model.text_encoder, fresh.text_encoder)):
         assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(),
                                                      strict=True))
-    base = {name.replace(".base_layer", ""): value for name, value in model.unet.state_dict().items()
-            if "lora_" not in name}
-    assert base.keys() == fresh.unet.state_dict().keys()
-    assert all(torch.equal(base[name], value) for name, value in fresh.unet.state_dict().items())
-    initial = lora_state(LatentLoRA.build(trained["spec"], SEED))
+    frozen = {name.replace(".base_layer", ""): value for name, value in model.unet.state_dict().items()
+              if "lora_" not in name}
+    assert frozen.keys() == fresh.unet.state_dict().keys()
+    assert all(torch.equal(frozen[name], value) for name, value in fresh.unet.state_dict().items())
+    initial = lora_state(LatentLoRA.build(spec, SEED))
     changed = [not torch.equal(p, initial[name]) for name, p in lora_state(model).items()]
-    assert all(changed)
+    assert all(changed) and all(p.dtype == torch.float32 for p in lora_state(model).values())
+
+
+def test_training_changes_only_the_lora(bases, trained):
+    assert_only_the_lora_changed(trained["model"], bases["eps"], trained["spec"])
+
+
+def test_bf16_training_follows_fp32_and_changes_only_the_fp32_lora(bases):
+    """Mixed precision on the CPU (bf16 autocast): each step's loss is within bf16's rounding of the fp32
+    training's but not equal to it (autocast took effect); the LoRA is trained in fp32, the base untouched."""
+    images, labels = latents(8, 9), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    spec = {**TRAIN, "steps": 4, "hflip": True, "caption_dropout": 0.2}
+    losses, trained = {}, {}
+    for dtype in ("fp32", "bf16"):
+        model = LatentLoRA.build(spec_of(bases["eps"]), SEED)
+        log = training.train(model, images, labels, {**spec, "dtype": dtype}, SEED, flipped=latents(8, 10))
+        losses[dtype], trained[dtype] = log["loss"].to_numpy(copy=True), model
+    assert_close(losses["bf16"], losses["fp32"], 2e-2)
+    assert not np.array_equal(losses["bf16"], losses["fp32"])
+    assert_only_the_lora_changed(trained["bf16"], bases["eps"], spec_of(bases["eps"]))
 
 
 def test_saved_lora_loads_bitwise_and_in_diffusers(bases, trained):
@@ -376,9 +397,10 @@ class Crash(Exception):
     """Stands for a kill."""
 
 
-def test_lora_training_resumed_after_a_kill_is_bitwise_an_uninterrupted_one(bases, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: mixed precision (autocast) on the CPU
+def test_lora_training_resumed_after_a_kill_is_bitwise_an_uninterrupted_one(bases, tmp_path, monkeypatch, dtype):
     images, flipped, labels = latents(6, 7), latents(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    spec = {**TRAIN, "steps": 6, "hflip": True, "caption_dropout": 0.3, "checkpoint_every": 2}
+    spec = {**TRAIN, "steps": 6, "hflip": True, "caption_dropout": 0.3, "checkpoint_every": 2, "dtype": dtype}
     build = lambda: LatentLoRA.build({**spec_of(bases["eps"]), "attention_dropout": 0.5}, SEED)
     reference = build()
     reference_log = training.train(reference, images, labels, spec, SEED, flipped=flipped)
