@@ -83,7 +83,7 @@ def latents(n, seed=0):
 
 
 def lora_state(model):
-    return {name: p.detach().clone() for name, p in model.featurized_parameters()}
+    return {name: p.detach().cpu().clone() for name, p in model.featurized_parameters()}
 
 
 def test_the_latent_modules_import_first():
@@ -397,33 +397,41 @@ class Crash(Exception):
     """Stands for a kill."""
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: mixed precision (autocast) on the CPU
-def test_lora_training_resumed_after_a_kill_is_bitwise_an_uninterrupted_one(bases, tmp_path, monkeypatch, dtype):
+def assert_lora_training_resumes_bitwise(base, checkpoint, dtype, device=torch.device("cpu")) -> list:
+    """A LoRA training on `device` in `dtype`, killed after its second checkpoint and rerun, ends bitwise
+    as an uninterrupted one (weights and loss log) and trained. Returns the states handed to the two
+    checkpoints (their tensors may alias the training's)."""
     images, flipped, labels = latents(6, 7), latents(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     spec = {**TRAIN, "steps": 6, "hflip": True, "caption_dropout": 0.3, "checkpoint_every": 2, "dtype": dtype}
-    build = lambda: LatentLoRA.build({**spec_of(bases["eps"]), "attention_dropout": 0.5}, SEED)
+    build = lambda: LatentLoRA.build({**spec_of(base), "attention_dropout": 0.5}, SEED)
     reference = build()
-    reference_log = training.train(reference, images, labels, spec, SEED, flipped=flipped)
-    checkpoint, real, saved = tmp_path / ".model.ckpt", training._save_checkpoint, []
+    reference_log = training.train(reference, images, labels, spec, SEED, device, flipped=flipped)
+    real, saved = training._save_checkpoint, []
 
     def killed_after_second(path, state):
         real(path, state)
-        saved.append(state["step"])
+        saved.append(state)
         if len(saved) == 2:
             raise Crash
 
-    monkeypatch.setattr(training, "_save_checkpoint", killed_after_second)
-    with pytest.raises(Crash):
-        training.train(build(), images, labels, spec, SEED, checkpoint=checkpoint, flipped=flipped)
-    monkeypatch.undo()
-    assert saved == [2, 4]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "_save_checkpoint", killed_after_second)
+        with pytest.raises(Crash):
+            training.train(build(), images, labels, spec, SEED, device, checkpoint=checkpoint, flipped=flipped)
+    assert [state["step"] for state in saved] == [2, 4]
     resumed = build()
     torch.manual_seed(999)  # whatever the global RNG holds (attention dropout draws from it): restored
-    log = training.train(resumed, images, labels, spec, SEED, checkpoint=checkpoint, flipped=flipped)
+    log = training.train(resumed, images, labels, spec, SEED, device, checkpoint=checkpoint, flipped=flipped)
     got, want = lora_state(resumed), lora_state(reference)
     assert all(torch.equal(got[name], want[name]) for name in want)
     pd.testing.assert_frame_equal(log, reference_log, check_exact=True)
     assert not any(torch.equal(p, lora_state(build())[name]) for name, p in got.items() if "lora_B" in name)
+    return saved
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: mixed precision (autocast) on the CPU
+def test_lora_training_resumed_after_a_kill_is_bitwise_an_uninterrupted_one(bases, tmp_path, dtype):
+    assert_lora_training_resumes_bitwise(bases["eps"], tmp_path / ".model.ckpt", dtype)
 
 
 # ---------------------------------------------------------------- CUDA
@@ -438,7 +446,7 @@ def rel(a, b) -> float:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lora_training_and_features_on_the_gpu_follow_the_cpu(bases):
-    """Training has no precision option (fp32, no TF32), so both devices train in fp32."""
+    """Both devices train in the default train.dtype, fp32 (no TF32)."""
     images, labels = latents(8, 9), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     spec = {**TRAIN, "steps": 3, "hflip": True, "caption_dropout": 0.2}
     trained, grads = {}, {}
