@@ -152,8 +152,8 @@ MALFORMED = [
     ("fp16 generation", tiny(generate={"dtype": "fp16"}),
      'experiments.tiny.generate.dtype: got "fp16"; expected one of "fp32", "tf32", "bf16"'),
     ("fp16 training on the CPU", {"device": "cpu", "experiment": "tiny", **tiny(train={"dtype": "fp16"})},
-     'experiments.tiny.train.dtype: got "fp16"; expected fp32, tf32 or bf16 on device cpu (fp16 training '
-     "needs a CUDA GPU)"),
+     'experiments.tiny.train.dtype: got "fp16"; expected fp32, tf32 or bf16 on device cpu: fp16 training '
+     "needs a CUDA GPU"),
     ("unknown device", {"device": "gpu"},
      'device: got "gpu"; expected a string matching ^(auto|cpu|cuda(:[0-9]+)?)$'),
     ("cifar10_path not a path", {"cifar10_path": 5},
@@ -211,7 +211,7 @@ def test_fp16_training_is_refused_off_a_gpu_for_the_experiment_that_runs(monkeyp
     with pytest.raises(ConfigError) as error:
         validate_config(edited({**fp16, "experiment": "tiny"}))
     assert str(error.value) == ('experiments.tiny.train.dtype: got "fp16"; expected fp32, tf32 or bf16 on device '
-                                "auto (torch sees no CUDA GPU) (fp16 training needs a CUDA GPU)")
+                                "auto, where torch sees no CUDA GPU: fp16 training needs a CUDA GPU")
     assert validate_config(edited({**fp16, "experiment": "tiny"}), libraries=False)  # a job's process
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert validate_config(edited({**fp16, "experiment": "tiny"}))["tiny"]["train"]["dtype"] == "fp16"
@@ -266,6 +266,9 @@ def test_every_schema_property_is_described():
      f"experiments.tiny.featurize.timesteps[0]: got K = 2000; {WITHIN_T}"),
     (["--config", 'experiments={"tiny": {"model": {"unet": {"freq_shift": "not-a-number"}}}}'],
      'experiments.tiny.model.unet.freq_shift: got "not-a-number"; expected an integer\n'),
+    (["--config", "device=cpu", "experiment=tiny", 'experiments={"tiny": {"train": {"dtype": "fp16"}}}'],
+     'experiments.tiny.train.dtype: got "fp16"; expected fp32, tf32 or bf16 on device cpu: fp16 training '
+     "needs a CUDA GPU\n"),
 ])
 def test_snakemake_stops_before_any_job(tmp_path, args, line):
     root = copy_workflow(tmp_path)
