@@ -117,6 +117,7 @@ def test_presets_are_the_references_settings(preset):
     assert model["pretrained"] == "models/miniSD-diffusers"
     assert (train["batch_size"], train["lr"], train["weight_decay"], train["grad_clip"]) == (64, 3e-4, 1e-6, 1.0)
     assert (train["warmup_fraction"], train["hflip"], train["caption_dropout"]) == (0.1, True, 0.1)
+    assert train["dtype"] == "fp16"  # run_train.sh: accelerate launch --mixed_precision="fp16"
     assert train["full_steps"] == math.ceil(100 * data["n_train"] / 64)
     assert train["lds_steps"] == math.ceil(100 * data["n_train"] * spec["subsets"]["alpha"] / 64)
     assert (spec["subsets"]["m"], spec["subsets"]["train_seeds"], spec["subsets"]["alpha"]) == (64, [0, 1, 2], 0.5)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from diffattr import library_blocks, messages
@@ -80,8 +81,8 @@ MALFORMED = [
      '"celeba", "image_folder", "artbench"'),
     ("misspelt key", tiny(train={"ful_steps": 40}),
      "experiments.tiny.train.ful_steps: got 40; expected no such key (did you mean full_steps?): train "
-     "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, caption_dropout, full_steps, "
-     "lds_steps, checkpoint_every, keep_checkpoints"),
+     "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, caption_dropout, dtype, "
+     "full_steps, lds_steps, checkpoint_every, keep_checkpoints"),
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
      "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, influence, retrain, "
@@ -146,6 +147,13 @@ MALFORMED = [
     ("top-level typo", {"experimnt": "tiny"},
      'experimnt: got "tiny"; expected no such key (did you mean experiment?): the top level takes '
      "experiment, cifar10_path, device, experiments"),
+    ("unknown training dtype", tiny(train={"dtype": "fp8"}),
+     'experiments.tiny.train.dtype: got "fp8"; expected one of "fp32", "tf32", "bf16", "fp16"'),
+    ("fp16 generation", tiny(generate={"dtype": "fp16"}),
+     'experiments.tiny.generate.dtype: got "fp16"; expected one of "fp32", "tf32", "bf16"'),
+    ("fp16 training on the CPU", {"device": "cpu", "experiment": "tiny", **tiny(train={"dtype": "fp16"})},
+     'experiments.tiny.train.dtype: got "fp16"; expected fp32, tf32 or bf16 on device cpu: fp16 training '
+     "needs a CUDA GPU"),
     ("unknown device", {"device": "gpu"},
      'device: got "gpu"; expected a string matching ^(auto|cpu|cuda(:[0-9]+)?)$'),
     ("cifar10_path not a path", {"cifar10_path": 5},
@@ -193,6 +201,20 @@ def test_proj_dim_must_suit_the_cuda_projector(monkeypatch):
         "any positive integer)" for grid in ("", ".extra_grids[0]"))
     assert experiment({**config, "device": "cpu"}, "tiny")["featurize"]["proj_dims"] == [64]
     assert experiment(config, "default")["featurize"]["proj_dims"] == [512]
+
+
+def test_fp16_training_is_refused_off_a_gpu_for_the_experiment_that_runs(monkeypatch):
+    """device: auto is resolved; a preset that does not run may ask for fp16 on any device."""
+    fp16 = tiny(train={"dtype": "fp16"})
+    assert validate_config(edited({**fp16, "device": "cpu"}))["tiny"]["train"]["dtype"] == "fp16"  # default runs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as error:
+        validate_config(edited({**fp16, "experiment": "tiny"}))
+    assert str(error.value) == ('experiments.tiny.train.dtype: got "fp16"; expected fp32, tf32 or bf16 on device '
+                                "auto, where torch sees no CUDA GPU: fp16 training needs a CUDA GPU")
+    assert validate_config(edited({**fp16, "experiment": "tiny"}), libraries=False)  # a job's process
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert validate_config(edited({**fp16, "experiment": "tiny"}))["tiny"]["train"]["dtype"] == "fp16"
 
 
 def test_shipped_presets_and_new_optional_keys_pass():
@@ -244,6 +266,9 @@ def test_every_schema_property_is_described():
      f"experiments.tiny.featurize.timesteps[0]: got K = 2000; {WITHIN_T}"),
     (["--config", 'experiments={"tiny": {"model": {"unet": {"freq_shift": "not-a-number"}}}}'],
      'experiments.tiny.model.unet.freq_shift: got "not-a-number"; expected an integer\n'),
+    (["--config", "device=cpu", "experiment=tiny", 'experiments={"tiny": {"train": {"dtype": "fp16"}}}'],
+     'experiments.tiny.train.dtype: got "fp16"; expected fp32, tf32 or bf16 on device cpu: fp16 training '
+     "needs a CUDA GPU\n"),
 ])
 def test_snakemake_stops_before_any_job(tmp_path, args, line):
     root = copy_workflow(tmp_path)

@@ -2,19 +2,28 @@
 
 Each stage computed on the GPU in fp32 must agree with the same computation on the CPU to float32
 rounding (different kernels sum in another order): convolutions must not silently run in TF32.
+Mixed-precision training (train.dtype bf16 and fp16, a GPU's) is held to fp32 training on the tiny
+Stable Diffusion stack of test_latent_lora.
 """
 import copy
+import functools
 
 import numpy as np
 import pytest
 import torch
 
+from diffattr import train as training
 from diffattr.device import precision
 from diffattr.featurize import batch_gradients, featurize_split
 from diffattr.generate import sample
 from diffattr.ground_truth import query_losses
-from diffattr.models import build_model
+from diffattr.latent import LatentLoRA
+from diffattr.models import build_model, load_model
 from diffattr.train import train
+
+from conftest import assert_close
+from test_latent_lora import (SEED, TRAIN, assert_lora_training_resumes_bitwise, bases, latents,  # noqa: F401
+                              lora_state, spec_of)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -130,3 +139,105 @@ def test_journey_features_regenerate_a_gpu_generation_set_on_either_device(tmp_p
     assert np.isfinite(stores["cuda0"]).all() and np.abs(stores["cuda0"]).max() > 0
     assert rel(stores["cuda1"], stores["cuda0"]) < 1e-4
     assert np.isfinite(stores["cpu"]).all()
+
+
+# ---------------------------------------------------------------- mixed-precision LoRA training (train.dtype)
+
+LORA_TRAIN = {**TRAIN, "steps": 8, "hflip": True, "caption_dropout": 0.2}
+LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+# A loss scale at which the tiny stack's fp16 gradients overflow for a step or two (the default, 2^16, never here)
+OVERFLOWING = 2.0 ** 23
+
+
+def scaler_updates(monkeypatch) -> list:
+    """(enabled, scale before, scale after) of each GradScaler.update: a step whose scale drops was skipped."""
+    updates, real = [], torch.amp.GradScaler.update
+
+    def update(self, new_scale=None):
+        before = self.get_scale()
+        real(self, new_scale)
+        updates.append((self.is_enabled(), before, self.get_scale()))
+
+    monkeypatch.setattr(torch.amp.GradScaler, "update", update)
+    return updates
+
+
+def lora_training(base, dtype):
+    """A LoRA of the tiny stack trained on the GPU in `dtype`, and its loss log."""
+    model = LatentLoRA.build(spec_of(base), SEED)
+    log = training.train(model, latents(8, 9), LABELS, {**LORA_TRAIN, "dtype": dtype}, SEED, CUDA,
+                         flipped=latents(8, 10))
+    return model, log
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_lora_training_follows_fp32(bases, monkeypatch, dtype):
+    """Each step's loss within the half type's rounding of the fp32 training's, not equal to it; fp16
+    through the loss scaler (no step skipped at its initial scale here), bf16 without; the LoRA trained
+    and kept in fp32."""
+    _, fp32 = lora_training(bases["eps"], "fp32")
+    updates = scaler_updates(monkeypatch)
+    model, log = lora_training(bases["eps"], dtype)
+    assert [(enabled, after < before) for enabled, before, after in updates] == [(dtype == "fp16", False)] * 8
+    losses = log["loss"].to_numpy(copy=True)
+    assert np.isfinite(losses).all() and not np.array_equal(losses, fp32["loss"].to_numpy())
+    assert_close(losses, fp32["loss"].to_numpy(copy=True), 2e-2)
+    lora = lora_state(model)
+    initial = lora_state(LatentLoRA.build(spec_of(bases["eps"]), SEED))
+    assert all(p.dtype == torch.float32 and p.isfinite().all() for p in lora.values())
+    assert any(not torch.equal(p, initial[name]) for name, p in lora.items())
+
+
+def test_a_step_fp16_skips_leaves_the_learning_rate_schedule_where_it_was(bases, monkeypatch):
+    """Started at a loss scale its gradients overflow at, fp16 training skips steps as the scale halves:
+    at each step the learning rate is the schedule's after the steps taken, as accelerate's."""
+    _, fp32 = lora_training(bases["eps"], "fp32")
+    updates = scaler_updates(monkeypatch)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=OVERFLOWING))
+    _, log = lora_training(bases["eps"], "fp16")
+    taken = np.cumsum([after >= before for _, before, after in updates])
+    assert 0 < taken[-1] < len(taken)  # some steps skipped, some taken
+    lr = [TRAIN["lr"] if n == 0 else fp32["lr"][n - 1] for n in taken]
+    assert log["lr"].tolist() == lr
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """cuDNN's and cuBLAS's deterministic kernels: two GPU trainings agree bit for bit only with them."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_killed_fp16_training_resumes_bitwise_with_its_loss_scale(bases, tmp_path, monkeypatch, deterministic):
+    """Started at OVERFLOWING, the scale has dropped by the first checkpoint: a resumed training that began
+    again from the initial scale would skip other steps. The checkpoint holds the scaler's state."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=OVERFLOWING))
+    states = assert_lora_training_resumes_bitwise(bases["eps"], tmp_path / ".model.ckpt", "fp16", CUDA)
+    assert 0 < states[0]["scaler"]["scale"] < OVERFLOWING
+
+
+def test_features_of_an_fp16_trained_lora_are_those_of_its_saved_fp32_weights(bases, tmp_path, monkeypatch):
+    """The LoRA is saved in fp32 and featurization computes in fp32 whatever training's dtype: the trained
+    model in memory and the one loaded from its folder give the same gradients."""
+    from safetensors.torch import load_file
+
+    from diffattr.storage import write_array
+
+    write_array(tmp_path / "train.zarr", latents(8, 9).numpy(), {"labels": LABELS.tolist()})
+    spec, caught = {**LORA_TRAIN, "dtype": "fp16", "model": spec_of(bases["eps"])}, []
+    monkeypatch.setattr(training, "build_model", lambda s, seed: caught.append(LatentLoRA.build(s, seed)) or caught[0])
+    weights = tmp_path / "model" / LatentLoRA.weights_file
+    training.train_and_save(tmp_path / "train.zarr", None, None, SEED, spec, weights, CUDA)
+    assert {value.dtype for value in load_file(weights).values()} == {torch.float32}
+    grads = []
+    for model in (caught[0], load_model(spec["model"], weights.parent)):
+        model = model.to(CUDA).train(False).for_per_sample_gradients()
+        with precision("fp32", CUDA):
+            grads.append(batch_gradients(model, latents(4, 11).to(CUDA), range(4), "simple", [10, 500], 3,
+                                         np.array([0, 1, 2, 0])).cpu())
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
+    assert rel(grads[1], grads[0]) < 1e-5

@@ -40,7 +40,13 @@ def test_unknown_devices_are_refused(name):
 
 
 def test_unknown_precision_is_refused():
-    with pytest.raises(ValueError, match="precision: 'fp16' is not one of fp32, tf32, bf16"):
+    with pytest.raises(ValueError, match="precision: 'fp8' is not one of fp32, tf32, bf16, fp16"):
+        with precision("fp8", torch.device("cpu")):
+            pass
+
+
+def test_fp16_is_refused_off_a_gpu():
+    with pytest.raises(ValueError, match=r"precision: fp16 needs a CUDA device, not cpu"):
         with precision("fp16", torch.device("cpu")):
             pass
 

@@ -83,7 +83,7 @@ def latents(n, seed=0):
 
 
 def lora_state(model):
-    return {name: p.detach().clone() for name, p in model.featurized_parameters()}
+    return {name: p.detach().cpu().clone() for name, p in model.featurized_parameters()}
 
 
 def test_the_latent_modules_import_first():
@@ -172,18 +172,39 @@ def trained(bases, tmp_path_factory):
     return {"model": caught[0], "folder": root / "model", "spec": spec["model"]}
 
 
-def test_training_changes_only_the_lora(bases, trained):
-    model, fresh = trained["model"], load_components(bases["eps"])
+def assert_only_the_lora_changed(model, base, spec):
+    """`model`'s VAE, text encoder and UNet are bitwise those of the stack at `base`, and every LoRA
+    parameter differs from its initial value under `spec`, in fp32."""
+    fresh = load_components(base)
     for ours, theirs in ((model.vae, fresh.vae), (model.text_encoder, fresh.text_encoder)):
         assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(),
                                                      strict=True))
-    base = {name.replace(".base_layer", ""): value for name, value in model.unet.state_dict().items()
-            if "lora_" not in name}
-    assert base.keys() == fresh.unet.state_dict().keys()
-    assert all(torch.equal(base[name], value) for name, value in fresh.unet.state_dict().items())
-    initial = lora_state(LatentLoRA.build(trained["spec"], SEED))
+    frozen = {name.replace(".base_layer", ""): value for name, value in model.unet.state_dict().items()
+              if "lora_" not in name}
+    assert frozen.keys() == fresh.unet.state_dict().keys()
+    assert all(torch.equal(frozen[name], value) for name, value in fresh.unet.state_dict().items())
+    initial = lora_state(LatentLoRA.build(spec, SEED))
     changed = [not torch.equal(p, initial[name]) for name, p in lora_state(model).items()]
-    assert all(changed)
+    assert all(changed) and all(p.dtype == torch.float32 for p in lora_state(model).values())
+
+
+def test_training_changes_only_the_lora(bases, trained):
+    assert_only_the_lora_changed(trained["model"], bases["eps"], trained["spec"])
+
+
+def test_bf16_training_follows_fp32_and_changes_only_the_fp32_lora(bases):
+    """Mixed precision on the CPU (bf16 autocast): each step's loss is within bf16's rounding of the fp32
+    training's but not equal to it (autocast took effect); the LoRA is trained in fp32, the base untouched."""
+    images, labels = latents(8, 9), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    spec = {**TRAIN, "steps": 4, "hflip": True, "caption_dropout": 0.2}
+    losses, trained = {}, {}
+    for dtype in ("fp32", "bf16"):
+        model = LatentLoRA.build(spec_of(bases["eps"]), SEED)
+        log = training.train(model, images, labels, {**spec, "dtype": dtype}, SEED, flipped=latents(8, 10))
+        losses[dtype], trained[dtype] = log["loss"].to_numpy(copy=True), model
+    assert_close(losses["bf16"], losses["fp32"], 2e-2)
+    assert not np.array_equal(losses["bf16"], losses["fp32"])
+    assert_only_the_lora_changed(trained["bf16"], bases["eps"], spec_of(bases["eps"]))
 
 
 def test_saved_lora_loads_bitwise_and_in_diffusers(bases, trained):
@@ -376,32 +397,41 @@ class Crash(Exception):
     """Stands for a kill."""
 
 
-def test_lora_training_resumed_after_a_kill_is_bitwise_an_uninterrupted_one(bases, tmp_path, monkeypatch):
+def assert_lora_training_resumes_bitwise(base, checkpoint, dtype, device=torch.device("cpu")) -> list:
+    """A LoRA training on `device` in `dtype`, killed after its second checkpoint and rerun, ends bitwise
+    as an uninterrupted one (weights and loss log) and trained. Returns the states handed to the two
+    checkpoints (their tensors may alias the training's)."""
     images, flipped, labels = latents(6, 7), latents(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    spec = {**TRAIN, "steps": 6, "hflip": True, "caption_dropout": 0.3, "checkpoint_every": 2}
-    build = lambda: LatentLoRA.build({**spec_of(bases["eps"]), "attention_dropout": 0.5}, SEED)
+    spec = {**TRAIN, "steps": 6, "hflip": True, "caption_dropout": 0.3, "checkpoint_every": 2, "dtype": dtype}
+    build = lambda: LatentLoRA.build({**spec_of(base), "attention_dropout": 0.5}, SEED)
     reference = build()
-    reference_log = training.train(reference, images, labels, spec, SEED, flipped=flipped)
-    checkpoint, real, saved = tmp_path / ".model.ckpt", training._save_checkpoint, []
+    reference_log = training.train(reference, images, labels, spec, SEED, device, flipped=flipped)
+    real, saved = training._save_checkpoint, []
 
     def killed_after_second(path, state):
         real(path, state)
-        saved.append(state["step"])
+        saved.append(state)
         if len(saved) == 2:
             raise Crash
 
-    monkeypatch.setattr(training, "_save_checkpoint", killed_after_second)
-    with pytest.raises(Crash):
-        training.train(build(), images, labels, spec, SEED, checkpoint=checkpoint, flipped=flipped)
-    monkeypatch.undo()
-    assert saved == [2, 4]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "_save_checkpoint", killed_after_second)
+        with pytest.raises(Crash):
+            training.train(build(), images, labels, spec, SEED, device, checkpoint=checkpoint, flipped=flipped)
+    assert [state["step"] for state in saved] == [2, 4]
     resumed = build()
     torch.manual_seed(999)  # whatever the global RNG holds (attention dropout draws from it): restored
-    log = training.train(resumed, images, labels, spec, SEED, checkpoint=checkpoint, flipped=flipped)
+    log = training.train(resumed, images, labels, spec, SEED, device, checkpoint=checkpoint, flipped=flipped)
     got, want = lora_state(resumed), lora_state(reference)
     assert all(torch.equal(got[name], want[name]) for name in want)
     pd.testing.assert_frame_equal(log, reference_log, check_exact=True)
     assert not any(torch.equal(p, lora_state(build())[name]) for name, p in got.items() if "lora_B" in name)
+    return saved
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: mixed precision (autocast) on the CPU
+def test_lora_training_resumed_after_a_kill_is_bitwise_an_uninterrupted_one(bases, tmp_path, dtype):
+    assert_lora_training_resumes_bitwise(bases["eps"], tmp_path / ".model.ckpt", dtype)
 
 
 # ---------------------------------------------------------------- CUDA
@@ -416,7 +446,7 @@ def rel(a, b) -> float:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lora_training_and_features_on_the_gpu_follow_the_cpu(bases):
-    """Training has no precision option (fp32, no TF32), so both devices train in fp32."""
+    """Both devices train in the default train.dtype, fp32 (no TF32)."""
     images, labels = latents(8, 9), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     spec = {**TRAIN, "steps": 3, "hflip": True, "caption_dropout": 0.2}
     trained, grads = {}, {}

@@ -23,7 +23,7 @@ from diffattr.journey import featurize_journey
 from diffattr.models import KINDS, PixelDDPM, build_model, load_model
 from diffattr.project import make_projector
 from diffattr.storage import read_array, read_attrs, read_member, write_array
-from diffattr.train import train_and_save
+from diffattr.train import train, train_and_save
 
 from conftest import TINY_SPEC, abar, assert_close, assert_far, velocity
 
@@ -184,6 +184,23 @@ def test_training_loss_is_the_v_loss_of_each_images_label(run, tmp_path):
     assert_close(logged, loss(lambda i: labels[i], v), 1e-5)
     assert_far(logged, loss(lambda i: labels[i], lambda j: eps[j]), 1e-5)
     assert_far(logged, loss(lambda i: (labels[i] + 1) % NUM_CLASSES, v), 1e-5)
+
+
+def test_bf16_training_follows_fp32_in_fp32_weights(run):
+    """Mixed precision on the CPU (bf16 autocast): each step's loss is within bf16's rounding of the fp32
+    training's but not equal to it (autocast took effect); the weights are trained and kept in fp32."""
+    images = torch.from_numpy(load_images(run["root"] / "train.zarr"))
+    labels = torch.from_numpy(load_labels(run["root"] / "train.zarr"))
+    spec = {**TRAIN, "steps": 6, "hflip": True}
+    losses, weights = {}, {}
+    for dtype in ("fp32", "bf16"):
+        model = build_model(SPEC, SEED)
+        losses[dtype] = train(model, images, labels, {**spec, "dtype": dtype}, SEED)["loss"].to_numpy(copy=True)
+        weights[dtype] = list(model.unet.parameters())
+    assert_close(losses["bf16"], losses["fp32"], 2e-2)
+    assert not np.array_equal(losses["bf16"], losses["fp32"])
+    initial = list(build_model(SPEC, SEED).unet.parameters())
+    assert all(p.dtype == torch.float32 and not torch.equal(p, q) for p, q in zip(weights["bf16"], initial))
 
 
 def test_generation_set_matches_a_hand_ddim_loop_of_each_recorded_label(run):

@@ -81,23 +81,24 @@ def params(model):
     return [p.detach().clone() for p in model.unet.parameters()]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: mixed precision (autocast) on the CPU
 def test_training_resumed_from_a_checkpoint_is_bitwise_an_uninterrupted_one(images, tmp_path, monkeypatch,
-                                                                           capsys):
-    data = torch.from_numpy(images)
+                                                                           capsys, dtype):
+    data, spec = torch.from_numpy(images), {**TRAIN_SPEC, "dtype": dtype}
     reference = build_model(MODEL_SPEC, 0)
-    reference_log = training.train(reference, data, None, TRAIN_SPEC, 0)
+    reference_log = training.train(reference, data, None, spec, 0)
 
     checkpoint = tmp_path / ".model.ckpt"
     crash_after(monkeypatch, training, "_save_checkpoint", 2)  # killed just after the step-8 checkpoint
     with pytest.raises(Crash):
-        training.train(build_model(MODEL_SPEC, 0), data, None, TRAIN_SPEC, 0, checkpoint=checkpoint)
+        training.train(build_model(MODEL_SPEC, 0), data, None, spec, 0, checkpoint=checkpoint)
     monkeypatch.undo()
     assert torch.load(checkpoint, weights_only=False)["step"] == 8
 
     torch.manual_seed(999)  # whatever the global RNG holds, the checkpoint's state is restored
     resumed = build_model(MODEL_SPEC, 0)
     capsys.readouterr()
-    log = training.train(resumed, data, None, TRAIN_SPEC, 0, checkpoint=checkpoint)
+    log = training.train(resumed, data, None, spec, 0, checkpoint=checkpoint)
     assert f"{checkpoint}: resuming from step 8 of 12" in capsys.readouterr().out
     assert all(torch.equal(p, q) for p, q in zip(params(resumed), params(reference)))
     pd.testing.assert_frame_equal(log, reference_log, check_exact=True)

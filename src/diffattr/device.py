@@ -10,7 +10,8 @@ import os
 
 import torch
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the precisions computed under autocast
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -39,11 +40,14 @@ def device_name(device: torch.device) -> str:
 @contextlib.contextmanager
 def precision(name: str, device: torch.device):
     """Compute inside the block in `fp32` (the paper's setting), `tf32` (fp32 storage, TensorFloat-32
-    matmuls and convolutions on Ampere or newer GPUs; plain fp32 elsewhere) or `bf16` (autocast)."""
+    matmuls and convolutions on Ampere or newer GPUs; plain fp32 elsewhere), `bf16` or `fp16` (autocast;
+    fp16 on a GPU only, where its gradients need a scaler: diffattr.train)."""
     if name not in PRECISIONS:
         raise ValueError(f"precision: '{name}' is not one of {', '.join(PRECISIONS)}")
-    if name == "bf16":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision: fp16 needs a CUDA device, not {device}; use bf16 or fp32 there")
+    if name in AUTOCAST:
+        with torch.autocast(device.type, dtype=AUTOCAST[name]):
             yield
         return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -72,13 +72,38 @@ def validate_config(config: dict, libraries: bool = True) -> dict[str, dict]:
 
 def resolve_all(config: dict, libraries: bool = True) -> dict[str, dict]:
     """Every preset resolved and validated (bases before the presets that inherit from them, so that
-    a fault is reported where it is written), and the selected `experiment` known to exist."""
+    a fault is reported where it is written), and the selected `experiment` known to exist and
+    possible on the config's device (`_check_device`)."""
     presets = config.get("experiments") or {}
     chains = {name: _chain(presets, name) for name in presets}
     resolved = {name: experiment(config, name, libraries) for name in sorted(presets, key=lambda n: len(chains[n]))}
-    if config.get("experiment") not in presets:
-        raise ConfigError(undefined_preset("experiment", config.get("experiment"), presets))
+    selected = config.get("experiment")
+    if selected not in presets:
+        raise ConfigError(undefined_preset("experiment", selected, presets))
+    faults = _check_device(resolved[selected], config.get("device", "auto"), libraries)
+    if faults:
+        raise ConfigError("\n".join(f"experiments.{selected}.{fault}" for fault in faults))
     return {name: resolved[name] for name in presets}
+
+
+def _check_device(settings: dict, device: str, libraries: bool = True) -> list[str]:
+    """What the device rules out: fp16 training off a CUDA GPU. Held for the selected experiment
+    only: every preset is resolved on every run, a GPU preset's on a CPU too (a target of another
+    preset meets device.precision's refusal when its training starts). `device: auto` is resolved
+    when `libraries` (torch imported); a job's process runs on what the main one checked."""
+    dtype = settings["train"].get("dtype", "fp32")
+    if dtype != "fp16" or device not in ("cpu", "auto"):
+        return []
+    if device == "auto":
+        if not libraries:
+            return []
+        from .device import resolve_device
+
+        if resolve_device(device).type != "cpu":
+            return []
+        device = "auto, where torch sees no CUDA GPU"
+    return [f"train.dtype: got {show(dtype)}; expected fp32, tf32 or bf16 on device {device}: fp16 training "
+            "needs a CUDA GPU"]
 
 
 def undefined_preset(where: str, value, presets) -> str:

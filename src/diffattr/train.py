@@ -2,6 +2,16 @@
 
 L_Simple is the mean squared error of the network's prediction against its target: the noise for
 an epsilon-prediction model, the velocity for a v-prediction one (`DiffusionModel.target`).
+
+`train.dtype` is the arithmetic: the protocol's fp32, tf32, or mixed precision (bf16, fp16) as the
+diffusers LoRA example that the reference launches with `accelerate --mixed_precision=fp16`: the
+forward pass under autocast, the loss in fp32, fp16's gradients through a loss scaler (unscaled
+before clipping; a step the scaler skips for overflowing gradients does not advance the learning
+rate schedule, as accelerate's), the trainable parameters and the optimizer in fp32. We call
+torch.amp directly, not accelerate's Accelerator, whose process-wide state fixes one precision per
+process while tests train in several, and whose scaler and schedule wrappers would have to be
+checkpointed through its own files to resume bitwise. Frozen weights (a LoRA's base) stay fp32 in
+memory: autocast casts them per operation, so a trained model's base is bitwise the one it started from.
 """
 from __future__ import annotations
 
@@ -96,8 +106,13 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     deletes the checkpoint once the final weights are stored.
     With a `kept` folder, the weights after each step of `kept_steps(spec)` are saved there
     (`KeptWeights`); a checkpoint past a kept step whose weights are missing there is not resumed.
+    `spec["dtype"]` (default fp32; device.PRECISIONS): the arithmetic, see the module's docstring.
     """
     every = checkpoint_every(spec)
+    dtype = spec.get("dtype", "fp32")
+    device = torch.device(device)
+    # fp32 for what autocast leaves in fp32 and for the backward pass, TF32 only when asked
+    arithmetic = "tf32" if dtype == "tf32" else "fp32"
     keep = kept_steps(spec) if kept is not None else []
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -107,6 +122,7 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
                                   weight_decay=float(spec["weight_decay"]), foreach=True)
     schedule = get_cosine_schedule_with_warmup(
         optimizer, int(round(float(spec["warmup_fraction"]) * steps)), steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # disabled: a pass-through
     n_timesteps = model.scheduler.config.num_train_timesteps
     images = images.to(device)
     labels = None if labels is None else labels.to(device)
@@ -118,7 +134,7 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     order, cursor, log = torch.randperm(len(images), generator=gen), 0, []
     first, store = 0, None
     if checkpoint is not None or keep:
-        identity = _identity(model, images, labels, spec, seed, torch.device(device), flipped)
+        identity = _identity(model, images, labels, spec, seed, device, flipped)
     if keep:
         store = KeptWeights(kept, identity)
     if checkpoint is not None:
@@ -131,7 +147,7 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
             Path(checkpoint).unlink()
             state = None
         if state is not None:
-            first, order, cursor, log = _restore(state, params, optimizer, schedule, gen)
+            first, order, cursor, log = _restore(state, params, optimizer, schedule, scaler, gen)
             print(f"{checkpoint}: resuming from step {first} of {steps}", flush=True)
     progress = Progress(steps, "training steps", done=first)
     for step in range(first, steps):
@@ -154,12 +170,18 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
             batch_labels = torch.where(drop, torch.full_like(batch_labels, DROPPED), batch_labels)
         cond = model.conditioning(batch_labels)
         optimizer.zero_grad(set_to_none=True)
-        with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
-            loss = (model.predict(x_t, t, cond) - model.target(x0, noise, t)).pow(2).mean()
-            loss.backward()
+        with precision(arithmetic, device):  # the protocol's fp32: no TF32 convolutions on a GPU
+            with precision(dtype, device):  # bf16, fp16: autocast, the forward pass only
+                prediction = model.predict(x_t, t, cond)
+            loss = (prediction.float() - model.target(x0, noise, t)).pow(2).mean()
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(spec["grad_clip"]))
-        optimizer.step()
-        schedule.step()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped when fp16's gradients overflowed; the scale then drops
+        scaler.update()
+        if scaler.get_scale() >= scale:
+            schedule.step()
         log.append((step, loss.item(), float(grad_norm), schedule.get_last_lr()[0]))
         progress.step()
         if store is not None and step + 1 in keep:
@@ -168,7 +190,8 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
             _save_checkpoint(Path(checkpoint), {
                 "identity": identity, "step": step + 1, "order": order, "cursor": cursor, "log": log,
                 "params": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "gen": gen.get_state(), **_global_rng_states()})
+                "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "gen": gen.get_state(),
+                **_global_rng_states()})
     model.train(False)
     return pd.DataFrame(log, columns=["step", "loss", "grad_norm", "lr"])
 
@@ -218,8 +241,8 @@ def _load_checkpoint(path: Path, identity: str) -> dict | None:
     return None
 
 
-def _restore(state: dict, params, optimizer, schedule, gen) -> tuple:
-    """Put a checkpoint's weights, optimizer, schedule and random states back; return
+def _restore(state: dict, params, optimizer, schedule, scaler, gen) -> tuple:
+    """Put a checkpoint's weights, optimizer, schedule, loss scale and random states back; return
     (next step, epoch permutation, cursor in it, loss log). Only trainable parameters are saved: the
     rest of the model is its seeded initial state, which the identity already pins."""
     with torch.no_grad():
@@ -227,6 +250,7 @@ def _restore(state: dict, params, optimizer, schedule, gen) -> tuple:
             param.copy_(saved)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    scaler.load_state_dict(state["scaler"])
     gen.set_state(state["gen"])
     torch.set_rng_state(state["torch_rng"])
     np.random.set_state(state["numpy_rng"])
