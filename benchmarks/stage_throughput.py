@@ -82,8 +82,8 @@ def stacked_against_sequential(settings: dict, images: np.ndarray, device, model
 def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 256,
                      feature_batch: int | None = None, proj_dim: int = 64) -> dict[str, float]:
     """Units of work per second (diffattr.cost.UNITS) of the preset's model on `device`, each timed
-    after a warm-up call on random weights and images: training steps at `train.batch_size`,
-    ground-truth evaluations per precision, per-sample gradients (K = 10, `feature_batch` samples,
+    after a warm-up call on random weights and images: training steps at `train.batch_size` and
+    ground-truth evaluations, per precision (fp32 only on a CPU), per-sample gradients (K = 10, `feature_batch` samples,
     default `featurize.batch_size`), projected row-dimensions (the job's projector at k = `proj_dim`:
     its cost is linear in k, so a small k measures it), and DDIM image-steps (fp32)."""
     model = build_model(settings["model"], seed=0)  # the default (fused) attention, as the stages use it
@@ -91,10 +91,11 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     images = np.random.default_rng(0).uniform(-1, 1, (1024, *shape)).astype(np.float32)
     rates = {}
 
-    spec = {**settings["train"], "steps": 5}
-    train(model, torch.from_numpy(images), None, spec, seed=0, device=device)  # warm-up
-    rates["train_step"] = steps / timed(lambda: train(model, torch.from_numpy(images), None,
-                                                      {**spec, "steps": steps}, seed=0, device=device))
+    for dtype in ("fp32", "tf32", "bf16", "fp16") if device.type == "cuda" else ("fp32",):  # train.dtype's choices
+        spec = {**settings["train"], "steps": 5, "dtype": dtype}
+        train(model, torch.from_numpy(images), None, spec, seed=0, device=device)  # warm-up
+        rates[f"train_step_{dtype}"] = steps / timed(lambda: train(model, torch.from_numpy(images), None,
+                                                                   {**spec, "steps": steps}, seed=0, device=device))
 
     gt = settings["ground_truth"]
     timesteps = list(range(0, 1000, 10))

@@ -47,8 +47,8 @@ def test_default_work_written_out():
     DDIM steps; Journey-TRAK: the 100 generated images' 50 trajectory steps, projected to 512."""
     p = plan("default")
     totals = {row.rule: row.work for row in plan_cost(p, {})}
-    assert totals["train_lds"] == Counter(train_step=72 * 150)
-    assert totals["train_full"] == Counter(train_step=600)
+    assert totals["train_lds"] == Counter(train_step_fp32=72 * 150)
+    assert totals["train_full"] == Counter(train_step_fp32=600)
     assert totals["ground_truth"] == Counter(eval_fp32=72 * 200 * 20)
     assert totals["generate"] == Counter(ddim_step_fp32=100 * 50)
     assert totals["featurize_journey"] == Counter(ddim_step_fp32=100 * 50, gradient=100 * 50, projection=100 * 512)
@@ -83,7 +83,7 @@ def test_hours_are_work_over_throughput():
     rows = {row.rule: row for row in plan_cost(p, {unit: 2.0 for unit in UNITS})}
     assert rows["train_lds"].seconds == 72 * 150 / 2.0
     assert math.isclose(rows["featurize_journey"].seconds, (100 * 50 * 2 + 100 * 512) / 2.0)
-    partial = {row.rule: row for row in plan_cost(p, {"train_step": 1.0})}
+    partial = {row.rule: row for row in plan_cost(p, {"train_step_fp32": 1.0})}
     assert partial["train_lds"].seconds == 72 * 150 and partial["ground_truth"].seconds is None
 
 
@@ -103,7 +103,8 @@ def test_measured_units_are_the_cost_models_units():
     settings = experiment(CONFIG, "tiny", libraries=False)
     rates = stage_throughput.unit_throughputs(settings, torch.device("cpu"), steps=2, gt_images=4,
                                               feature_batch=2, proj_dim=8)
-    assert set(rates) == set(UNITS) - {"eval_tf32", "eval_bf16", "ddim_step_tf32", "ddim_step_bf16", *LATENT_UNITS}
+    gpu_only = {f"{stage}_{dtype}" for stage in ("train_step", "eval", "ddim_step") for dtype in ("tf32", "bf16", "fp16")}
+    assert set(rates) == set(UNITS) - gpu_only - {*LATENT_UNITS}
     assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
 
 
@@ -115,7 +116,7 @@ def test_latent_work_written_out():
     assert totals["encode"] == Counter(vae_encode=5000 + 1000)
     assert totals["encode_flipped"] == Counter(vae_encode=5000)
     assert totals["decode_generated"] == Counter(vae_decode=1000)
-    assert totals["train_full"] == Counter(train_step=7813) and totals["train_lds"] == Counter(train_step=192 * 3907)
+    assert totals["train_full"] == Counter(train_step_fp16=7813) and totals["train_lds"] == Counter(train_step_fp16=192 * 3907)
     assert totals["ground_truth"] == Counter(eval_fp32=192 * 2000 * 1000 * 3)
     assert "base" not in totals
     base = plan("sd-digits").settings["model"]["base"]
@@ -128,6 +129,6 @@ def test_a_preset_without_measured_throughputs_gets_its_work_and_the_missing_uni
     is listed with its work and no hours, and the units without a throughput are named."""
     cost.main(["artbench2"])
     out = capsys.readouterr().out
-    assert "no measured throughputs" in out and "| train_lds | 192 | 7.5e+05 train_step | | | |" in out
+    assert "no measured throughputs" in out and "| train_lds | 192 | 7.5e+05 train_step_fp16 | | | |" in out
     assert "encode_flipped (vae_encode)" in out and "decode_generated (vae_decode)" in out
     assert "| **total** | 0 |" in out and "Throughputs (units/s): none" in out

@@ -4,7 +4,7 @@ each unit on that device. The work of a job is read from its output path and the
 cost follows the plan: a rule the plan gains shows up here, as unmodelled until its work is named.
 
 Units (what one unit is):
-- `train_step`: one optimizer step at the preset's `train.batch_size`;
+- `train_step_<dtype>`: one optimizer step at the preset's `train.batch_size` in its `train.dtype`;
 - `eval_<dtype>`: one UNet forward pass of one noised image in that precision (ground truth; DAS's
   residuals, fp32);
 - `gradient`: the per-sample gradient of one noised copy (featurization: samples x K x noises);
@@ -27,8 +27,8 @@ from .plan import PATHS, Plan
 from .protocol import FeatureSet, parse_influence_store
 
 LATENT_UNITS = ("vae_encode", "vae_decode", "base_vae_step", "base_unet_step")
-UNITS = ("train_step", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "projection",
-         "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16", *LATENT_UNITS)
+UNITS = ("train_step_fp32", "train_step_tf32", "train_step_bf16", "train_step_fp16", "eval_fp32", "eval_tf32",
+         "eval_bf16", "gradient", "projection", "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16", *LATENT_UNITS)
 # Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
 HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
                         "tracin", "baseline", "score_ensemble", "retrain_score", "lds", "lds_other_truth",
@@ -85,7 +85,7 @@ class Work:
             return None
         if rule in ("train_full", "train_lds", "train_retrain"):
             steps = s["train"]["full_steps" if rule == "train_full" else "lds_steps"]
-            return Counter(train_step=int(steps))
+            return Counter({f"train_step_{s['train'].get('dtype', 'fp32')}": int(steps)})
         if rule in ("ground_truth", "ground_truth_other_function"):
             pool = "/ground_truth/retrain/" in output  # a pool model's outputs (rules/ground_truth.smk)
             spec = self.plan.retrain if pool else s["ground_truth"]
