@@ -31,7 +31,7 @@ from diffattr.lds import ground_truth_matrix, select_lambda, spearman_rows
 from diffattr.methods import read_predictions
 from diffattr.models import load_model
 from diffattr.plan import Plan, path
-from diffattr.protocol import ModelName, select_timesteps, stratified_timesteps
+from diffattr.protocol import ModelName, ground_truth_timesteps, select_timesteps, stratified_timesteps
 from diffattr.storage import atomic_output
 from presets import preset_settings
 
@@ -111,7 +111,7 @@ def table(preset: str, dtype: str) -> pd.DataFrame:
     stored = load_draws(preset, dtype, plan.lds_models)
     reference_draws = stored if dtype == "fp32" else load_draws(preset, "fp32", plan.lds_models)
     held = next(iter(stored.values()))
-    own = (select_timesteps(int(gt["timesteps"]), "uniform", T), list(gt["noise_seeds"]))
+    own = (ground_truth_timesteps(gt, T), list(gt["noise_seeds"]))
     budgets = {**BUDGETS, f"U{len(own[0])} x{len(own[1])}": own}  # the preset's own, when not listed
     budgets = {name: (timesteps, noises) for name, (timesteps, noises) in budgets.items()
                if set(timesteps) <= set(held["timesteps"]) and set(noises) <= set(held["noise_seeds"])}

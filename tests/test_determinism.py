@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import zarr
 
 from diffattr import noise
 from diffattr.protocol import parse_function, select_timesteps, stratified_timesteps
 from diffattr.generate import sample
-from diffattr.ground_truth import draw_losses, query_losses
+from diffattr.ground_truth import compute_and_save, draw_losses, query_losses
 from diffattr.models import build_model, load_model
 from diffattr.storage import write_array
 from diffattr.train import train, train_and_save
@@ -259,3 +260,27 @@ def test_parse_function():
 def test_parse_function_rejects_unknown_names(name):
     with pytest.raises(ValueError, match=f"'{name}'"):
         parse_function(name)
+
+
+def test_stratified_ground_truth_is_deterministic_and_batch_independent(make_tiny_model, tiny_spec, tiny_images,
+                                                                       tmp_path):
+    """ground_truth.scheme: stratified averages over stratified_timesteps(timesteps, seed=timestep_seed),
+    recorded in the store; the values do not depend on the batch size, and another seed draws others."""
+    make_tiny_model(3).save(tmp_path / "m")
+    weights = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    write_array(tmp_path / "val.zarr", tiny_images[:3], {})
+    write_array(tmp_path / "gen.zarr", tiny_images[3:5], {})
+    paths = {"val": tmp_path / "val.zarr", "gen": tmp_path / "gen.zarr"}
+    spec = {"timesteps": 5, "noise_seeds": [0, 1], "scheme": "stratified", "timestep_seed": 7}
+    stores = {}
+    for batch_size in (3, 1000):
+        stores[batch_size] = tmp_path / f"b{batch_size}.zarr"
+        compute_and_save(weights, tiny_spec, paths, {**spec, "batch_size": batch_size}, stores[batch_size])
+    small, large = (zarr.open_group(stores[b], mode="r") for b in (3, 1000))
+    timesteps = stratified_timesteps(5, seed=7)
+    assert small.attrs["timesteps"] == timesteps != select_timesteps(5, "uniform")
+    np.testing.assert_allclose(small["val"][...], large["val"][...], rtol=1e-6)
+    np.testing.assert_allclose(small["val"][...], query_losses(make_tiny_model(3), tiny_images[:3], timesteps, [0, 1], 4),
+                               rtol=1e-6)
+    compute_and_save(weights, tiny_spec, paths, {**spec, "timestep_seed": 8, "batch_size": 8}, tmp_path / "other.zarr")
+    assert zarr.open_group(tmp_path / "other.zarr", mode="r").attrs["timesteps"] != timesteps

@@ -23,7 +23,7 @@ from .generate import ddim_scheduler, decode_images, denoise, guidance_scale
 from .ground_truth import query_losses, training_record
 from .methods import RANDOM_INIT
 from .models import load_model
-from .protocol import lambda_grid, select_timesteps
+from .protocol import ground_truth_timesteps, lambda_grid
 from .score import READERS, read_feature_pair, singleton_scores
 from .storage import atomic_output, file_sha256, read_array, write_array
 
@@ -74,7 +74,7 @@ def regenerate(weights_path, model_spec: dict, gen_path, gen_indices, gen_spec: 
         for i in rows]).astype(np.float32)
     if model.stores_latents:  # CLIP and the figure look at images
         images = decode_images(model, images, len(images), device)
-    timesteps = select_timesteps(int(loss_spec["timesteps"]), "uniform", model.scheduler.config.num_train_timesteps)
+    timesteps = ground_truth_timesteps(loss_spec, model.scheduler.config.num_train_timesteps)
     generated = load_images(gen_path)
     # one query at a time in the generation set's rows: its noise is that of its ground truth
     losses = np.concatenate([query_losses(model, generated, timesteps, list(loss_spec["noise_seeds"]),

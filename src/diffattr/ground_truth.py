@@ -16,7 +16,7 @@ from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
 from .progress import Progress
-from .protocol import DEFAULT_GT_FUNCTION, select_timesteps
+from .protocol import DEFAULT_GT_FUNCTION, ground_truth_timesteps
 from .storage import ResumableOutput, array_sha256, file_sha256
 from .train import TRAINING_RECORD
 
@@ -88,7 +88,7 @@ def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: di
     """One store per model: an array of per-query losses for each query split, written in chunks of
     queries; a rerun after a kill computes only the chunks not yet written (storage.ResumableOutput)."""
     model = load_model(model_spec, Path(weights_path).parent)
-    timesteps = select_timesteps(int(spec["timesteps"]), "uniform", model.scheduler.config.num_train_timesteps)
+    timesteps = ground_truth_timesteps(spec, model.scheduler.config.num_train_timesteps)
     seeds, batch_size, dtype = list(spec["noise_seeds"]), int(spec["batch_size"]), spec.get("dtype", "fp32")
     function = spec.get("function", DEFAULT_GT_FUNCTION)
     attrs = {"model_sha256": file_sha256(weights_path), "timesteps": timesteps,

@@ -40,6 +40,16 @@ def select_timesteps(count: int, scheme: str, num_train_timesteps: int = 1000) -
     raise ValueError(f"timestep scheme '{scheme}': expected 'uniform' or 'cumulative'")
 
 
+def ground_truth_timesteps(spec: dict, num_train_timesteps: int = 1000) -> list[int]:
+    """The timesteps a ground-truth spec averages over (`ground_truth.timesteps` of them): the
+    protocol's uniform range(0, T, T // K), or `scheme: stratified`, one random timestep per stratum
+    (`stratified_timesteps`, seed `timestep_seed`), the same for every model and query."""
+    count = int(spec["timesteps"])
+    if spec.get("scheme", "uniform") == "stratified":
+        return stratified_timesteps(count, num_train_timesteps, int(spec.get("timestep_seed", 0)))
+    return select_timesteps(count, "uniform", num_train_timesteps)
+
+
 def stratified_timesteps(count: int, num_train_timesteps: int = 1000, seed: int = 0) -> list[int]:
     """One timestep drawn uniformly in each of `count` equal strata of [0, T) (numpy generator `seed`):
     an unbiased estimate of the mean over all T timesteps, with less variance than `count` independent
