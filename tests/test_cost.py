@@ -132,3 +132,23 @@ def test_a_preset_without_measured_throughputs_gets_its_work_and_the_missing_uni
     assert "no measured throughputs" in out and "| train_lds | 192 | 7.5e+05 train_step_fp16 | | | |" in out
     assert "encode_flipped (vae_encode)" in out and "decode_generated (vae_decode)" in out
     assert "| **total** | 0 |" in out and "Throughputs (units/s): none" in out
+
+
+def test_cifar2_fast_is_cifar2s_table_for_a_thirtieth_of_its_ground_truth():
+    """cifar2-fast plans exactly cifar2's jobs (the same table: every method, function, K, k and
+    ablation row); its ground truth and pool outputs are 100 timesteps x 1 noise in bf16, so at the
+    stored H200 throughputs its ground truth costs under a 50th of cifar2's and the whole plan under
+    a quarter (training then dominates)."""
+    slow, fast = plan("cifar2"), plan("cifar2-fast")
+    renamed = {rule: sorted(o.replace("cifar2-fast", "cifar2") for o in outputs) for rule, outputs in fast.jobs().items()}
+    assert renamed == {rule: sorted(outputs) for rule, outputs in slow.jobs().items()}
+    work = Work(fast)
+    for model in ("s000-r0", "retrain/s000-r0"):
+        assert work.job("ground_truth", path("ground_truth", root="results/cifar2-fast", model=model)) == Counter(
+            eval_bf16=2000 * 100)
+    throughputs, _ = cost.stored_throughputs(cost.STORED, "cifar2-fast", fast.settings)
+    hours = {name: {row.rule: row.seconds / 3600 for row in plan_cost(p, throughputs) if row.seconds is not None}
+             for name, p in (("slow", slow), ("fast", fast))}
+    truth = lambda name: hours[name]["ground_truth"] + hours[name]["ground_truth_other_function"]
+    assert truth("fast") < truth("slow") / 50
+    assert sum(hours["fast"].values()) < sum(hours["slow"].values()) / 3.9
