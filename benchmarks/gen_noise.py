@@ -38,7 +38,7 @@ from diffattr.lds import ground_truth_matrix, lds, lds_difference_interval, lds_
 from diffattr.methods import read_predictions
 from diffattr.models import load_model
 from diffattr.plan import Plan, path
-from diffattr.protocol import FeatureSet, ModelName, lambda_grid, select_timesteps
+from diffattr.protocol import FeatureSet, ModelName, ground_truth_timesteps, lambda_grid
 from diffattr.score import read_masks, subset_predictions
 from diffattr.settings import deep_merge
 from gt_budget import NOISES, budget_truth, load_draws
@@ -100,7 +100,7 @@ def projection_rows(run: Run, seeds) -> list[dict]:
 
 def generation_rows(run: Run, seeds) -> list[dict]:
     spec, gt = run.settings["generate"], run.settings["ground_truth"]
-    timesteps = select_timesteps(int(gt["timesteps"]), "uniform", run.plan.num_train_timesteps)
+    timesteps = ground_truth_timesteps(gt, run.plan.num_train_timesteps)
     seed0 = int(run.grid["proj_seed"])
     train = {label: run.features(label, *run.samples["train"], seed0) for label in METHODS}
     models = {n: load_model(run.settings["model"], path("model", experiment=run.preset, family="lds", model=n))
@@ -135,7 +135,7 @@ def truth_rows(run: Run) -> list[dict]:
     """Ground-truth draws (each noise seed alone at the preset's timesteps) and training seeds (one per
     subset), scored with the run's own predictions."""
     stored = load_draws(run.preset, "fp32", run.plan.lds_models)
-    timesteps = select_timesteps(int(run.settings["ground_truth"]["timesteps"]), "uniform", run.plan.num_train_timesteps)
+    timesteps = ground_truth_timesteps(run.settings["ground_truth"], run.plan.num_train_timesteps)
     rows = []
     for split in ("val", "gen"):
         preds = stored_predictions(run, split)
@@ -191,7 +191,7 @@ def main() -> None:
         else:
             rows = generation_rows(run, [int(run.settings["generate"]["seed"]) + 1000 * i for i in (1, 2, 3)])
         pd.DataFrame(rows).to_csv(out / f"{source}.csv", index=False)
-    frames = [pd.read_csv(out / f"{source}.csv") for source in args.sources]
+    frames = [pd.read_csv(out / f"{source}.csv") for source in SOURCES if (out / f"{source}.csv").exists()]
     if frames:
         frame = pd.concat(frames)
         frame["D-TRAK - TRAK"] = frame["D-TRAK"] - frame["TRAK"]
