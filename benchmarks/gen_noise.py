@@ -34,7 +34,8 @@ from diffattr.data import load_images, load_labels
 from diffattr.featurize import features, make_feature_projector
 from diffattr.generate import generation_labels, guidance_scale, sample
 from diffattr.ground_truth import query_losses
-from diffattr.lds import ground_truth_matrix, lds, lds_difference_interval, lds_interval, select_lambda
+from diffattr.lds import (ground_truth_matrix, lds, lds_difference_interval, lds_interval, select_lambda,
+                          subset_means)
 from diffattr.methods import read_predictions
 from diffattr.models import load_model
 from diffattr.plan import Plan, path
@@ -112,12 +113,9 @@ def generation_rows(run: Run, seeds) -> list[dict]:
         labels = generation_labels(run.full, int(spec["n"]))
         images = sample(run.full, int(spec["n"]), run.full.latent_shape(), int(spec["steps"]), float(spec["eta"]),
                         seed, int(spec["batch_size"]), labels=labels, guidance=guidance_scale(spec))
-        per_subset: dict[int, list] = {}
-        for name, model in models.items():
-            losses = query_losses(model, images, timesteps, list(gt["noise_seeds"]), int(gt["batch_size"]),
-                                  labels=labels)
-            per_subset.setdefault(ModelName.parse(name).subset, []).append(losses)
-        truth = np.stack([np.mean(per_subset[j], axis=0) for j in range(run.m)], axis=1)
+        truth = subset_means({name: query_losses(model, images, timesteps, list(gt["noise_seeds"]),
+                                                 int(gt["batch_size"]), labels=labels)
+                              for name, model in models.items()}, run.m)
         row = {"source": "generated images", "replicate": f"generate.seed {seed}", "split": "gen"}
         for label in METHODS:
             row[label] = run.lds(run.predictions(train[label], run.features(label, images, labels, seed0)), truth)["lds"]

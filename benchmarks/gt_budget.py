@@ -27,7 +27,7 @@ import pandas as pd
 
 from diffattr.data import load_images, load_labels
 from diffattr.ground_truth import draw_losses
-from diffattr.lds import ground_truth_matrix, select_lambda, spearman_rows
+from diffattr.lds import ground_truth_matrix, select_lambda, spearman_rows, subset_means
 from diffattr.methods import read_predictions
 from diffattr.models import load_model
 from diffattr.plan import Plan, path
@@ -87,15 +87,15 @@ def draws(preset: str, dtype: str, batch_size: int, budget: str | None = None) -
 
 def budget_truth(stored: dict, split: str, timesteps, noises, n_subsets: int) -> np.ndarray:
     """(queries, subsets) ground truth of one budget: each model's mean over the budget's draws (its
-    timesteps and noise seeds), then the mean over a subset's training seeds, as
-    lds.ground_truth_matrix does."""
-    per_subset: dict[int, list] = {}
-    for name, arrays in stored.items():
+    timesteps and noise seeds), then the mean over a subset's training seeds (lds.subset_means, as
+    the workflow's ground_truth_matrix)."""
+
+    def mean(arrays):
         rows = [list(arrays["noise_seeds"]).index(s) for s in noises]
         columns = [list(arrays["timesteps"]).index(t) for t in timesteps]
-        values = arrays[split][:, rows][:, :, columns].mean(axis=(1, 2))
-        per_subset.setdefault(ModelName.parse(name).subset, []).append(values)
-    return np.stack([np.mean(per_subset[j], axis=0) for j in range(n_subsets)], axis=1)
+        return arrays[split][:, rows][:, :, columns].mean(axis=(1, 2))
+
+    return subset_means({name: mean(arrays) for name, arrays in stored.items()}, n_subsets)
 
 
 def mean_spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -150,7 +150,7 @@ def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int,
     that records its model's subsets table (`subsets_sha256`) or `subset` must match the table in use
     and its model's name.
     """
-    per_subset: dict[int, list[np.ndarray]] = {}
+    per_model: dict[str, np.ndarray] = {}
     first, models = None, {}
     for name, path in truth_paths.items():
         losses, attrs = read_member(path, split)
@@ -173,11 +173,20 @@ def ground_truth_matrix(truth_paths: dict, split: str, n_subsets: int,
             raise ProvenanceError(f"{path}: the ground truth of a model trained with seed {attrs['train_seed']}, "
                                   f"given as {name}'s")
         require_finite(f"{path} ({split})", losses)
-        per_subset.setdefault(model.subset, []).append(losses)
+        per_model[name] = losses
+    return subset_means(per_model, n_subsets), first[1]
+
+
+def subset_means(per_model: dict, n_subsets: int) -> np.ndarray:
+    """(m, M): each subset's per-query values averaged over its models' training seeds; `per_model`
+    maps model names s<subset>-r<seed> to (m,) arrays."""
+    per_subset: dict[int, list[np.ndarray]] = {}
+    for name, values in per_model.items():
+        per_subset.setdefault(ModelName.parse(name).subset, []).append(values)
     missing = sorted(set(range(n_subsets)) - set(per_subset))
     if missing:
         raise ValueError(f"ground truth is missing for subsets {missing}")
-    return np.stack([np.mean(per_subset[j], axis=0) for j in range(n_subsets)], axis=1), first[1]
+    return np.stack([np.mean(per_subset[j], axis=0) for j in range(n_subsets)], axis=1)
 
 
 def checkpoint_label(attrs: dict) -> str:
