@@ -124,3 +124,25 @@ def test_lds_difference_interval_is_paired():
     assert high - low < 0.6 * min(good_high - good_low, worse_high - worse_low)
     same = lds_difference_interval(good, good, truth)
     assert same == (0.0, 0.0, 0.0)
+
+
+def test_lds_difference_interval_of_two_runs_against_a_resample_loop():
+    """Two runs, each with its own truth on the same subsets: the interval is the percentile of the
+    per-resample differences, each run's LDS recomputed by scipy on the same resampled columns."""
+    rng = np.random.default_rng(3)
+    m, n_subsets, resamples = 8, 12, 200
+    signal = rng.normal(size=(m, n_subsets))
+    truth_a = signal + 0.5 * rng.normal(size=(m, n_subsets))
+    truth_b = signal + 0.5 * rng.normal(size=(m, n_subsets))
+    pred_a, pred_b = signal + 0.3 * rng.normal(size=(m, n_subsets)), signal + rng.normal(size=(m, n_subsets))
+    diff, low, high = lds_difference_interval(pred_a, pred_b, truth_a, n_resamples=resamples, truth_b=truth_b)
+    assert diff == pytest.approx(lds(pred_a, truth_a) - lds(pred_b, truth_b), abs=1e-15)
+    assert diff != pytest.approx(lds(pred_a, truth_a) - lds(pred_b, truth_a), abs=1e-3)  # truth_b is used
+    columns = np.random.default_rng(0).integers(0, n_subsets, size=(resamples, n_subsets))
+    loop = [np.nanmean(loop_spearman(pred_a[:, c], truth_a[:, c])) - np.nanmean(loop_spearman(pred_b[:, c], truth_b[:, c]))
+            for c in columns]
+    # scipy's resamples are its own: compare the interval to the loop's spread, not draw by draw
+    assert np.quantile(loop, 0.01) < low < diff < high < np.quantile(loop, 0.99)
+    assert lds_difference_interval(pred_a, pred_b, truth_a, n_resamples=resamples) != (diff, low, high)
+    with pytest.raises(ValueError, match="truth_b"):
+        lds_difference_interval(pred_a, pred_b, truth_a, truth_b=truth_b[:, :5])

@@ -38,16 +38,19 @@ def lds_interval(pred, truth, confidence=0.95, n_resamples=1000, seed=0) -> tupl
 
 
 def lds_difference_interval(pred_a, pred_b, truth, confidence=0.95, n_resamples=1000,
-                            seed=0) -> tuple[float, float, float]:
-    """LDS(a) - LDS(b) and its bootstrap interval, both methods on the same resampled subsets (a
-    paired comparison: the subsets' shared noise cancels, so it can order two methods whose own
-    intervals overlap)."""
+                            seed=0, truth_b=None) -> tuple[float, float, float]:
+    """LDS(a) - LDS(b) and its bootstrap interval, both on the same resampled subsets (a paired
+    comparison: the subsets' shared noise cancels, so it can order two methods whose own intervals
+    overlap). `truth_b`: b's own truth on the same queries and subsets, for two runs of one design
+    that differ in an option (default: `truth` for both)."""
     pred_a, truth = _pair(pred_a, truth)
-    pred_b, _ = _pair(pred_b, truth)
+    if truth_b is not None and np.shape(truth_b) != truth.shape:
+        raise ValueError(f"truth_b must be shaped as truth {truth.shape}, got {np.shape(truth_b)}")
+    pred_b, truth_b = _pair(pred_b, truth if truth_b is None else truth_b)
     low, high = _subset_bootstrap(
-        lambda columns: _resampled_lds(pred_a, truth, columns) - _resampled_lds(pred_b, truth, columns),
+        lambda columns: _resampled_lds(pred_a, truth, columns) - _resampled_lds(pred_b, truth_b, columns),
         truth.shape, confidence, n_resamples, seed)
-    return lds(pred_a, truth) - lds(pred_b, truth), low, high
+    return lds(pred_a, truth) - lds(pred_b, truth_b), low, high
 
 
 def _pair(pred, truth) -> tuple[np.ndarray, np.ndarray]:
