@@ -459,7 +459,8 @@ def test_lora_training_with_a_speed_option_follows_the_ordinary_one_and_saves_th
         caught = []
         with pytest.MonkeyPatch.context() as patch:
             seen = watch_training(patch, LatentLoRA)
-            patch.setattr(training, "build_model", lambda s, seed: caught.append(LatentLoRA.build(s, seed)) or caught[0])
+            patch.setattr(training, "build_model",
+                          lambda s, seed: caught.append(LatentLoRA.build(s, seed)) or caught[0])
             weights = tmp_path / name / ARTIFACTS["weights"]
             training.train_and_save(tmp_path / "train.zarr", None, None, SEED, {**spec, **extra}, weights)
         assert len(seen) == spec["steps"]

@@ -147,7 +147,8 @@ def test_compiled_training_without_dropout_follows_eager(images, options):
         assert [s["input"] for s in seen] == [extra.get("channels_last", False)] * spec["steps"]
         assert model.network()._compiled_call_impl is None and all_contiguous(model)
         trained[name] = model
-    assert_close(logs["compiled"][["loss", "grad_norm"]].to_numpy(), logs["eager"][["loss", "grad_norm"]].to_numpy(), 1e-5)
+    columns = ["loss", "grad_norm"]
+    assert_close(logs["compiled"][columns].to_numpy(), logs["eager"][columns].to_numpy(), 1e-5)
     for p, q in zip(params(trained["compiled"]), params(trained["eager"])):
         assert_close(p, q, 1e-4)
     assert list(trained["compiled"].unet.state_dict()) == list(trained["eager"].unet.state_dict())
