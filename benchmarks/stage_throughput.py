@@ -6,8 +6,13 @@ No reference: these are the stages' own code (`train.train`, `ground_truth.query
 One comparison for the question how many models a training job should train: the forward and
 backward pass of a training step for 3 models one after another against the same 3 models stacked
 (torch.func.stack_module_state, vmap over the weights, dropout drawn per model).
+And the training speed options (train.channels_last, train.compile; `option_throughputs`): training
+steps/s of each precision with each option, beside the plain training's, printed as
+train_step_<dtype>[_cl|_compiled] (not cost units: the cost model prices the plain training); on a
+CPU fp32 only. Not both together: train refuses them (wrong gradients, diffattr.train). A compiled
+variant's warm-up pays its compilation (minutes on a CPU).
 
-    PYTHONPATH=src python benchmarks/stage_throughput.py [preset] [--device cuda]
+    PYTHONPATH=src python benchmarks/stage_throughput.py [preset] [--device cuda] [--options-only]
 """
 from __future__ import annotations
 
@@ -123,20 +128,52 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     return rates
 
 
+# train's speed options: the suffix of a variant's rate, its settings (not both together: train refuses
+# them, settings.COMPILE_WITH_CHANNELS_LAST; "_cl_compiled" would be their name)
+VARIANTS = {"": {}, "_cl": {"channels_last": True}, "_compiled": {"compile": True}}
+
+
+def option_throughputs(settings: dict, device, steps: int = 30, variants=None) -> dict[str, float]:
+    """Training steps/s at `train.batch_size` of each precision (fp32, tf32, bf16 on a GPU; fp32 on a
+    CPU) with each of train's speed options (`variants`, suffixes of VARIANTS, default all), the plain
+    training measured again in the same run; each timed after a 5-step warm-up (which compiles a
+    compiled variant: minutes on a CPU) on a fresh model of the preset's on random images."""
+    images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1024, *_shape(settings))).astype(np.float32))
+    variants = list(VARIANTS) if variants is None else variants
+    rates = {}
+    for dtype in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32",):
+        for suffix in variants:
+            options = VARIANTS[suffix]
+            model = build_model(settings["model"], seed=0)
+            spec = {**settings["train"], "steps": 5, "dtype": dtype, **options}
+            train(model, images, None, spec, seed=0, device=device)  # warm-up (compiles)
+            rates[f"train_step_{dtype}{suffix}"] = steps / timed(
+                lambda: train(model, images, None, {**spec, "steps": steps}, seed=0, device=device))
+    return rates
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", nargs="?", default="cifar2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=30, help="training steps timed (after 5 warm-up steps)")
+    parser.add_argument("--options-only", action="store_true",
+                        help="only the training speed options' rates (option_throughputs)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     settings = preset_settings(args.preset)
     print(f"# {args.preset} on {device_name(device)}, torch {torch.__version__}")
-    print("| unit | per second |\n|---|---|")
-    for unit, rate in unit_throughputs(settings, device, args.steps).items():
-        print(f"| {unit} | {rate:.4g} |")
-    images = np.random.default_rng(0).uniform(-1, 1, (1024, *_shape(settings))).astype(np.float32)
-    print(f"\ntrain, 3 models: {stacked_against_sequential(settings, images, device)}")
+    if not args.options_only:
+        print("| unit | per second |\n|---|---|")
+        for unit, rate in unit_throughputs(settings, device, args.steps).items():
+            print(f"| {unit} | {rate:.4g} |")
+        images = np.random.default_rng(0).uniform(-1, 1, (1024, *_shape(settings))).astype(np.float32)
+        print(f"\ntrain, 3 models: {stacked_against_sequential(settings, images, device)}\n")
+    print("| training (train.dtype, channels_last, compile) | steps per second | x plain |\n|---|---|---|")
+    rates = option_throughputs(settings, device, args.steps)
+    for name, rate in rates.items():
+        plain = rates[name.removesuffix("_compiled").removesuffix("_cl")]
+        print(f"| {name} | {rate:.4g} | {rate / plain:.2f} |")
 
 
 def _shape(settings: dict) -> tuple[int, int, int]:

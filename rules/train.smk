@@ -1,10 +1,13 @@
 def train_spec(wildcards, steps_key):
     """What a model is a function of. `checkpoint_every` is left out (passed to `run` beside it): a
     param change reruns the job, and changing how often checkpoints are saved must not retrain.
-    `keep_checkpoints` concerns the full model only."""
+    `keep_checkpoints` concerns the full model only. A speed option (train.channels_last, train.compile)
+    is a param only when set to true: without it, or false, the params are those of a training without
+    the option, so adding it to the schema or a config reruns no finished training."""
     spec = settings(wildcards)
     unused = ("checkpoint_every",) if steps_key == "full_steps" else ("checkpoint_every", "keep_checkpoints")
-    train = {key: value for key, value in spec["train"].items() if key not in unused}
+    train = {key: value for key, value in spec["train"].items()
+             if key not in unused and not (key in TRAIN_SPEED_OPTIONS and value is False)}
     return {**train, "steps": spec["train"][steps_key], "model": spec["model"]}
 
 

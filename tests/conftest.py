@@ -49,6 +49,34 @@ def assert_far(got, ref, rtol):
         assert_close(got, ref, rtol)
 
 
+# ---------------------------------------------------------------- train's speed options took effect
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """In channels_last layout and not also contiguous (as a tensor with one channel, or 1 x 1 images, is)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def conv_weights(tensors) -> list[torch.Tensor]:
+    """The 4-d tensors whose layouts differ: more than one input channel, kernels larger than 1 x 1."""
+    return [p for p in tensors if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+
+
+def watch_training(monkeypatch, kind) -> list[dict]:
+    """What each forward pass of a `kind` model (a models.DiffusionModel class) saw while this patch
+    holds: its input's and its network's convolution weights' layouts, and whether the network was compiled."""
+    seen, real = [], kind.predict
+
+    def predict(self, x_t, t, cond=None):
+        convs = conv_weights(self.network().parameters())
+        assert convs
+        seen.append({"input": is_channels_last(x_t), "weights": all(map(is_channels_last, convs)),
+                     "compiled": self.network()._compiled_call_impl is not None})
+        return real(self, x_t, t, cond)
+
+    monkeypatch.setattr(kind, "predict", predict)
+    return seen
+
+
 @pytest.fixture
 def tiny_spec():
     """A fresh copy of the tiny model spec (tests may edit it)."""

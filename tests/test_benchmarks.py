@@ -53,3 +53,16 @@ def test_stacked_training_comparison_runs_the_same_gradients():
     line = stage_throughput.stacked_against_sequential(preset_settings("tiny"), images, torch.device("cpu"),
                                                        repeats=1)
     assert line.startswith("batch 16 each, fp32: one after another ") and " s per step (" in line
+
+
+def test_training_option_rates_are_named_by_their_options():
+    """stage_throughput's training speed options at the tiny preset's size, without the compiled variants
+    (minutes of compilation on a CPU): the plain rate and channels_last's, named as printed."""
+    import math
+
+    import torch
+
+    rates = stage_throughput.option_throughputs(preset_settings("tiny"), torch.device("cpu"), steps=2,
+                                                variants=["", "_cl"])
+    assert list(rates) == ["train_step_fp32", "train_step_fp32_cl"]
+    assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())

@@ -82,7 +82,7 @@ MALFORMED = [
     ("misspelt key", tiny(train={"ful_steps": 40}),
      "experiments.tiny.train.ful_steps: got 40; expected no such key (did you mean full_steps?): train "
      "takes batch_size, lr, betas, weight_decay, grad_clip, warmup_fraction, hflip, caption_dropout, dtype, "
-     "full_steps, lds_steps, checkpoint_every, keep_checkpoints"),
+     "channels_last, compile, full_steps, lds_steps, checkpoint_every, keep_checkpoints"),
     ("misspelt section", tiny(featurise={"batch_size": 8}),
      'experiments.tiny.featurise: got {"batch_size": 8}; expected no such key (did you mean featurize?): '
      "tiny takes dataset, model, train, subsets, generate, ground_truth, featurize, score, lds, influence, retrain, "
@@ -147,6 +147,14 @@ MALFORMED = [
     ("top-level typo", {"experimnt": "tiny"},
      'experimnt: got "tiny"; expected no such key (did you mean experiment?): the top level takes '
      "experiment, cifar10_path, device, experiments"),
+    ("channels_last not a boolean", tiny(train={"channels_last": "maybe"}),
+     'experiments.tiny.train.channels_last: got "maybe"; expected true or false'),
+    ("compile not a boolean", tiny(train={"compile": 1}),
+     "experiments.tiny.train.compile: got 1; expected true or false"),
+    ("compile with channels_last", tiny(train={"compile": True, "channels_last": True}),
+     "experiments.tiny.train.compile: got true with train.channels_last true; expected at most one of the two: "
+     "torch 2.13's inductor computed wrong gradients for the UNet's channels-last convolutions "
+     "(tests/test_train_speed.py)"),
     ("unknown training dtype", tiny(train={"dtype": "fp8"}),
      'experiments.tiny.train.dtype: got "fp8"; expected one of "fp32", "tf32", "bf16", "fp16"'),
     ("fp16 generation", tiny(generate={"dtype": "fp16"}),

@@ -3,7 +3,8 @@
 Each stage computed on the GPU in fp32 must agree with the same computation on the CPU to float32
 rounding (different kernels sum in another order): convolutions must not silently run in TF32.
 Mixed-precision training (train.dtype bf16 and fp16, a GPU's) is held to fp32 training on the tiny
-Stable Diffusion stack of test_latent_lora.
+Stable Diffusion stack of test_latent_lora. So are train's speed options (train.channels_last,
+train.compile): held to the plain GPU training, resumed bitwise after a kill.
 """
 import copy
 import functools
@@ -18,10 +19,10 @@ from diffattr.featurize import batch_gradients, featurize_split
 from diffattr.generate import sample
 from diffattr.ground_truth import query_losses
 from diffattr.latent import LatentLoRA
-from diffattr.models import build_model, load_model
+from diffattr.models import PixelDDPM, build_model, load_model
 from diffattr.train import train
 
-from conftest import assert_close
+from conftest import assert_close, watch_training
 from test_latent_lora import (SEED, TRAIN, assert_lora_training_resumes_bitwise, bases, latents,  # noqa: F401
                               lora_state, spec_of)
 
@@ -241,3 +242,42 @@ def test_features_of_an_fp16_trained_lora_are_those_of_its_saved_fp32_weights(ba
                                          np.array([0, 1, 2, 0])).cpu())
     assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
     assert rel(grads[1], grads[0]) < 1e-5
+
+
+# ---------------------------------------------------------------- train.channels_last, train.compile
+
+# both together are refused (settings.COMPILE_WITH_CHANNELS_LAST): wrong gradients on the CPU; to lift the
+# refusal on a GPU, add {"channels_last": True, "compile": True} here and see these pass
+SPEED_OPTIONS = [{"channels_last": True}, {"compile": True}]
+SPEED_IDS = ["channels_last", "compile"]
+
+
+@pytest.mark.parametrize("options", SPEED_OPTIONS, ids=SPEED_IDS)
+def test_training_with_a_speed_option_on_the_gpu_follows_the_plain_one(images, options):
+    """The attention UNet (dropout 0) on three channels, fp32 (no TF32): losses and weights within float
+    rounding of the plain GPU training's, each option seen in effect, the weights contiguous after."""
+    trained = {}
+    for name, extra in (("plain", {}), ("option", options)):
+        model = build_model(copy.deepcopy(ATTENTION_SPEC), seed=0)
+        with pytest.MonkeyPatch.context() as patch:
+            seen = watch_training(patch, PixelDDPM)
+            log = train(model, torch.from_numpy(images), None, {**TRAIN_SPEC, **extra}, seed=1, device=CUDA)
+        assert len(seen) == TRAIN_SPEC["steps"]
+        assert all(s["input"] == s["weights"] == extra.get("channels_last", False) for s in seen)
+        assert all(s["compiled"] == extra.get("compile", False) for s in seen)
+        assert all(p.is_contiguous() for p in model.trainable_parameters())
+        trained[name] = (torch.cat([p.detach().cpu().reshape(-1) for p in model.trainable_parameters()]),
+                         log.loss.to_numpy())
+    np.testing.assert_allclose(trained["option"][1], trained["plain"][1], rtol=1e-4)
+    assert rel(trained["option"][0], trained["plain"][0]) < 1e-3
+
+
+@pytest.mark.parametrize("options", SPEED_OPTIONS, ids=SPEED_IDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_killed_lora_training_with_a_speed_option_resumes_bitwise_on_the_gpu(bases, tmp_path, deterministic, dtype,
+                                                                             options, monkeypatch):
+    """Attention dropout 0.5 (compiled: inductor's seeds, drawn from the CUDA generator the checkpoint holds)."""
+    seen = watch_training(monkeypatch, LatentLoRA)
+    assert_lora_training_resumes_bitwise(bases["eps"], tmp_path / ".model.ckpt", dtype, CUDA, **options)
+    assert seen and all(s["input"] == s["weights"] == options.get("channels_last", False) for s in seen)
+    assert all(s["compiled"] == options.get("compile", False) for s in seen)

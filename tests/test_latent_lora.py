@@ -25,7 +25,7 @@ from diffattr.sd_stack import load_components, save_components, tiny_components
 from diffattr.settings import experiment
 from diffattr.storage import file_sha256, read_array, write_array
 
-from conftest import abar, assert_close, assert_far, velocity
+from conftest import abar, assert_close, assert_far, velocity, watch_training
 
 from dry_run import REPO
 
@@ -397,12 +397,13 @@ class Crash(Exception):
     """Stands for a kill."""
 
 
-def assert_lora_training_resumes_bitwise(base, checkpoint, dtype, device=torch.device("cpu")) -> list:
-    """A LoRA training on `device` in `dtype`, killed after its second checkpoint and rerun, ends bitwise
-    as an uninterrupted one (weights and loss log) and trained. Returns the states handed to the two
-    checkpoints (their tensors may alias the training's)."""
+def assert_lora_training_resumes_bitwise(base, checkpoint, dtype, device=torch.device("cpu"), **options) -> list:
+    """A LoRA training on `device` in `dtype` (with train `options`), killed after its second checkpoint
+    and rerun, ends bitwise as an uninterrupted one (weights and loss log) and trained. Returns the
+    states handed to the two checkpoints (their tensors may alias the training's)."""
     images, flipped, labels = latents(6, 7), latents(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    spec = {**TRAIN, "steps": 6, "hflip": True, "caption_dropout": 0.3, "checkpoint_every": 2, "dtype": dtype}
+    spec = {**TRAIN, "steps": 6, "hflip": True, "caption_dropout": 0.3, "checkpoint_every": 2, "dtype": dtype,
+            **options}
     build = lambda: LatentLoRA.build({**spec_of(base), "attention_dropout": 0.5}, SEED)
     reference = build()
     reference_log = training.train(reference, images, labels, spec, SEED, device, flipped=flipped)
@@ -432,6 +433,48 @@ def assert_lora_training_resumes_bitwise(base, checkpoint, dtype, device=torch.d
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: mixed precision (autocast) on the CPU
 def test_lora_training_resumed_after_a_kill_is_bitwise_an_uninterrupted_one(bases, tmp_path, dtype):
     assert_lora_training_resumes_bitwise(bases["eps"], tmp_path / ".model.ckpt", dtype)
+
+
+@pytest.mark.parametrize("options", [{"channels_last": True}, pytest.param({"compile": True}, marks=pytest.mark.slow)],
+                         ids=["channels_last", "compile"])
+def test_lora_training_with_a_speed_option_resumes_bitwise(bases, tmp_path, monkeypatch, options):
+    """train.channels_last (the whole UNet, its frozen base too, and the latents in channels_last) and
+    train.compile (the UNet compiled, attention dropout 0.5 included), each seen to take effect."""
+    seen = watch_training(monkeypatch, LatentLoRA)
+    assert_lora_training_resumes_bitwise(bases["eps"], tmp_path / ".model.ckpt", "fp32", **options)
+    assert seen and all(s["input"] == s["weights"] == options.get("channels_last", False) for s in seen)
+    assert all(s["compiled"] == options.get("compile", False) for s in seen)
+
+
+@pytest.mark.parametrize("options", [{"channels_last": True}, pytest.param({"compile": True}, marks=pytest.mark.slow)],
+                         ids=["channels_last", "compile"])
+def test_lora_training_with_a_speed_option_follows_the_ordinary_one_and_saves_the_same_lora(bases, tmp_path, options):
+    """Without attention dropout, the losses and LoRA within float rounding of the ordinary training's,
+    the base untouched; the saved LoRA loads bitwise as the trained one, every weight back in the ordinary
+    layout and the UNet uncompiled."""
+    write_array(tmp_path / "train.zarr", latents(8, 9).numpy(), {"labels": [0, 1, 2, 0, 1, 2, 0, 1]})
+    spec = {**TRAIN, "steps": 4, "caption_dropout": 0.2, "model": spec_of(bases["eps"])}
+    logs, trained = {}, {}
+    for name, extra in (("plain", {}), ("option", options)):
+        caught = []
+        with pytest.MonkeyPatch.context() as patch:
+            seen = watch_training(patch, LatentLoRA)
+            patch.setattr(training, "build_model",
+                          lambda s, seed: caught.append(LatentLoRA.build(s, seed)) or caught[0])
+            weights = tmp_path / name / ARTIFACTS["weights"]
+            training.train_and_save(tmp_path / "train.zarr", None, None, SEED, {**spec, **extra}, weights)
+        assert len(seen) == spec["steps"]
+        assert all(s["input"] == s["weights"] == extra.get("channels_last", False) for s in seen)
+        assert all(s["compiled"] == extra.get("compile", False) for s in seen)
+        model = caught[0]
+        assert all(p.is_contiguous() for p in model.unet.parameters()) and model.unet._compiled_call_impl is None
+        assert_only_the_lora_changed(model, bases["eps"], spec["model"])
+        got, want = lora_state(load_model(spec["model"], weights.parent)), lora_state(model)
+        assert all(torch.equal(got[key], want[key]) for key in want)
+        logs[name], trained[name] = pd.read_csv(weights.parent / ARTIFACTS["loss_log"]), want
+    assert_close(logs["option"]["loss"].to_numpy(copy=True), logs["plain"]["loss"].to_numpy(copy=True), 1e-5)
+    for key, value in trained["plain"].items():
+        assert_close(trained["option"][key], value, 1e-3)  # AdamW magnifies rounding of small gradients
 
 
 # ---------------------------------------------------------------- CUDA

@@ -139,7 +139,10 @@ class LatentLoRA(DiffusionModel):
         from peft import get_peft_model_state_dict
 
         directory = Path(directory)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        # contiguous: safetensors refuses a channels_last tensor (a conv LoRA's, saved while train.channels_last
+        # trains); the values, hence the file's bytes, are the same in either layout
+        layers = {key: value.contiguous() for key, value in
+                  convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)).items()}
         StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, weight_name=self.weights_file,
                                                   safe_serialization=True)
         (directory / BASE_RECORD).write_text(json.dumps(

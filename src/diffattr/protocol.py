@@ -168,6 +168,10 @@ def parse_influence_store(name: str) -> tuple[str, int, int | None]:
 # The model kinds (diffattr.models.KINDS) that diffuse in a VAE's latent space: their splits are encoded
 # once by their own job, and their models read the latents (diffattr.plan.Plan.samples).
 LATENT_KINDS = ("latent_lora",)
+# train's opt-in speed options (diffattr.train): booleans, off when absent; one set to false is the
+# training without it, in its identity and its rule params (rules/train.smk), so adding the keys
+# reruns no finished training
+TRAIN_SPEED_OPTIONS = ("channels_last", "compile")
 
 ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "loss_log": "train_log.csv",
              "training": "training.json"}

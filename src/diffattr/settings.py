@@ -28,6 +28,12 @@ SOURCE_IMAGES = {"sklearn_digits": (8, 1), "cifar10": (32, 3), "celeba": (64, 3)
                  "artbench": (256, 3)}
 
 
+# train.compile with train.channels_last: refused (diffattr.train's docstring), in the config and by train.train
+COMPILE_WITH_CHANNELS_LAST = (
+    "train.compile: got true with train.channels_last true; expected at most one of the two: torch 2.13's "
+    "inductor computed wrong gradients for the UNet's channels-last convolutions (tests/test_train_speed.py)")
+
+
 class ConfigError(ValueError):
     """A config value that is not allowed; the message has one line per fault."""
 
@@ -257,6 +263,8 @@ def check(settings: dict, name: str, device: str = "auto", libraries: bool = Tru
     if "heldout" in settings["lds"]["lambda_rules"] and settings["subsets"]["m"] < 4:
         faults.append(f"subsets.m: got {settings['subsets']['m']}; expected at least 4 for the heldout "
                       "lambda rule (it selects on half of the subsets and reports on the other half)")
+    if settings["train"].get("compile") is True and settings["train"].get("channels_last") is True:
+        faults.append(COMPILE_WITH_CHANNELS_LAST)
     faults += _check_method_names(settings)
     if model.get("kind", "pixel_ddpm") == "pixel_ddpm":
         faults += _check_unet(settings["dataset"], model["unet"])

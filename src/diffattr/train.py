@@ -12,6 +12,28 @@ torch.amp directly, not accelerate's Accelerator, whose process-wide state fixes
 process while tests train in several, and whose scaler and schedule wrappers would have to be
 checkpointed through its own files to resume bitwise. Frozen weights (a LoRA's base) stay fp32 in
 memory: autocast casts them per operation, so a trained model's base is bitwise the one it started from.
+
+Two opt-in speed options, off by default (their GPU speed is not yet measured: docs/gpu.md):
+`train.channels_last` puts the network's weights (a LoRA kind's whole UNet, its frozen base too) and
+each input batch in torch.channels_last memory format while training; the network is put back in the
+ordinary (contiguous) layout when training ends, so the weights saved and returned are as without it
+(the values are those of a training in the other layout, which sums in another order: equal within
+float rounding, not bitwise, without dropout; dropout draws its masks in memory order, so with dropout
+it is another training, as seeded and as resumable). `train.compile` compiles the network in place (`nn.Module.compile`,
+inductor) for training: its state_dict keys and saving are unchanged, and it is uncompiled when
+training ends. It is compiled with inductor's `layout_optimization` off: on, torch 2.13's inductor
+(CPU) computed wrong weight gradients for the diffusers UNet (the tiny test UNet: 74 of its 104
+parameters' gradients, all those upstream of the up path's first upsampler, zero or off; the forward
+pass right; tests/test_train_speed.py), where off, and with `aot_eager`, they are eager's within
+rounding; whether CUDA's inductor has the same fault is not known yet (tests/test_cuda.py checks it).
+Both options together are refused (settings.COMPILE_WITH_CHANNELS_LAST): with the network and its
+input in channels_last, torch 2.13's inductor (CPU) computed wrong gradients whatever its layout
+optimization (the tiny UNet's gradient norm 15% off at the first step; the LoRA's B matrices
+left at their initial values), as it does for its own channels-last layouts.
+Compiled dropout draws its randomness differently from eager dropout (inductor's
+kernels take seeds drawn from torch's global generator, not eager's per-element draws), so a compiled
+training with dropout is not the eager one; it is deterministic given the seed on CPU and resumes
+bitwise from a checkpoint, whose global generator states pin those seeds.
 """
 from __future__ import annotations
 
@@ -32,6 +54,8 @@ from .data import load_images, load_labels
 from .device import precision
 from .models import DROPPED, DiffusionModel, build_model, model_class
 from .progress import Progress
+from .protocol import TRAIN_SPEED_OPTIONS
+from .settings import COMPILE_WITH_CHANNELS_LAST
 from .storage import array_sha256, atomic_output, file_sha256
 
 TRAINING_RECORD = "training.json"  # beside the weights: the training images, subset and seed
@@ -42,6 +66,14 @@ def checkpoint_every(spec: dict) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"train.checkpoint_every={value!r}: expected an integer >= 0 "
                          "(training steps between checkpoints; 0 turns them off)")
+    return value
+
+
+def speed_option(spec: dict, key: str) -> bool:
+    """`spec[key]` of TRAIN_SPEED_OPTIONS: true or false, false when absent."""
+    value = spec.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"train.{key}={value!r}: expected true or false (off when absent)")
     return value
 
 
@@ -81,7 +113,7 @@ class KeptWeights:
 
     def save(self, step: int, model: DiffusionModel) -> None:
         with atomic_output(self.path(step)) as staging:
-            model.save(staging)
+            model.save(staging)  # safetensors values: the same bytes whatever the weights' memory format
 
 
 def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None, spec: dict,
@@ -107,8 +139,12 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     With a `kept` folder, the weights after each step of `kept_steps(spec)` are saved there
     (`KeptWeights`); a checkpoint past a kept step whose weights are missing there is not resumed.
     `spec["dtype"]` (default fp32; device.PRECISIONS): the arithmetic, see the module's docstring.
+    `spec["channels_last"]`, `spec["compile"]` (default false): the speed options, see the module's docstring.
     """
     every = checkpoint_every(spec)
+    channels_last, compiled = (speed_option(spec, key) for key in TRAIN_SPEED_OPTIONS)
+    if channels_last and compiled:
+        raise ValueError(COMPILE_WITH_CHANNELS_LAST)
     dtype = spec.get("dtype", "fp32")
     device = torch.device(device)
     # fp32 for what autocast leaves in fp32 and for the backward pass, TF32 only when asked
@@ -131,6 +167,12 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     if dropout and labels is None:
         raise ValueError("train.caption_dropout: the images have no labels (captions) to drop")
     model.to(device).train(True)
+    network = model.network()
+    if channels_last:  # before the optimizer's state is made: it takes its parameters' layout
+        network.to(memory_format=torch.channels_last)
+    uncompiled = network._compiled_call_impl  # nn.Module.compile's attribute (None: not compiled)
+    if compiled:  # without inductor's layout optimization: see the module's docstring
+        network.compile(options={"layout_optimization": False})
     order, cursor, log = torch.randperm(len(images), generator=gen), 0, []
     first, store = 0, None
     if checkpoint is not None or keep:
@@ -164,6 +206,8 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
         t = torch.randint(0, n_timesteps, (len(index),), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = model.scheduler.add_noise(x0, noise, t)
+        if channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         batch_labels = labels[index] if labels is not None else None
         if dropout:
             drop = (torch.rand(len(index), generator=gen) < dropout).to(device)
@@ -192,6 +236,9 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
                 "params": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "gen": gen.get_state(),
                 **_global_rng_states()})
+    if channels_last:
+        network.to(memory_format=torch.contiguous_format)
+    network._compiled_call_impl = uncompiled
     model.train(False)
     return pd.DataFrame(log, columns=["step", "loss", "grad_norm", "lr"])
 
@@ -201,7 +248,9 @@ def _identity(model: DiffusionModel, images, labels, spec: dict, seed: int, devi
     """What a training is a function of: a checkpoint of any other training is never resumed."""
     initial = torch.cat([p.detach().flatten().cpu().float() for p in model.trainable_parameters()])
     return json.dumps({
-        "spec": {key: value for key, value in spec.items() if key not in ("checkpoint_every", "keep_checkpoints")},
+        # a speed option set to false is the training without it (its rule params leave it out too)
+        "spec": {key: value for key, value in spec.items() if key not in ("checkpoint_every", "keep_checkpoints")
+                 and not (key in TRAIN_SPEED_OPTIONS and value is False)},
         "seed": seed,
         "images": array_sha256(images.detach().cpu().numpy()),
         **({} if flipped is None else {"flipped": array_sha256(flipped.detach().cpu().numpy())}),
