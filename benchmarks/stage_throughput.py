@@ -25,6 +25,7 @@ from diffattr.generate import sample
 from diffattr.ground_truth import query_losses
 from diffattr.models import build_model
 from diffattr.project import make_projector
+from diffattr.settings import CUDA_PROJ_MULTIPLE, cuda_projector_possible
 from diffattr.train import train
 from presets import preset_settings
 
@@ -80,16 +81,19 @@ def stacked_against_sequential(settings: dict, images: np.ndarray, device, model
 
 
 def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 256,
-                     feature_batch: int | None = None, proj_dim: int = 64) -> dict[str, float]:
+                     feature_batch: int | None = None, proj_dim: int = 64, report=None) -> dict[str, float]:
     """Units of work per second (diffattr.cost.UNITS) of the preset's model on `device`, each timed
     after a warm-up call on random weights and images: training steps at `train.batch_size` and
     ground-truth evaluations, per precision (fp32 only on a CPU), per-sample gradients (K = 10, `feature_batch` samples,
     default `featurize.batch_size`), projected row-dimensions (the job's projector at k = `proj_dim`:
-    its cost is linear in k, so a small k measures it), and DDIM image-steps (fp32)."""
+    its cost is linear in k, so a small k measures it; rounded up to a multiple of 512 where the
+    projector is fast_jl's, which refuses other k), and DDIM image-steps (fp32).
+    `report(unit, rate)`, when given, is called as each rate is measured (a later stage's failure
+    then loses only its own)."""
     model = build_model(settings["model"], seed=0)  # the default (fused) attention, as the stages use it
     shape = _shape(settings)
     images = np.random.default_rng(0).uniform(-1, 1, (1024, *shape)).astype(np.float32)
-    rates = {}
+    rates = _Rates(report)
 
     for dtype in ("fp32", "tf32", "bf16", "fp16") if device.type == "cuda" else ("fp32",):  # train.dtype's choices
         spec = {**settings["train"], "steps": 5, "dtype": dtype}
@@ -112,6 +116,8 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     gradients()  # warm-up
     rates["gradient"] = batch * K / timed(gradients)
     grads = gradients()
+    if cuda_projector_possible(device.type):
+        proj_dim = -(-proj_dim // CUDA_PROJ_MULTIPLE) * CUDA_PROJ_MULTIPLE
     projector, _ = make_projector(grads.shape[1], proj_dim, 0, device, batch)
     projector.project(grads)  # warm-up (draws the matrix where it is kept)
     rates["projection"] = batch * proj_dim / timed(lambda: projector.project(grads))
@@ -120,7 +126,20 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     n = int(gen["batch_size"])
     rates["ddim_step_fp32"] = n * int(gen["steps"]) / timed(
         lambda: sample(model, n, shape, int(gen["steps"]), 0.0, 0, n, device, "fp32"))
-    return rates
+    return dict(rates)
+
+
+class _Rates(dict):
+    """A dict that passes each rate to `report` as it is set."""
+
+    def __init__(self, report=None):
+        super().__init__()
+        self.report = report
+
+    def __setitem__(self, unit, rate):
+        super().__setitem__(unit, rate)
+        if self.report is not None:
+            self.report(unit, rate)
 
 
 def main(argv=None) -> None:
@@ -133,8 +152,8 @@ def main(argv=None) -> None:
     settings = preset_settings(args.preset)
     print(f"# {args.preset} on {device_name(device)}, torch {torch.__version__}")
     print("| unit | per second |\n|---|---|")
-    for unit, rate in unit_throughputs(settings, device, args.steps).items():
-        print(f"| {unit} | {rate:.4g} |")
+    unit_throughputs(settings, device, args.steps, report=lambda unit, rate: print(f"| {unit} | {rate:.4g} |",
+                                                                                    flush=True))
     images = np.random.default_rng(0).uniform(-1, 1, (1024, *_shape(settings))).astype(np.float32)
     print(f"\ntrain, 3 models: {stacked_against_sequential(settings, images, device)}")
 
