@@ -119,8 +119,8 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     if cuda_projector_possible(device.type):
         proj_dim = -(-proj_dim // CUDA_PROJ_MULTIPLE) * CUDA_PROJ_MULTIPLE
     projector, _ = make_projector(grads.shape[1], proj_dim, 0, device, batch)
-    projector.project(grads)  # warm-up (draws the matrix where it is kept)
-    rates["projection"] = batch * proj_dim / timed(lambda: projector.project(grads))
+    projector.project(grads, model_id=0)  # warm-up (draws the matrix where it is kept)
+    rates["projection"] = batch * proj_dim / timed(lambda: projector.project(grads, model_id=0))
 
     gen = settings["generate"]
     n = int(gen["batch_size"])
