@@ -1,7 +1,7 @@
 """The factorized projection (featurize.projector: factorized) against the dense Normal one, in one run.
 
     PYTHONPATH=src python benchmarks/bench_factorized.py lds [preset]     # after `snakemake results/lds_<preset>.csv`
-    PYTHONPATH=src python benchmarks/bench_factorized.py speed [preset] [--proj-dim 32768]
+    PYTHONPATH=src python benchmarks/bench_factorized.py speed [preset] [--proj-dim 32768] [--device cuda]
 
 `lds`: on a finished run's full model, images, subsets and ground truth, featurizes the preset's
 first grid set for TRAK (simple) and D-TRAK (square) with both projections (same k, same seed) into a
@@ -10,7 +10,9 @@ its bootstrap interval, and the featurization time per sample.
 `speed`: seconds per sample (K = 10) on the preset's model with random weights: the factorized
 projection at k, against per-sample gradients plus their dense projection (the projection is timed at
 a small k' and scaled by k / k': its matrix, p x k, is drawn on every call when it does not fit in
-memory, and both its draw and its product are linear in k).
+memory, and both its draw and its product are linear in k). `--device cuda`: the same on a GPU, where
+the dense projection is trak's CudaProjector when fast_jl is installed (timed at k itself: it never
+forms the matrix) and the BlockProjector's matrix drawn on the GPU otherwise (timed at k', scaled).
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ import pandas as pd
 import torch
 import zarr
 
+from diffattr.device import device_name, resolve_device
 from diffattr.featurize import batch_gradients, featurize_split, make_feature_projector
 from diffattr.lds import lds_table
 from diffattr.plan import Plan, path
 from diffattr.protocol import FeatureSet
 from diffattr.score import score_split
+from diffattr.settings import cuda_projector_possible
 from presets import preset_model, preset_settings
 
 PROJECTORS = ("normal", "factorized")
@@ -69,19 +73,23 @@ def lds(preset: str, workdir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2) -> list[str]:
+def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2,
+          device: torch.device = torch.device("cpu")) -> list[str]:
     model, settings = preset_model(preset)
+    model = model.to(device)
     unet = settings["model"]["unet"]
     images = torch.from_numpy(np.random.default_rng(0).uniform(
-        -1, 1, (batch, unet["in_channels"], unet["sample_size"], unet["sample_size"])).astype(np.float32))
-    timesteps, seed, device = list(range(0, 1000, 100)), 0, torch.device("cpu")
+        -1, 1, (batch, unet["in_channels"], unet["sample_size"], unet["sample_size"])).astype(np.float32)).to(device)
+    timesteps, seed = list(range(0, 1000, 100)), 0
 
     def timed(fn):
         fn()  # warm-up (and the matrices' draw, once per job in the workflow)
         times = []
         for _ in range(repeats):
+            _synchronize(device)
             start = time.perf_counter()
             fn()
+            _synchronize(device)
             times.append(time.perf_counter() - start)
         return min(times)
 
@@ -90,17 +98,29 @@ def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2
                                                             layer_rule=factorized.layer_rule)))
     grads = batch_gradients(model, images, range(batch), "square", timesteps, 0)
     gradient = timed(lambda: batch_gradients(model, images, range(batch), "square", timesteps, 0))
-    dense, _ = make_feature_projector(model, small_k, seed, device, batch, "normal")
-    projection = timed(lambda: dense.project(grads)) * proj_dim / small_k
-    return [f"# {preset} UNet, p = {grads.shape[1]}, batch {batch}, K = 10, k = {proj_dim}, torch {torch.__version__}",
+    # fast_jl draws no matrix (its cost is the product, at k itself); the others are timed at k'
+    timed_k = proj_dim if cuda_projector_possible(device.type) else small_k
+    dense, dense_info = make_feature_projector(model, timed_k, seed, device, batch, "normal")
+    projection = timed(lambda: dense.project(grads, model_id=0)) * proj_dim / timed_k
+    scaled = f"k = {timed_k} timed, x {proj_dim // timed_k}" if timed_k != proj_dim else f"k = {proj_dim}"
+    on_gpu = (f", {device_name(device)}", f"; dense projection: {dense_info['projector']}") if device.type == "cuda" \
+        else ("", "")  # the CPU's lines as before --device
+    return [f"# {preset} UNet, p = {grads.shape[1]}, batch {batch}, K = 10, k = {proj_dim}, torch {torch.__version__}"
+            f"{on_gpu[0]}",
             f"factorized: s = {info['factor_side']} per side, {info['factorized_layers']} layers, dense part "
-            f"{info['dense_dim']} columns",
+            f"{info['dense_dim']} columns{on_gpu[1]}",
             "| path | s per sample |", "|---|---|",
             f"| factorized projection | {fact / batch:.3g} |",
             f"| per-sample gradients | {gradient / batch:.3g} |",
-            f"| their dense projection (k = {small_k} timed, x {proj_dim // small_k}) | {projection / batch:.3g} |",
+            f"| their dense projection ({scaled}) | {projection / batch:.3g} |",
             f"| dense path | {(gradient + projection) / batch:.3g} |",
             f"| **ratio** | **{(gradient + projection) / fact:.1f}x** |"]
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timing holds the computation and not only its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> None:
@@ -110,9 +130,11 @@ def main(argv=None) -> None:
     parser.add_argument("--proj-dim", type=int, default=32768)
     parser.add_argument("--small-k", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="speed only: cpu (the default), cuda, cuda:N or auto")
     args = parser.parse_args(argv)
     if args.what == "speed":
-        print("\n".join(speed(args.preset, args.proj_dim, args.small_k, args.batch)))
+        print("\n".join(speed(args.preset, args.proj_dim, args.small_k, args.batch,
+                               device=resolve_device(args.device))))
         return
     with tempfile.TemporaryDirectory() as workdir:
         table = lds(args.preset, Path(workdir))

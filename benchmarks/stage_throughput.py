@@ -30,6 +30,7 @@ from diffattr.generate import sample
 from diffattr.ground_truth import query_losses
 from diffattr.models import build_model
 from diffattr.project import make_projector
+from diffattr.settings import CUDA_PROJ_MULTIPLE, cuda_projector_possible
 from diffattr.train import train
 from presets import preset_settings
 
@@ -85,16 +86,19 @@ def stacked_against_sequential(settings: dict, images: np.ndarray, device, model
 
 
 def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 256,
-                     feature_batch: int | None = None, proj_dim: int = 64) -> dict[str, float]:
+                     feature_batch: int | None = None, proj_dim: int = 64, report=None) -> dict[str, float]:
     """Units of work per second (diffattr.cost.UNITS) of the preset's model on `device`, each timed
     after a warm-up call on random weights and images: training steps at `train.batch_size` and
     ground-truth evaluations, per precision (fp32 only on a CPU), per-sample gradients (K = 10, `feature_batch` samples,
     default `featurize.batch_size`), projected row-dimensions (the job's projector at k = `proj_dim`:
-    its cost is linear in k, so a small k measures it), and DDIM image-steps (fp32)."""
+    its cost is linear in k, so a small k measures it; rounded up to a multiple of 512 where the
+    projector is fast_jl's, which refuses other k), and DDIM image-steps (fp32).
+    `report(unit, rate)`, when given, is called as each rate is measured (a later stage's failure
+    then loses only its own)."""
     model = build_model(settings["model"], seed=0)  # the default (fused) attention, as the stages use it
     shape = _shape(settings)
     images = np.random.default_rng(0).uniform(-1, 1, (1024, *shape)).astype(np.float32)
-    rates = {}
+    rates = _Rates(report)
 
     for dtype in ("fp32", "tf32", "bf16", "fp16") if device.type == "cuda" else ("fp32",):  # train.dtype's choices
         spec = {**settings["train"], "steps": 5, "dtype": dtype}
@@ -117,15 +121,30 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     gradients()  # warm-up
     rates["gradient"] = batch * K / timed(gradients)
     grads = gradients()
+    if cuda_projector_possible(device.type):
+        proj_dim = -(-proj_dim // CUDA_PROJ_MULTIPLE) * CUDA_PROJ_MULTIPLE
     projector, _ = make_projector(grads.shape[1], proj_dim, 0, device, batch)
-    projector.project(grads)  # warm-up (draws the matrix where it is kept)
-    rates["projection"] = batch * proj_dim / timed(lambda: projector.project(grads))
+    projector.project(grads, model_id=0)  # warm-up (draws the matrix where it is kept)
+    rates["projection"] = batch * proj_dim / timed(lambda: projector.project(grads, model_id=0))
 
     gen = settings["generate"]
     n = int(gen["batch_size"])
     rates["ddim_step_fp32"] = n * int(gen["steps"]) / timed(
         lambda: sample(model, n, shape, int(gen["steps"]), 0.0, 0, n, device, "fp32"))
-    return rates
+    return dict(rates)
+
+
+class _Rates(dict):
+    """A dict that passes each rate to `report` as it is set."""
+
+    def __init__(self, report=None):
+        super().__init__()
+        self.report = report
+
+    def __setitem__(self, unit, rate):
+        super().__setitem__(unit, rate)
+        if self.report is not None:
+            self.report(unit, rate)
 
 
 # train's speed options: the suffix of a variant's rate, its settings (not both together: train refuses
@@ -133,14 +152,14 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
 VARIANTS = {"": {}, "_cl": {"channels_last": True}, "_compiled": {"compile": True}}
 
 
-def option_throughputs(settings: dict, device, steps: int = 30, variants=None) -> dict[str, float]:
+def option_throughputs(settings: dict, device, steps: int = 30, variants=None, rates=None) -> dict[str, float]:
     """Training steps/s at `train.batch_size` of each precision (fp32, tf32, bf16 on a GPU; fp32 on a
     CPU) with each of train's speed options (`variants`, suffixes of VARIANTS, default all), the plain
     training measured again in the same run; each timed after a 5-step warm-up (which compiles a
     compiled variant: minutes on a CPU) on a fresh model of the preset's on random images."""
     images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1024, *_shape(settings))).astype(np.float32))
     variants = list(VARIANTS) if variants is None else variants
-    rates = {}
+    rates = {} if rates is None else rates  # a _Rates reports each as it is measured
     for dtype in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32",):
         for suffix in variants:
             options = VARIANTS[suffix]
@@ -165,15 +184,18 @@ def main(argv=None) -> None:
     print(f"# {args.preset} on {device_name(device)}, torch {torch.__version__}")
     if not args.options_only:
         print("| unit | per second |\n|---|---|")
-        for unit, rate in unit_throughputs(settings, device, args.steps).items():
-            print(f"| {unit} | {rate:.4g} |")
+        unit_throughputs(settings, device, args.steps, report=lambda unit, rate: print(f"| {unit} | {rate:.4g} |",
+                                                                                        flush=True))
         images = np.random.default_rng(0).uniform(-1, 1, (1024, *_shape(settings))).astype(np.float32)
-        print(f"\ntrain, 3 models: {stacked_against_sequential(settings, images, device)}\n")
+        print(f"\ntrain, 3 models: {stacked_against_sequential(settings, images, device)}\n", flush=True)
     print("| training (train.dtype, channels_last, compile) | steps per second | x plain |\n|---|---|---|")
-    rates = option_throughputs(settings, device, args.steps)
-    for name, rate in rates.items():
+
+    def row(name, rate):  # each variant follows its plain training in VARIANTS' order
         plain = rates[name.removesuffix("_compiled").removesuffix("_cl")]
-        print(f"| {name} | {rate:.4g} | {rate / plain:.2f} |")
+        print(f"| {name} | {rate:.4g} | {rate / plain:.2f} |", flush=True)
+
+    rates = _Rates(row)
+    option_throughputs(settings, device, args.steps, rates=rates)
 
 
 def _shape(settings: dict) -> tuple[int, int, int]:
