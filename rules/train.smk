@@ -6,8 +6,7 @@ def train_spec(wildcards, steps_key):
     the option, so adding it to the schema or a config reruns no finished training."""
     spec = settings(wildcards)
     unused = ("checkpoint_every",) if steps_key == "full_steps" else ("checkpoint_every", "keep_checkpoints")
-    train = {key: value for key, value in spec["train"].items()
-             if key not in unused and not (key in TRAIN_SPEED_OPTIONS and value is False)}
+    train = {key: value for key, value in without_unset_speed_options(spec["train"]).items() if key not in unused}
     return {**train, "steps": spec["train"][steps_key], "model": spec["model"]}
 
 

@@ -173,6 +173,11 @@ LATENT_KINDS = ("latent_lora",)
 # reruns no finished training
 TRAIN_SPEED_OPTIONS = ("channels_last", "compile")
 
+
+def without_unset_speed_options(train: dict) -> dict:
+    """`train` without the speed options set to false: a training with one off is the training without it."""
+    return {key: value for key, value in train.items() if not (key in TRAIN_SPEED_OPTIONS and value is False)}
+
 ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "loss_log": "train_log.csv",
              "training": "training.json"}
 

@@ -54,7 +54,7 @@ from .data import load_images, load_labels
 from .device import precision
 from .models import DROPPED, DiffusionModel, build_model, model_class
 from .progress import Progress
-from .protocol import TRAIN_SPEED_OPTIONS
+from .protocol import TRAIN_SPEED_OPTIONS, without_unset_speed_options
 from .settings import COMPILE_WITH_CHANNELS_LAST
 from .storage import array_sha256, atomic_output, file_sha256
 
@@ -248,9 +248,8 @@ def _identity(model: DiffusionModel, images, labels, spec: dict, seed: int, devi
     """What a training is a function of: a checkpoint of any other training is never resumed."""
     initial = torch.cat([p.detach().flatten().cpu().float() for p in model.trainable_parameters()])
     return json.dumps({
-        # a speed option set to false is the training without it (its rule params leave it out too)
-        "spec": {key: value for key, value in spec.items() if key not in ("checkpoint_every", "keep_checkpoints")
-                 and not (key in TRAIN_SPEED_OPTIONS and value is False)},
+        "spec": {key: value for key, value in without_unset_speed_options(spec).items()
+                 if key not in ("checkpoint_every", "keep_checkpoints")},
         "seed": seed,
         "images": array_sha256(images.detach().cpu().numpy()),
         **({} if flipped is None else {"flipped": array_sha256(flipped.detach().cpu().numpy())}),
