@@ -1,6 +1,7 @@
 """Throughput of the GPU stages on a preset's model, for sizing a cluster run: training steps/s,
-ground-truth evaluations/s (per precision), per-sample gradients/s, projected row-dimensions/s and
-DDIM image-steps/s: the units of diffattr.cost, which `benchmarks/cost.py --measure` reads from here.
+ground-truth evaluations/s (per precision), per-sample gradients/s (fp32, and tf32 on a GPU), projected
+row-dimensions/s and DDIM image-steps/s: the units of diffattr.cost, which `benchmarks/cost.py --measure`
+reads from here.
 No reference: these are the stages' own code (`train.train`, `ground_truth.query_losses`,
 `featurize.batch_gradients`, `project.make_projector`, `generate.sample`) on random weights and images.
 One comparison for the question how many models a training job should train: the forward and
@@ -90,9 +91,9 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     """Units of work per second (diffattr.cost.UNITS) of the preset's model on `device`, each timed
     after a warm-up call on random weights and images: training steps at `train.batch_size` and
     ground-truth evaluations, per precision (fp32 only on a CPU), per-sample gradients (K = 10, `feature_batch` samples,
-    default `featurize.batch_size`), projected row-dimensions (the job's projector at k = `proj_dim`:
-    its cost is linear in k, so a small k measures it; rounded up to a multiple of 512 where the
-    projector is fast_jl's, which refuses other k), and DDIM image-steps (fp32).
+    default `featurize.batch_size`; `gradient` in fp32, `gradient_tf32` on a GPU only), projected row-dimensions
+    (the job's projector at k = `proj_dim`: its cost is linear in k, so a small k measures it; rounded up to a
+    multiple of 512 where the projector is fast_jl's, which refuses other k), and DDIM image-steps (fp32).
     `report(unit, rate)`, when given, is called as each rate is measured (a later stage's failure
     then loses only its own)."""
     model = build_model(settings["model"], seed=0)  # the default (fused) attention, as the stages use it
@@ -117,10 +118,17 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     featurizer = build_model(settings["model"], seed=0).for_per_sample_gradients().to(device).train(False)
     batch = int(feature_batch or settings["featurize"]["batch_size"])
     x, K = torch.from_numpy(images[:batch]).to(device), 10
-    gradients = lambda: batch_gradients(featurizer, x, range(batch), "square", list(range(0, 1000, 1000 // K)), 0)
-    gradients()  # warm-up
-    rates["gradient"] = batch * K / timed(gradients)
-    grads = gradients()
+    timesteps = list(range(0, 1000, 1000 // K))
+    for dtype in ("fp32", "tf32") if device.type == "cuda" else ("fp32",):  # featurize.dtype's choices
+
+        def gradients():
+            with precision(dtype, device):  # as featurize.features (torch's default would be TF32 convolutions)
+                return batch_gradients(featurizer, x, range(batch), "square", timesteps, 0)
+
+        gradients()  # warm-up
+        rates["gradient" if dtype == "fp32" else f"gradient_{dtype}"] = batch * K / timed(gradients)
+    with precision("fp32", device):
+        grads = batch_gradients(featurizer, x, range(batch), "square", timesteps, 0)
     if cuda_projector_possible(device.type):
         proj_dim = -(-proj_dim // CUDA_PROJ_MULTIPLE) * CUDA_PROJ_MULTIPLE
     projector, _ = make_projector(grads.shape[1], proj_dim, 0, device, batch)

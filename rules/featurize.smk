@@ -4,9 +4,9 @@ def featurize_spec(wildcards):
     own scheme and noises per timestep, read from its name. `max_pass_items` is left out (passed to
     `run` beside it): it bounds memory and changes values only by float rounding, so changing it must
     not recompute."""
-    spec = settings(wildcards)["featurize"]
-    # `projector` only where set: stores of the default projection keep their params (no rerun)
-    shared = {key: spec[key] for key in ("proj_seed", "projector", "noise_seed", "batch_size") if key in spec}
+    # `projector` only where set and `dtype` only when not fp32: stores of the default projection and
+    # arithmetic keep their params (no rerun)
+    shared = featurize_params(settings(wildcards)["featurize"])
     if "fset" not in wildcards.keys():  # journey features: the sampler's timesteps and noise
         return shared
     fset = FeatureSet.parse(wildcards.fset)

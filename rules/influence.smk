@@ -4,10 +4,11 @@ from diffattr.protocol import INFLUENCE_STORE, parse_influence_store, select_tim
 
 
 def influence_spec(wildcards):
-    """The preset's influence settings (schema defaults filled in) and the featurizer's seeds."""
+    """The preset's influence settings (schema defaults filled in), the featurizer's seeds and its
+    arithmetic when not fp32 (featurize_params: absent and fp32 keep a finished job's params)."""
     spec = plan(wildcards).influence
-    featurize = settings(wildcards)["featurize"]
-    return {**spec, "proj_seed": featurize["proj_seed"], "noise_seed": featurize["noise_seed"]}
+    featurize = featurize_params(settings(wildcards)["featurize"])
+    return {**spec, **{key: featurize[key] for key in ("proj_seed", "noise_seed", "dtype") if key in featurize}}
 
 
 rule curvature:
@@ -45,7 +46,7 @@ rule influence_features:
         istore=INFLUENCE_STORE,
     params:
         spec=lambda w: {key: value for key, value in influence_spec(w).items()
-                        if key in ("dampings", "proj_dim", "batch_size", "proj_seed", "noise_seed")},
+                        if key in ("dampings", "proj_dim", "batch_size", "proj_seed", "noise_seed", "dtype")},
         model=lambda w: settings(w)["model"],
         timesteps=lambda w: select_timesteps(parse_influence_store(w.istore)[1], "uniform",
                                              plan(w).num_train_timesteps),

@@ -74,6 +74,8 @@ MALFORMED = [
      'or a non-empty list of (one of "uniform", "cumulative") without repeats'),
     ("unknown dtype", tiny(ground_truth={"dtype": "fp16"}),
      'experiments.tiny.ground_truth.dtype: got "fp16"; expected one of "fp32", "tf32", "bf16"'),
+    ("bf16 gradients", tiny(featurize={"dtype": "bf16"}),
+     'experiments.tiny.featurize.dtype: got "bf16"; expected one of "fp32", "tf32"'),
     ("unknown lambda rule", tiny(lds={"lambda_rules": ["oracle", "best"]}),
      'experiments.tiny.lds.lambda_rules[1]: got "best"; expected one of "oracle", "heldout"'),
     ("unknown source", tiny(dataset={"source": "mnist"}),
@@ -230,11 +232,13 @@ def test_shipped_presets_and_new_optional_keys_pass():
     assert list(resolved) == list(CONFIG["experiments"])
     assert resolved["tiny"]["featurize"]["proj_dims"] == [64] and "base" not in resolved["tiny"]
     extra = tiny(train={"checkpoint_every": 50}, generate={"dtype": "tf32"}, ground_truth={"dtype": "bf16"},
-                 featurize={"extra_grids": [{"functions": ["avg"], "timesteps": [2], "proj_dims": [32]}]})
+                 featurize={"extra_grids": [{"functions": ["avg"], "timesteps": [2], "proj_dims": [32]}],
+                            "dtype": "tf32"})
     config = edited({**extra, "device": "cuda:1"})
     resolved = validate_config(config)["tiny"]
     assert resolved["train"]["checkpoint_every"] == 50 and resolved["ground_truth"]["dtype"] == "bf16"
-    assert resolved["featurize"]["extra_grids"][0]["functions"] == ["avg"]
+    assert resolved["featurize"]["extra_grids"][0]["functions"] == ["avg"] and resolved["featurize"]["dtype"] == "tf32"
+    assert "dtype" not in validate_config(copy.deepcopy(CONFIG))["tiny"]["featurize"]  # no default: absent is fp32
 
 
 def test_command_line_text_is_read_as_yaml():

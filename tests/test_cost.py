@@ -57,6 +57,25 @@ def test_default_work_written_out():
     assert totals["score"] is None and totals["table"] is None  # host rules
 
 
+def test_tf32_featurization_is_priced_in_gradient_tf32():
+    """featurize.dtype tf32: the featurize, Journey-TRAK and influence-feature jobs' gradients in
+    gradient_tf32, the same counts as fp32's `gradient`; K-FAC's curvature stays fp32. fp32 set
+    explicitly is the default's pricing."""
+    def totals(dtype):
+        settings = experiment(CONFIG, "default", libraries=False)
+        if dtype is not None:
+            settings["featurize"]["dtype"] = dtype
+        return {row.rule: row.work for row in plan_cost(Plan("default", settings), {})}
+
+    default, fp32, tf32 = totals(None), totals("fp32"), totals("tf32")
+    assert fp32 == default
+    for rule in ("featurize", "featurize_journey", "influence_features"):
+        assert "gradient" in default[rule] and "gradient_tf32" not in default[rule]
+        assert tf32[rule] == Counter({("gradient_tf32" if unit == "gradient" else unit): amount
+                                      for unit, amount in default[rule].items()})
+    assert tf32["curvature"] == default["curvature"] == Counter(gradient=default["curvature"]["gradient"])
+
+
 def test_pool_models_ground_truth_uses_the_retrain_budget():
     """cifar2: a pool model's outputs are its 2000 queries at retrain.timesteps (1000) x 1 noise;
     an LDS model's the ground truth's 1000 timesteps x 3 noises."""
@@ -104,6 +123,7 @@ def test_measured_units_are_the_cost_models_units():
     rates = stage_throughput.unit_throughputs(settings, torch.device("cpu"), steps=2, gt_images=4,
                                               feature_batch=2, proj_dim=8)
     gpu_only = {f"{stage}_{dtype}" for stage in ("train_step", "eval", "ddim_step") for dtype in ("tf32", "bf16", "fp16")}
+    gpu_only.add("gradient_tf32")
     assert set(rates) == set(UNITS) - gpu_only - {*LATENT_UNITS}
     assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
 

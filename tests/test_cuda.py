@@ -2,6 +2,7 @@
 
 Each stage computed on the GPU in fp32 must agree with the same computation on the CPU to float32
 rounding (different kernels sum in another order): convolutions must not silently run in TF32.
+featurize.dtype tf32 is held close to fp32's features, and not equal to them.
 Mixed-precision training (train.dtype bf16 and fp16, a GPU's) is held to fp32 training on the tiny
 Stable Diffusion stack of test_latent_lora. So are train's speed options (train.channels_last,
 train.compile): held to the plain GPU training, resumed bitwise after a kill.
@@ -117,6 +118,39 @@ def test_features_on_the_gpu_record_their_projector(tmp_path, images):
         assert attrs["projector"] == "BasicProjector"
     assert rel(stores[1][...], stores[0][...]) < 1e-4
     assert np.isfinite(stores[0][...]).all() and np.abs(stores[0][...]).max() > 0
+
+
+def test_tf32_features_are_close_to_fp32_but_not_equal(tmp_path):
+    """featurize.dtype tf32 on the cifar2-mini model (random weights, its 10 timesteps): TF32 matmuls
+    and convolutions give features within about 1e-2 of the norm of the fp32 ones, but not fp32's (on
+    a CPU they are bitwise equal: test_featurize); the stores record their arithmetic."""
+    import yaml
+
+    from diffattr.settings import experiment
+    from diffattr.storage import read_array, write_array
+
+    from dry_run import REPO
+
+    settings = experiment(yaml.safe_load((REPO / "config.yaml").read_text()), "cifar2-mini", libraries=False)
+    model = build_model(settings["model"], seed=0)
+    model.save(tmp_path / "model")
+    unet = settings["model"]["unet"]
+    images = np.random.default_rng(1).uniform(-1, 1, (16, unet["in_channels"], unet["sample_size"],
+                                                      unet["sample_size"])).astype(np.float32)
+    write_array(tmp_path / "images.zarr", images, {})
+    spec = {"batch_size": 8, "proj_seed": 42, "noise_seed": 0, "scheme": "uniform"}
+    rows = {}
+    for dtype in ("fp32", "tf32"):
+        out = tmp_path / f"{dtype}.zarr"
+        featurize_split(tmp_path / "model" / "diffusion_pytorch_model.safetensors", settings["model"],
+                        tmp_path / "images.zarr", "square", list(range(0, 1000, 100)), 512,
+                        {**spec, "dtype": dtype}, out, CUDA)
+        rows[dtype], attrs = read_array(out)
+        assert attrs["arithmetic"] == dtype
+    fp32, tf32 = rows["fp32"].astype(np.float64), rows["tf32"].astype(np.float64)
+    error = np.linalg.norm(tf32 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
+    # fp32 runs differ by float32 rounding only (< 1e-4, test_features_on_the_gpu_record_their_projector)
+    assert 1e-4 < error.max() < 5e-2 and np.median(error) < 2e-2, error
 
 
 def test_journey_features_regenerate_a_gpu_generation_set_on_either_device(tmp_path):

@@ -251,3 +251,42 @@ def test_featurize_split_writes_features_with_provenance(float_model, dense_P, t
     assert_features_close(rows, reference_features(float_model, images, "l2", timesteps, 5, dense_P))
     # nothing but the store is left beside it (no temporary from the atomic write)
     assert sorted(p.name for p in out.parent.iterdir()) == ["val.zarr"]
+
+
+# ---------------------------------------------------------------- featurize.dtype (arithmetic)
+
+def test_tf32_features_are_the_fp32_ones_bitwise_on_a_cpu(float_model, tiny_images):
+    """featurize.dtype tf32 sets TF32 for matmuls and convolutions, which torch's CPU kernels ignore:
+    on a CPU the features are fp32's bit for bit (docs/gpu.md); the switches are restored after."""
+    out = {}
+    for arithmetic in ("fp32", "tf32"):
+        projector, _ = make_projector(gradient_dim(float_model), PROJ_DIM, PROJ_SEED, torch.device("cpu"), 2)
+        out[arithmetic] = np.concatenate([rows for _, rows in features(float_model, tiny_images[:3], "square",
+                                                                        [0, 500], 1, projector, 2,
+                                                                        arithmetic=arithmetic)])
+    np.testing.assert_array_equal(out["tf32"], out["fp32"])
+    assert np.abs(out["fp32"]).max() > 0
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_features_refuse_an_arithmetic_for_gradients_they_do_not_offer(float_model, tiny_images):
+    projector, _ = make_projector(gradient_dim(float_model), PROJ_DIM, PROJ_SEED, torch.device("cpu"), 2)
+    with pytest.raises(ValueError, match=r"^featurize.dtype: got 'bf16'; expected one of fp32, tf32"):
+        next(features(float_model, tiny_images[:2], "square", [0], 1, projector, 2, arithmetic="bf16"))
+
+
+def test_featurize_split_records_its_arithmetic(float_model, tiny_images, tiny_spec, tmp_path):
+    """`arithmetic` in the store: fp32 when the spec has no dtype, tf32 when it says so (the array's
+    `dtype` stays float32); on a CPU the two stores hold the same rows."""
+    float_model.save(tmp_path / "model")
+    weights = tmp_path / "model" / "diffusion_pytorch_model.safetensors"
+    write_array(tmp_path / "images.zarr", tiny_images[:3], {"split": "val"})
+    spec = {"batch_size": 2, "proj_seed": PROJ_SEED, "scheme": "uniform", "noise_seed": 5}
+    stores = {}
+    for name, extra in (("absent", {}), ("fp32", {"dtype": "fp32"}), ("tf32", {"dtype": "tf32"})):
+        out = tmp_path / name / "val.zarr"
+        featurize_split(weights, tiny_spec, tmp_path / "images.zarr", "l2", [0, 500], PROJ_DIM, {**spec, **extra}, out)
+        stores[name] = read_array(out)
+    assert [stores[name][1]["arithmetic"] for name in stores] == ["fp32", "fp32", "tf32"]
+    assert {stores[name][1]["dtype"] for name in stores} == {"float32"}
+    np.testing.assert_array_equal(stores["tf32"][0], stores["absent"][0])

@@ -269,3 +269,19 @@ def test_checkpoint_features_get_no_journey_trak(tmp_path):
     score_split(train, query, subsets, {"lambda_exponents": [0, 0]}, tmp_path / "scores.zarr", "gen")
     predictions = read_predictions(tmp_path / "scores.zarr")[0]
     assert "trak" in predictions and "journey_trak" not in predictions
+
+
+def test_journey_features_of_another_arithmetic_are_refused(tmp_path):
+    """featurize.dtype: Journey-TRAK's query features in tf32 beside fp32 train features (here a store
+    from before the key, which records no arithmetic: fp32) are refused, naming both stores."""
+    from diffattr.provenance import ProvenanceError
+
+    train = feature_store(tmp_path / "train.zarr", np.eye(4), query_sha256="t" * 64)
+    query = feature_store(tmp_path / "gen.zarr", np.eye(4)[1][None], arithmetic="fp32")
+    journey = feature_store(tmp_path / "journey.zarr", np.eye(4)[2][None], K=4, timesteps=[750, 500, 250, 0],
+                            scheme="ddim_trajectory", noise_seed=None, arithmetic="tf32")
+    pd.DataFrame({"subset": range(4), "train_position": range(4)}).to_csv(tmp_path / "subsets.csv", index=False)
+    with pytest.raises(ProvenanceError) as error:
+        score_split(train, query, tmp_path / "subsets.csv", {"lambda_exponents": [0], "methods": ["journey_trak"]},
+                    tmp_path / "scores.zarr", "gen", extra_paths={"journey": journey})
+    assert str(error.value) == f"{train} and {journey} cannot be combined; they differ in arithmetic: 'fp32' vs 'tf32'"

@@ -171,3 +171,45 @@ def test_score_job_reads_its_stores_and_refuses_another_curvature(tmp_path):
     with pytest.raises(ProvenanceError, match="curvature_sha256"):
         kfac.score_influence(tmp_path / "train.zarr", tmp_path / "query.zarr", tmp_path / "subsets.csv",
                              ["kfac_influence"], tmp_path / "scores2.zarr")
+
+
+
+def test_influence_features_take_the_featurizers_arithmetic(make_tiny_model, tiny_spec, tiny_images, tmp_path):
+    """featurize.dtype reaches the influence features: the store records `arithmetic` (fp32 when the
+    spec has none), tf32's rows are fp32's bitwise on a CPU, bf16 is refused, and the score job refuses
+    a train / query mix in one line, reading a store without the attribute (written before
+    featurize.dtype) as fp32."""
+    import pandas as pd
+
+    from diffattr.methods import read_predictions
+    from diffattr.provenance import ProvenanceError
+    from diffattr.storage import read_array, write_array
+
+    make_tiny_model(1).save(tmp_path / "model")
+    weights = tmp_path / "model" / "diffusion_pytorch_model.safetensors"
+    write_array(tmp_path / "images.zarr", tiny_images, {})
+    kfac.compute_curvature(weights, tiny_spec, tmp_path / "images.zarr",
+                           {"samples": 2, "seed": 0, "batch_size": 5, "fisher": "mc"}, tmp_path / "curvature.pt")
+    spec = {"dampings": [1e-3], "proj_dim": 8, "batch_size": 5, "proj_seed": 0, "noise_seed": 0}
+    stores = {}
+    for name, extra in (("absent", {}), ("tf32", {"dtype": "tf32"})):
+        kfac.write_influence_features(weights, tiny_spec, tmp_path / "images.zarr", tmp_path / "curvature.pt",
+                                      "simple", [100, 700], {**spec, **extra}, tmp_path / f"{name}.zarr")
+        stores[name] = read_array(tmp_path / f"{name}.zarr")
+    assert (stores["absent"][1]["arithmetic"], stores["tf32"][1]["arithmetic"]) == ("fp32", "tf32")
+    np.testing.assert_array_equal(stores["tf32"][0], stores["absent"][0])
+    with pytest.raises(ValueError, match=r"^featurize.dtype: got 'bf16'"):
+        kfac.write_influence_features(weights, tiny_spec, tmp_path / "images.zarr", tmp_path / "curvature.pt",
+                                      "simple", [100], {**spec, "dtype": "bf16"}, tmp_path / "bf16.zarr")
+
+    pd.DataFrame({"subset": [0, 0, 1], "train_position": [0, 2, 4]}).to_csv(tmp_path / "subsets.csv", index=False)
+    old = {key: value for key, value in stores["absent"][1].items() if key != "arithmetic"}
+    write_array(tmp_path / "old.zarr", stores["absent"][0], old)  # a train store from before featurize.dtype
+    kfac.score_influence(tmp_path / "old.zarr", tmp_path / "absent.zarr", tmp_path / "subsets.csv",
+                         ["kfac_influence"], tmp_path / "scores.zarr")
+    assert "kfac_influence" in read_predictions(tmp_path / "scores.zarr")[0]
+    with pytest.raises(ProvenanceError) as error:
+        kfac.score_influence(tmp_path / "old.zarr", tmp_path / "tf32.zarr", tmp_path / "subsets.csv",
+                             ["kfac_influence"], tmp_path / "scores2.zarr")
+    assert str(error.value) == (f"{tmp_path / 'old.zarr'} and {tmp_path / 'tf32.zarr'} disagree on arithmetic "
+                                "('fp32' vs 'tf32')")

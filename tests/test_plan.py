@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from diffattr.plan import PATHS, Plan, path, truth_root
-from diffattr.protocol import FeatureSet, ModelName
+from diffattr.protocol import FeatureSet, ModelName, featurize_params
 from diffattr.settings import ConfigError, deep_merge, experiment
 
 from dry_run import REPO
@@ -116,9 +116,25 @@ def test_threads_per_stage():
     assert Plan("cifar2-mini", experiment(CONFIG, "cifar2-mini")).threads("featurize") == 1
 
 
+def test_featurize_params_hold_dtype_only_when_not_fp32():
+    """The featurize jobs' rule params (rules/featurize.smk, influence.smk: protocol.featurize_params):
+    every preset's, without featurize.dtype or with it fp32, are those before the key existed, so no
+    finished featurize job reruns; tf32 adds it (those jobs rerun). bf16 is refused."""
+    before = ("proj_seed", "projector", "noise_seed", "batch_size")  # the params' keys before featurize.dtype
+    for preset in CONFIG["experiments"]:
+        spec = experiment(CONFIG, preset, libraries=False)["featurize"]
+        assert "dtype" not in spec  # no schema default fills it in
+        old = {key: spec[key] for key in before if key in spec}
+        assert featurize_params(spec) == featurize_params({**spec, "dtype": "fp32"}) == old
+        assert featurize_params({**spec, "dtype": "tf32"}) == {**old, "dtype": "tf32"}
+    with pytest.raises(ValueError, match=r"^featurize.dtype: got 'bf16'; expected one of fp32, tf32"):
+        featurize_params({**spec, "dtype": "bf16"})
+
+
 def test_planning_imports_no_torch():
     """Every Snakemake process (one per job under SLURM) parses the rules, which ask the planner:
     importing torch and diffusers there would cost seconds per job."""
-    code = "import sys, diffattr.plan, diffattr.settings, diffattr.figure_plan; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    code = ("import sys, diffattr.plan, diffattr.settings, diffattr.figure_plan, diffattr.cost; "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
     modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "'torch'" not in modules and "'diffusers'" not in modules and "'matplotlib'" not in modules

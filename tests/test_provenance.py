@@ -73,14 +73,15 @@ def test_features_of_two_projector_seeds_are_refused(saved_model, tiny_spec, sub
 
 
 FEATURE_ATTRS = {"model_sha256": "a" * 64, "checkpoint": None, "function": "square", "K": 2, "timesteps": [0, 500],
-                 "scheme": "uniform", "noise_seed": 0, "dtype": "float32", "projector": "CudaProjector",
+                 "scheme": "uniform", "noise_seed": 0, "dtype": "float32", "arithmetic": "fp32",
+                 "projector": "CudaProjector",
                  "proj_dim": 4, "proj_seed": 0, "proj_type": "normal", "grad_dim": 100, "block_size": None,
                  "gpu": "NVIDIA H100 80GB HBM3", "sm_count": 132, "device": "NVIDIA H100 80GB HBM3",
                  "noises": 1, "query_sha256": "b" * 64,
                  "factor_side": None, "factorized_layers": None, "dense_dim": None, "dense": None}
 # The disagreement the issue lists, and the value the query store has instead.
 DISAGREEMENTS = [("model_sha256", "c" * 64), ("checkpoint", 100), ("function", "simple"), ("K", 3), ("timesteps", [0, 250]),
-                 ("scheme", "cumulative"), ("noise_seed", 1), ("dtype", "bfloat16"),
+                 ("scheme", "cumulative"), ("noise_seed", 1), ("dtype", "bfloat16"), ("arithmetic", "tf32"),
                  ("projector", "BasicProjector"), ("proj_seed", 7), ("proj_type", "rademacher"),
                  ("grad_dim", 101), ("gpu", "NVIDIA A100-SXM4-80GB"), ("sm_count", 108),
                  ("device", "cpu"), ("noises", 2), ("factor_side", 3), ("factorized_layers", 5),
@@ -126,6 +127,42 @@ def test_untrustworthy_feature_stores_are_refused(train_attrs, query_change, que
     with pytest.raises(ProvenanceError) as error:
         score_split(train, query, subsets_csv, SCORE_SPEC, tmp_path / "scores.zarr")
     assert str(error.value) == message.format(train=train, query=query)
+
+
+def test_a_store_from_before_featurize_dtype_reads_as_fp32(subsets_csv, tmp_path):
+    """A feature store written before featurize.dtype records no `arithmetic`: it is fp32's, scored
+    with an fp32 store (the predictions record fp32) and refused with a tf32 one, in one line."""
+    old = {key: value for key, value in FEATURE_ATTRS.items() if key != "arithmetic"}
+    train, query = stores(tmp_path, {}, old)
+    out = tmp_path / "scores.zarr"
+    score_split(train, query, subsets_csv, {**SCORE_SPEC, "methods": ["trak"]}, out)
+    assert read_predictions(out)[1]["arithmetic"] == "fp32"
+    train, query = stores(tmp_path, {"arithmetic": "tf32"}, old)
+    with pytest.raises(ProvenanceError) as error:
+        score_split(train, query, subsets_csv, SCORE_SPEC, tmp_path / "scores2.zarr")
+    assert str(error.value) == f"{train} and {query} cannot be combined; they differ in arithmetic: 'fp32' vs 'tf32'"
+
+
+def test_features_of_two_arithmetics_are_refused(saved_model, tiny_spec, subsets_csv, tmp_path):
+    """The real writer: train features in tf32, query features in fp32 (equal on a CPU, but not on a
+    GPU) are not scored together; both in tf32 are."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 3)):
+        write_array(tmp_path / f"{split}.zarr", rng.uniform(-1, 1, (n, 1, 8, 8)).astype(np.float32), {})
+    spec = {"batch_size": 4, "proj_seed": 0, "scheme": "uniform", "noise_seed": 0}
+    made = {}
+    for name, split, dtype in (("train", "train", "tf32"), ("fp32", "val", "fp32"), ("tf32", "val", "tf32")):
+        made[name] = tmp_path / dtype / f"{split}.zarr"
+        featurize_split(saved_model, tiny_spec, tmp_path / f"{split}.zarr", "square", select_timesteps(2, "uniform"),
+                        16, {**spec, "dtype": dtype}, made[name])
+    out = tmp_path / "scores" / "val.zarr"
+    with pytest.raises(ProvenanceError) as error:
+        score_split(made["train"], made["fp32"], subsets_csv, SCORE_SPEC, out)
+    assert str(error.value) == (f"{made['train']} and {made['fp32']} cannot be combined; they differ in "
+                                "arithmetic: 'tf32' vs 'fp32'")
+    assert not out.parent.exists()
+    score_split(made["train"], made["tf32"], subsets_csv, {**SCORE_SPEC, "methods": ["trak"]}, out, "val")
+    assert read_predictions(out)[1]["arithmetic"] == "tf32"
 
 
 def test_subsets_of_another_train_set_are_refused(subsets_csv, tmp_path):

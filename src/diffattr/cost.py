@@ -7,7 +7,9 @@ Units (what one unit is):
 - `train_step_<dtype>`: one optimizer step at the preset's `train.batch_size` in its `train.dtype`;
 - `eval_<dtype>`: one UNet forward pass of one noised image in that precision (ground truth; DAS's
   residuals, fp32);
-- `gradient`: the per-sample gradient of one noised copy (featurization: samples x K x noises);
+- `gradient`: the per-sample gradient of one noised copy in fp32 (featurization: samples x K x noises;
+  K-FAC's curvature passes, always fp32); `gradient_tf32`: the same in TF32 (featurize.dtype tf32: the
+  featurize, Journey-TRAK and influence-feature jobs' gradients);
 - `projection`: one gradient row projected to one output dimension (rows x k; a dense projection's
   cost is linear in k, as fast_jl's and our `BlockProjector`'s are);
 - `ddim_step_<dtype>`: one image through one sampler step (generation; Journey-TRAK's trajectories);
@@ -24,11 +26,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .plan import PATHS, Plan
-from .protocol import FeatureSet, parse_influence_store
+from .protocol import FeatureSet, featurize_arithmetic, parse_influence_store
 
 LATENT_UNITS = ("vae_encode", "vae_decode", "base_vae_step", "base_unet_step")
 UNITS = ("train_step_fp32", "train_step_tf32", "train_step_bf16", "train_step_fp16", "eval_fp32", "eval_tf32",
-         "eval_bf16", "gradient", "projection", "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16", *LATENT_UNITS)
+         "eval_bf16", "gradient", "gradient_tf32", "projection", "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16",
+         *LATENT_UNITS)
 # Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
 HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
                         "tracin", "baseline", "score_ensemble", "retrain_score", "lds", "lds_other_truth",
@@ -73,9 +76,14 @@ class Work:
     def sampling(self) -> str:
         return f"ddim_step_{self.settings['generate'].get('dtype', 'fp32')}"
 
+    def gradient(self) -> str:
+        """The unit of a feature's gradient: `gradient` (fp32, the stored unit's name) or gradient_tf32."""
+        dtype = featurize_arithmetic(self.settings["featurize"])
+        return "gradient" if dtype == "fp32" else f"gradient_{dtype}"
+
     def featurization(self, fset: FeatureSet, split: str) -> Counter:
         n = self.count(split)
-        return Counter(gradient=n * fset.n_timesteps * fset.noises, projection=n * fset.proj_dim)
+        return Counter({self.gradient(): n * fset.n_timesteps * fset.noises, "projection": n * fset.proj_dim})
 
     def job(self, rule: str, output: str) -> Counter | None:
         """The work of the job of `rule` with first output `output`; None for a host rule, and for
@@ -108,7 +116,7 @@ class Work:
         if rule == "featurize_journey":
             found = fields("journey", output)
             steps, n = int(s["generate"]["steps"]), self.count("gen")
-            return Counter({self.sampling(): n * steps, "gradient": n * steps, "projection": n * int(found["k"])})
+            return Counter({self.sampling(): n * steps, self.gradient(): n * steps, "projection": n * int(found["k"])})
         if rule == "residual":
             fset = FeatureSet.parse(fields("residual", output)["fset"])
             return Counter(eval_fp32=self.count("train") * fset.n_timesteps * fset.noises)
@@ -119,7 +127,7 @@ class Work:
             _, K, k = parse_influence_store(found["istore"])
             rows = self.count(found["split"])
             projected = {} if k is None else {"projection": rows * k * 2 * len(self.plan.influence["dampings"])}
-            return Counter(gradient=rows * K, **projected)
+            return Counter({self.gradient(): rows * K, **projected})
         raise KeyError(rule)
 
 

@@ -25,6 +25,7 @@ from .models import DiffusionModel, load_model
 from .noise import noise_batch
 from .progress import Progress
 from .project import make_projector
+from .protocol import featurize_arithmetic
 from .storage import ResumableOutput, array_sha256, file_sha256
 
 
@@ -138,18 +139,21 @@ def make_feature_projector(model: DiffusionModel, proj_dim: int, seed: int, devi
 
 def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps, noise_seed: int,
              projector, batch_size: int, starts=None, max_pass_items: int | None = None, noise=None,
-             noises: int = 1, labels: np.ndarray | None = None):
+             noises: int = 1, labels: np.ndarray | None = None, arithmetic: str = "fp32"):
     """Yield (start, projected features of rows start..start+len) for batches of samples (only those
     beginning at `starts`, when given), computed on the model's device, row i conditioned on labels[i].
     `noise(rows)`, when given, returns the (B, K, ...) noise of those rows instead of drawing it
-    (see `batch_gradients`)."""
+    (see `batch_gradients`). `arithmetic` (featurize.dtype) of the gradients: fp32, the protocol's
+    strict fp32 (no TF32 on a GPU), or tf32 (TF32 matmuls and convolutions on Ampere or newer GPUs, as
+    the reference's cuDNN default computed its convolutions; plain fp32 on a CPU, bitwise)."""
+    arithmetic = featurize_arithmetic({"dtype": arithmetic})
     model.train(False)
     device = next(p.device for _, p in model.featurized_parameters())
     for start in range(0, len(images), batch_size) if starts is None else starts:
         stop = min(len(images), start + batch_size)
         eps = None if noise is None else noise(range(start, stop))
         rows = None if labels is None else labels[start:stop]
-        with precision("fp32", device):  # the protocol's fp32: no TF32 convolutions on a GPU
+        with precision(arithmetic, device):
             grads = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
                                     function, timesteps, noise_seed, rows, max_pass_items=max_pass_items,
                                     eps=eps, noises=noises, layer_rule=getattr(projector, "layer_rule", None))
@@ -178,13 +182,16 @@ def write_features(model: DiffusionModel, weights_path, images: np.ndarray, func
                    labels: np.ndarray | None = None) -> None:
     """`featurize_split`'s store for a loaded model: `attrs` (how the noise was chosen) and `noises`
     (per timestep) join the provenance, and `noise`, `noises` and the images' `labels` are passed on
-    to `features`."""
+    to `features`, in the arithmetic of `spec['dtype']` (fp32 when absent), recorded as `arithmetic`
+    (`dtype` is the array's, float32 either way)."""
     batch_size = int(spec["batch_size"])
+    arithmetic = featurize_arithmetic(spec)
     projector, projector_info = make_feature_projector(model, proj_dim, int(spec["proj_seed"]), device, batch_size,
                                                        spec.get("projector", "normal"))
     attrs = {"model_sha256": file_sha256(weights_path), "function": function,
              "K": len(timesteps), "timesteps": list(timesteps), **attrs, "noises": noises, "dtype": "float32",
-             "device": device_name(device), "query_sha256": array_sha256(images), "torch": torch.__version__,
+             "arithmetic": arithmetic, "device": device_name(device), "query_sha256": array_sha256(images),
+             "torch": torch.__version__,
              **projector_info}
 
     def create(path):
@@ -200,7 +207,7 @@ def write_features(model: DiffusionModel, weights_path, images: np.ndarray, func
     progress = Progress(len(chunks), "feature batches", done=len(chunks) - len(todo))
     for start, rows in features(model, images, function, timesteps, int(spec["noise_seed"]),
                                 projector, batch_size, starts=todo, max_pass_items=max_pass_items,
-                                noise=noise, noises=noises, labels=labels):
+                                noise=noise, noises=noises, labels=labels, arithmetic=arithmetic):
         array[start:start + len(rows)] = rows
         output.mark_done(str(start // batch_size))
         progress.step()

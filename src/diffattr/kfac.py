@@ -54,6 +54,7 @@ from .device import device_name, precision
 from .featurize import batch_gradients
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
+from .protocol import featurize_arithmetic
 from .storage import array_sha256, atomic_output, file_sha256
 
 VARIANTS = ("kfac", "ekfac")
@@ -279,10 +280,12 @@ class Identity:
 
 def influence_features(model: DiffusionModel, layers: list[dict], images: np.ndarray, function: str, timesteps,
                        noise_seed: int, dampings, projector, batch_size: int, labels=None,
-                       max_pass_items: int | None = None) -> np.ndarray:
+                       max_pass_items: int | None = None, arithmetic: str = "fp32") -> np.ndarray:
     """(V, L, n, k) float32: for each variant of VARIANTS and damping, the projected (G + damping I)^-1/2 g
     of every image, g its gradient of `function` averaged over `timesteps` at the featurizer's noise
-    (featurize.batch_gradients) with respect to the Linear and Conv2d parameters."""
+    (featurize.batch_gradients) with respect to the Linear and Conv2d parameters, in the featurizer's
+    `arithmetic` (featurize.dtype: fp32 or tf32, as featurize.features)."""
+    arithmetic = featurize_arithmetic({"dtype": arithmetic})
     model.train(False)
     params = [(name, p) for name, p in curvature_parameters(model.network())]
     device = params[0][1].device
@@ -290,7 +293,7 @@ def influence_features(model: DiffusionModel, layers: list[dict], images: np.nda
     for start in range(0, len(images), batch_size):
         stop = min(len(images), start + batch_size)
         rows = None if labels is None else labels[start:stop]
-        with precision("fp32", device):  # the protocol's fp32, as featurize: no TF32 convolutions on a GPU
+        with precision(arithmetic, device):  # as featurize.features
             flat = batch_gradients(model, torch.from_numpy(images[start:stop]).to(device), range(start, stop),
                                    function, timesteps, noise_seed, rows, max_pass_items=max_pass_items,
                                    parameters=params)
@@ -310,7 +313,8 @@ def write_influence_features(weights_path, model_spec: dict, images_path, curvat
                              spec: dict, out_path, device: torch.device = torch.device("cpu"),
                              max_pass_items: int | None = None) -> None:
     """The preconditioned, projected gradients of a split, with their provenance. `spec`: the
-    influence settings (dampings, proj_dim, batch_size) and the featurizer's proj_seed and noise_seed."""
+    influence settings (dampings, proj_dim, batch_size) and the featurizer's proj_seed, noise_seed and
+    dtype (its arithmetic, fp32 when absent, recorded as `arithmetic`)."""
     from .project import make_projector
     from .storage import write_array
 
@@ -326,20 +330,24 @@ def write_influence_features(weights_path, model_spec: dict, images_path, curvat
         projector, info = make_projector(dim, int(spec["proj_dim"]), int(spec["proj_seed"]), device,
                                          int(spec["batch_size"]))
     dampings = [float(lam) for lam in spec["dampings"]]
+    arithmetic = featurize_arithmetic(spec)
     features = influence_features(model, layers, images, function, timesteps, int(spec["noise_seed"]), dampings,
-                                  projector, int(spec["batch_size"]), load_labels(images_path), max_pass_items)
+                                  projector, int(spec["batch_size"]), load_labels(images_path), max_pass_items,
+                                  arithmetic)
     write_array(out_path, features, {
         "model_sha256": sha, "curvature_sha256": file_sha256(curvature_path), "curvature": curvature,
         "function": function, "K": len(timesteps), "timesteps": list(timesteps), "scheme": "uniform", "noises": 1,
         "noise_seed": int(spec["noise_seed"]), "dampings": dampings, "variants": list(VARIANTS),
-        "query_sha256": array_sha256(images), "device": device_name(device), "dtype": "float32", **info})
+        "query_sha256": array_sha256(images), "device": device_name(device), "dtype": "float32",
+        "arithmetic": arithmetic, **info})
 
 
 # ------------------------------------------------------------------ scores
 
-# What a query store must share with the train store it is scored against.
+# What a query store must share with the train store it is scored against (`arithmetic`: a store
+# written before featurize.dtype records none, fp32).
 SHARED_KEYS = ("model_sha256", "curvature_sha256", "dampings", "variants", "K", "timesteps", "noise_seed",
-               "proj_dim", "projector", "grad_dim")
+               "arithmetic", "proj_dim", "projector", "grad_dim")
 
 
 class InfluenceJob:
@@ -361,12 +369,12 @@ def score_influence(train_path, query_path, subsets_path, methods, out_path) -> 
     """The predictions store of the influence `methods` for one measurement and query split: train
     features of the training loss against the query features, both from one model and curvature."""
     from .methods import predictions, write_predictions
-    from .provenance import ProvenanceError, require_finite
+    from .provenance import ProvenanceError, require_finite, with_arithmetic
     from .score import read_masks
     from .storage import read_array
 
-    train, train_attrs = read_array(train_path)
-    query, query_attrs = read_array(query_path)
+    (train, train_attrs), (query, query_attrs) = read_array(train_path), read_array(query_path)
+    train_attrs, query_attrs = with_arithmetic(train_attrs), with_arithmetic(query_attrs)
     for key in SHARED_KEYS:
         if train_attrs.get(key) != query_attrs.get(key):
             raise ProvenanceError(f"{train_path} and {query_path} disagree on {key} ({train_attrs.get(key)!r} vs "

@@ -178,6 +178,32 @@ def without_unset_speed_options(train: dict) -> dict:
     """`train` without the speed options set to false: a training with one off is the training without it."""
     return {key: value for key, value in train.items() if not (key in TRAIN_SPEED_OPTIONS and value is False)}
 
+# featurize.dtype: the arithmetic of the gradients for features (diffattr.featurize, journey, kfac's
+# influence features). No schema default: absent is fp32, the protocol's; a store records it as
+# `arithmetic` (a store written before the key records none: fp32), and a job's rule params hold it only
+# when it is not fp32, so that adding the key to the schema or a config reruns no finished job.
+FEATURIZE_DTYPES = ("fp32", "tf32")
+FEATURIZE_PARAM_KEYS = ("proj_seed", "projector", "noise_seed", "batch_size")
+
+
+def featurize_arithmetic(featurize: dict) -> str:
+    """featurize.dtype (fp32 when absent), refused unless one of FEATURIZE_DTYPES."""
+    dtype = featurize.get("dtype", "fp32")
+    if dtype not in FEATURIZE_DTYPES:
+        raise ValueError(f"featurize.dtype: got {dtype!r}; expected one of {', '.join(FEATURIZE_DTYPES)} "
+                         "(no bf16 / fp16 for gradients)")
+    return dtype
+
+
+def featurize_params(featurize: dict) -> dict:
+    """The featurize settings every feature store's job is a function of (its rule params): the seeds,
+    the projector and the batch size where set (`projector` absent: the default projection, whose stores
+    keep their params), and `dtype` only when it is not fp32."""
+    params = {key: featurize[key] for key in FEATURIZE_PARAM_KEYS if key in featurize}
+    if (dtype := featurize_arithmetic(featurize)) != "fp32":
+        params["dtype"] = dtype
+    return params
+
 ARTIFACTS = {"weights": "diffusion_pytorch_model.safetensors", "loss_log": "train_log.csv",
              "training": "training.json"}
 

@@ -10,7 +10,10 @@ import numpy as np
 # from one seed (BasicProjector), and fast_jl's matrix depends on the GPU (`gpu`, `sm_count`).
 # `checkpoint`: the training step of the weights when they are a kept checkpoint (None: the final ones).
 # A factorized projection (diffattr.factorized) records its split and its dense part's matrix.
-FEATURE_KEYS = ("model_sha256", "checkpoint", "function", "K", "timesteps", "scheme", "noise_seed", "dtype", "device",
+# `arithmetic`: featurize.dtype, fp32 or tf32 (`dtype` is the array's); a store written before the key
+# records none and reads as fp32 (with_arithmetic).
+FEATURE_KEYS = ("model_sha256", "checkpoint", "function", "K", "timesteps", "scheme", "noise_seed", "dtype",
+                "arithmetic", "device",
                 "projector", "proj_dim", "proj_seed", "proj_type", "grad_dim", "block_size", "gpu",
                 "sm_count", "noises", "factor_side", "factorized_layers", "dense_dim", "dense")
 # What every feature store written by featurize records; a store without them is not trusted.
@@ -25,6 +28,12 @@ REQUIRED_GROUND_TRUTH_KEYS = ("model_sha256", "query_sha256", "timesteps", "nois
 
 class ProvenanceError(ValueError):
     pass
+
+
+def with_arithmetic(attrs: dict) -> dict:
+    """A gradient store's attributes with its `arithmetic`, fp32 (the only one there was) when it was
+    written before featurize.dtype and records none."""
+    return {**attrs, "arithmetic": attrs.get("arithmetic") or "fp32"}
 
 
 def require_same(keys, first: tuple[str, dict], second: tuple[str, dict]) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .provenance import (FEATURE_KEYS, REQUIRED_FEATURE_KEYS, RESIDUAL_KEYS, ProvenanceError,
-                         require_finite, require_present, require_same)
+                         require_finite, require_present, require_same, with_arithmetic)
 from .methods import METHODS, methods_reading, predictions, write_predictions
 from .protocol import FeatureSet, lambda_grid
 from .storage import file_sha256, read_array
@@ -160,6 +160,7 @@ def _check_features(x: np.ndarray, xq: np.ndarray) -> None:
 def read_features(path) -> tuple[np.ndarray, dict]:
     """A feature store, refused unless it records its provenance and holds finite (n, proj_dim) rows."""
     features, attrs = read_array(path)
+    attrs = with_arithmetic(attrs)  # a store from before featurize.dtype: fp32
     require_present(REQUIRED_FEATURE_KEYS, (str(path), attrs), "diffattr's featurize")
     if features.ndim != 2 or features.shape[1] != attrs["proj_dim"]:
         raise ProvenanceError(f"{path}: features of shape {features.shape}, but its proj_dim is "
