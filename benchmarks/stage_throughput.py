@@ -93,7 +93,8 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     ground-truth evaluations, per precision (fp32 only on a CPU), per-sample gradients (K = 10, `feature_batch` samples,
     default `featurize.batch_size`; `gradient` in fp32, `gradient_tf32` on a GPU only), projected row-dimensions
     (the job's projector at k = `proj_dim`: its cost is linear in k, so a small k measures it; rounded up to a
-    multiple of 512 where the projector is fast_jl's, which refuses other k), and DDIM image-steps (fp32).
+    multiple of 512 where the projector is fast_jl's, which refuses other k), and DDIM image-steps (per
+    precision on a GPU, fp32 on a CPU).
     `report(unit, rate)`, when given, is called as each rate is measured (a later stage's failure
     then loses only its own)."""
     model = build_model(settings["model"], seed=0)  # the default (fused) attention, as the stages use it
@@ -137,8 +138,10 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
 
     gen = settings["generate"]
     n = int(gen["batch_size"])
-    rates["ddim_step_fp32"] = n * int(gen["steps"]) / timed(
-        lambda: sample(model, n, shape, int(gen["steps"]), 0.0, 0, n, device, "fp32"))
+    for dtype in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32",):  # generate.dtype's choices
+        sample(model, n, shape, 2, 0.0, 0, n, device, dtype)  # warm-up
+        rates[f"ddim_step_{dtype}"] = n * int(gen["steps"]) / timed(
+            lambda: sample(model, n, shape, int(gen["steps"]), 0.0, 0, n, device, dtype))
     return dict(rates)
 
 
@@ -161,14 +164,14 @@ VARIANTS = {"": {}, "_cl": {"channels_last": True}, "_compiled": {"compile": Tru
 
 
 def option_throughputs(settings: dict, device, steps: int = 30, variants=None, rates=None) -> dict[str, float]:
-    """Training steps/s at `train.batch_size` of each precision (fp32, tf32, bf16 on a GPU; fp32 on a
+    """Training steps/s at `train.batch_size` of each precision (bf16, fp32, tf32 on a GPU; fp32 on a
     CPU) with each of train's speed options (`variants`, suffixes of VARIANTS, default all), the plain
     training measured again in the same run; each timed after a 5-step warm-up (which compiles a
     compiled variant: minutes on a CPU) on a fresh model of the preset's on random images."""
     images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1024, *_shape(settings))).astype(np.float32))
     variants = list(VARIANTS) if variants is None else variants
     rates = {} if rates is None else rates  # a _Rates reports each as it is measured
-    for dtype in ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32",):
+    for dtype in ("bf16", "fp32", "tf32") if device.type == "cuda" else ("fp32",):  # the likeliest choice first
         for suffix in variants:
             options = VARIANTS[suffix]
             model = build_model(settings["model"], seed=0)
