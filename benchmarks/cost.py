@@ -6,6 +6,8 @@ measured on a device for one preset's model) or measured now on the machine in h
     PYTHONPATH=src python benchmarks/cost.py cifar2-mini --measure        # measured here, now
     PYTHONPATH=src python benchmarks/cost.py cifar2 --throughputs FILE
     PYTHONPATH=src python benchmarks/cost.py artbench2                    # work only: no throughputs of its model
+    PYTHONPATH=src python benchmarks/cost.py cifar2-fast --set train.compile=true --set featurize.dtype=tf32
+                                                                          # priced with settings changed
 
 Host rules (scoring, LDS, tables, CLIP embeddings) run on CPUs and are counted, not timed.
 """
@@ -17,7 +19,8 @@ from pathlib import Path
 
 from diffattr.cost import plan_cost
 from diffattr.plan import Plan
-from presets import preset_settings
+from diffattr.settings import ConfigError
+from presets import parse_overrides, preset_settings
 
 STORED = Path(__file__).resolve().parent / "throughputs" / "h200_cifar2.json"
 
@@ -83,11 +86,17 @@ def main(argv=None) -> None:
     parser.add_argument("--throughputs", type=Path, default=STORED, help="a stored measurement (JSON)")
     parser.add_argument("--measure", action="store_true", help="measure throughputs here and now")
     parser.add_argument("--device", default="auto", help="with --measure: auto, cpu, cuda or cuda:N")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a setting changed (a YAML value) before pricing, e.g. train.dtype=bf16; repeatable")
     args = parser.parse_args(argv)
-    settings = preset_settings(args.preset)
+    try:
+        settings = preset_settings(args.preset, parse_overrides(args.set))
+    except ConfigError as error:  # one line per fault, no traceback
+        raise SystemExit(str(error)) from None
     throughputs, origin = (measured_throughputs(settings, args.device) if args.measure
                            else stored_throughputs(args.throughputs, args.preset, settings))
-    print(table(args.preset, plan_cost(Plan(args.preset, settings), throughputs), origin, throughputs))
+    name = " ".join([args.preset, *args.set])
+    print(table(name, plan_cost(Plan(args.preset, settings), throughputs), origin, throughputs))
 
 
 if __name__ == "__main__":

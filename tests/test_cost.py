@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from diffattr.cost import HOST_RULES, LATENT_UNITS, UNITS, Work, fields, plan_cost
+from diffattr.cost import HOST_RULES, UNITS, Work, fields, plan_cost
 from diffattr.plan import PATHS, Plan, path
 from diffattr.settings import experiment
 
@@ -57,23 +57,59 @@ def test_default_work_written_out():
     assert totals["score"] is None and totals["table"] is None  # host rules
 
 
+def totals_with(preset: str, **sections) -> dict:
+    """Each rule's summed work for `preset` with `sections` ({section: {key: value}}) set on top."""
+    settings = experiment(CONFIG, preset, libraries=False)
+    for section, values in sections.items():
+        settings[section] = {**settings[section], **values}
+    return {row.rule: row.work for row in plan_cost(Plan(preset, settings), {})}
+
+
 def test_tf32_featurization_is_priced_in_gradient_tf32():
     """featurize.dtype tf32: the featurize, Journey-TRAK and influence-feature jobs' gradients in
     gradient_tf32, the same counts as fp32's `gradient`; K-FAC's curvature stays fp32. fp32 set
     explicitly is the default's pricing."""
-    def totals(dtype):
-        settings = experiment(CONFIG, "default", libraries=False)
-        if dtype is not None:
-            settings["featurize"]["dtype"] = dtype
-        return {row.rule: row.work for row in plan_cost(Plan("default", settings), {})}
-
-    default, fp32, tf32 = totals(None), totals("fp32"), totals("tf32")
+    default = totals_with("default")
+    fp32, tf32 = (totals_with("default", featurize={"dtype": dtype}) for dtype in ("fp32", "tf32"))
     assert fp32 == default
     for rule in ("featurize", "featurize_journey", "influence_features"):
         assert "gradient" in default[rule] and "gradient_tf32" not in default[rule]
         assert tf32[rule] == Counter({("gradient_tf32" if unit == "gradient" else unit): amount
                                       for unit, amount in default[rule].items()})
     assert tf32["curvature"] == default["curvature"] == Counter(gradient=default["curvature"]["gradient"])
+
+
+def test_training_is_priced_in_its_precision_and_speed_option():
+    """train.dtype and train.compile / train.channels_last name the unit of every training job
+    (train_step_<dtype>[_compiled|_cl]), with the steps unchanged; a compiled job also pays one
+    compilation."""
+    plain = totals_with("default")
+    for train, unit in (({"dtype": "bf16", "compile": True}, "train_step_bf16_compiled"),
+                        ({"channels_last": True}, "train_step_fp32_cl"),
+                        ({"dtype": "tf32", "compile": False}, "train_step_tf32")):
+        priced = totals_with("default", train=train)
+        for rule in ("train_full", "train_lds"):
+            jobs = 1 if rule == "train_full" else 72
+            compilations = {"compilation": jobs} if train.get("compile") else {}
+            assert priced[rule] == Counter({unit: plain[rule]["train_step_fp32"], **compilations})
+        assert priced["ground_truth"] == plain["ground_truth"]
+
+
+def test_factorized_projection_is_priced_per_noised_copy():
+    """featurize.projector factorized: the featurize and Journey-TRAK jobs' work is one `factorized`
+    (or `factorized_tf32`) unit per noised copy, the gradients and projection it replaces gone; the
+    K-FAC influence features keep their dense projection."""
+    dense = totals_with("default")
+    for dtype, unit, gradient in (("fp32", "factorized", "gradient"), ("tf32", "factorized_tf32", "gradient_tf32")):
+        fact = totals_with("default", featurize={"projector": "factorized", "dtype": dtype})
+        assert fact["featurize"] == Counter({unit: dense["featurize"]["gradient"]})
+        assert fact["featurize_journey"] == Counter(ddim_step_fp32=100 * 50, **{unit: 100 * 50})
+        assert fact["influence_features"] == Counter({gradient: dense["influence_features"]["gradient"],
+                                                      "projection": dense["influence_features"]["projection"]})
+    store = path("features", experiment="default", fset="square_K10_k512_e2", split="train")
+    settings = experiment(CONFIG, "default", libraries=False)
+    settings["featurize"]["projector"] = "factorized"
+    assert Work(Plan("default", settings)).job("featurize", store) == Counter(factorized=400 * 10 * 2)
 
 
 def test_pool_models_ground_truth_uses_the_retrain_budget():
@@ -122,9 +158,8 @@ def test_measured_units_are_the_cost_models_units():
     settings = experiment(CONFIG, "tiny", libraries=False)
     rates = stage_throughput.unit_throughputs(settings, torch.device("cpu"), steps=2, gt_images=4,
                                               feature_batch=2, proj_dim=8)
-    gpu_only = {f"{stage}_{dtype}" for stage in ("train_step", "eval", "ddim_step") for dtype in ("tf32", "bf16", "fp16")}
-    gpu_only.add("gradient_tf32")
-    assert set(rates) == set(UNITS) - gpu_only - {*LATENT_UNITS}
+    assert set(rates) == {"train_step_fp32", "eval_fp32", "gradient", "factorized", "projection", "ddim_step_fp32"}
+    assert set(rates) <= set(UNITS)
     assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
 
 
@@ -156,9 +191,9 @@ def test_a_preset_without_measured_throughputs_gets_its_work_and_the_missing_uni
 
 def test_cifar2_fast_is_cifar2s_table_for_a_thirtieth_of_its_ground_truth():
     """cifar2-fast plans exactly cifar2's jobs (the same table: every method, function, K, k and
-    ablation row); its ground truth and pool outputs are 100 timesteps x 1 noise in bf16, so at the
-    stored H200 throughputs its ground truth costs under a 50th of cifar2's and the whole plan under
-    a quarter (training then dominates)."""
+    ablation row); its ground truth and pool outputs are 100 timesteps x 1 noise in bf16 and its
+    trainings bf16's steps, so at the stored H200 throughputs its ground truth costs under a 50th of
+    cifar2's and the whole plan under a sixth (training and featurization then dominate)."""
     slow, fast = plan("cifar2"), plan("cifar2-fast")
     renamed = {rule: sorted(o.replace("cifar2-fast", "cifar2") for o in outputs) for rule, outputs in fast.jobs().items()}
     assert renamed == {rule: sorted(outputs) for rule, outputs in slow.jobs().items()}
@@ -166,9 +201,12 @@ def test_cifar2_fast_is_cifar2s_table_for_a_thirtieth_of_its_ground_truth():
     for model in ("s000-r0", "retrain/s000-r0"):
         assert work.job("ground_truth", path("ground_truth", root="results/cifar2-fast", model=model)) == Counter(
             eval_bf16=2000 * 100)
+    for rule in ("train_full", "train_lds", "train_retrain"):
+        output = fast.jobs()[rule][0]
+        assert work.job(rule, output) == Counter(train_step_bf16=Work(slow).job(rule, output)["train_step_fp32"])
     throughputs, _ = cost.stored_throughputs(cost.STORED, "cifar2-fast", fast.settings)
     hours = {name: {row.rule: row.seconds / 3600 for row in plan_cost(p, throughputs) if row.seconds is not None}
              for name, p in (("slow", slow), ("fast", fast))}
     truth = lambda name: hours[name]["ground_truth"] + hours[name]["ground_truth_other_function"]
     assert truth("fast") < truth("slow") / 50
-    assert sum(hours["fast"].values()) < sum(hours["slow"].values()) / 3.9
+    assert sum(hours["fast"].values()) < sum(hours["slow"].values()) / 6

@@ -5,6 +5,9 @@ cost follows the plan: a rule the plan gains shows up here, as unmodelled until 
 
 Units (what one unit is):
 - `train_step_<dtype>`: one optimizer step at the preset's `train.batch_size` in its `train.dtype`;
+  `train_step_<dtype>_cl` / `_compiled`: the same with train.channels_last / train.compile (`train_unit`);
+- `compilation`: torch.compile's work for one training job (train.compile): each job compiles anew,
+  its warm-up steps paying it (about 90 s for cifar2's UNet on an H200, with an empty inductor cache);
 - `eval_<dtype>`: one UNet forward pass of one noised image in that precision (ground truth; DAS's
   residuals, fp32);
 - `gradient`: the per-sample gradient of one noised copy in fp32 (featurization: samples x K x noises;
@@ -12,6 +15,10 @@ Units (what one unit is):
   featurize, Journey-TRAK and influence-feature jobs' gradients);
 - `projection`: one gradient row projected to one output dimension (rows x k; a dense projection's
   cost is linear in k, as fast_jl's and our `BlockProjector`'s are);
+- `factorized`, `factorized_tf32`: one noised copy's gradient projected by the factorized projector
+  (featurize.projector factorized), in fp32 or TF32, in place of its `gradient` and `projection`: its
+  cost is the backward pass's and grows only slowly with k, so the rate measured at the preset's
+  largest k prices every k of it (an upper bound for the smaller ones);
 - `ddim_step_<dtype>`: one image through one sampler step (generation; Journey-TRAK's trajectories);
 a latent kind's (LATENT_UNITS, which stage_throughput does not measure yet):
 - `vae_encode`, `vae_decode`: one image through the VAE's encoder (a split's latents, once each) or
@@ -29,13 +36,22 @@ from .plan import PATHS, Plan
 from .protocol import FeatureSet, featurize_arithmetic, parse_influence_store
 
 LATENT_UNITS = ("vae_encode", "vae_decode", "base_vae_step", "base_unet_step")
-UNITS = ("train_step_fp32", "train_step_tf32", "train_step_bf16", "train_step_fp16", "eval_fp32", "eval_tf32",
-         "eval_bf16", "gradient", "gradient_tf32", "projection", "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16",
-         *LATENT_UNITS)
+# train's speed options (protocol.TRAIN_SPEED_OPTIONS) as a training unit's suffix; not both together
+TRAIN_OPTION_SUFFIXES = {"channels_last": "_cl", "compile": "_compiled"}
+TRAIN_UNITS = tuple(f"train_step_{dtype}{suffix}" for dtype in ("fp32", "tf32", "bf16", "fp16")
+                    for suffix in ("", *TRAIN_OPTION_SUFFIXES.values()))
+UNITS = (*TRAIN_UNITS, "compilation", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "gradient_tf32", "projection",
+         "factorized", "factorized_tf32", "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16", *LATENT_UNITS)
 # Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
 HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
                         "tracin", "baseline", "score_ensemble", "retrain_score", "lds", "lds_other_truth",
                         "ablation", "table", "figure", "influence_score"})
+
+
+def train_unit(train: dict) -> str:
+    """The unit of one step of a training with settings `train`: its dtype and speed options."""
+    suffix = "".join(tag for key, tag in TRAIN_OPTION_SUFFIXES.items() if train.get(key))
+    return f"train_step_{train.get('dtype', 'fp32')}{suffix}"
 
 
 # What a {field} matches: one path component, but a {root} holds several and a ground truth's
@@ -81,9 +97,16 @@ class Work:
         dtype = featurize_arithmetic(self.settings["featurize"])
         return "gradient" if dtype == "fp32" else f"gradient_{dtype}"
 
+    def projected_gradients(self, copies: int, rows: int, k: int) -> Counter:
+        """`copies` noised copies' gradients summed into `rows` feature rows of k dimensions, by the
+        featurize settings' projector: the dense one projects each row, the factorized one each copy."""
+        if self.settings["featurize"].get("projector", "normal") == "factorized":
+            return Counter({self.gradient().replace("gradient", "factorized"): copies})
+        return Counter({self.gradient(): copies, "projection": rows * k})
+
     def featurization(self, fset: FeatureSet, split: str) -> Counter:
         n = self.count(split)
-        return Counter({self.gradient(): n * fset.n_timesteps * fset.noises, "projection": n * fset.proj_dim})
+        return self.projected_gradients(n * fset.n_timesteps * fset.noises, n, fset.proj_dim)
 
     def job(self, rule: str, output: str) -> Counter | None:
         """The work of the job of `rule` with first output `output`; None for a host rule, and for
@@ -93,7 +116,7 @@ class Work:
             return None
         if rule in ("train_full", "train_lds", "train_retrain"):
             steps = s["train"]["full_steps" if rule == "train_full" else "lds_steps"]
-            return Counter({f"train_step_{s['train'].get('dtype', 'fp32')}": int(steps)})
+            return Counter({train_unit(s["train"]): int(steps), **({"compilation": 1} if s["train"].get("compile") else {})})
         if rule in ("ground_truth", "ground_truth_other_function"):
             pool = "/ground_truth/retrain/" in output  # a pool model's outputs (rules/ground_truth.smk)
             spec = self.plan.retrain if pool else s["ground_truth"]
@@ -116,7 +139,7 @@ class Work:
         if rule == "featurize_journey":
             found = fields("journey", output)
             steps, n = int(s["generate"]["steps"]), self.count("gen")
-            return Counter({self.sampling(): n * steps, self.gradient(): n * steps, "projection": n * int(found["k"])})
+            return Counter({self.sampling(): n * steps, **self.projected_gradients(n * steps, n, int(found["k"]))})
         if rule == "residual":
             fset = FeatureSet.parse(fields("residual", output)["fset"])
             return Counter(eval_fp32=self.count("train") * fset.n_timesteps * fset.noises)
