@@ -12,7 +12,8 @@ projection at k, against per-sample gradients plus their dense projection (the p
 a small k' and scaled by k / k': its matrix, p x k, is drawn on every call when it does not fit in
 memory, and both its draw and its product are linear in k). `--device cuda`: the same on a GPU, where
 the dense projection is trak's CudaProjector when fast_jl is installed (timed at k itself: it never
-forms the matrix) and the BlockProjector's matrix drawn on the GPU otherwise (timed at k', scaled).
+forms the matrix) and the BlockProjector's matrix drawn on the GPU otherwise (timed at k', scaled);
+`--dtype tf32` times both in TF32 (featurize.dtype), fp32 (strict, the default) otherwise.
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ import pandas as pd
 import torch
 import zarr
 
-from diffattr.device import device_name, resolve_device
+from diffattr.device import device_name, precision, resolve_device
 from diffattr.featurize import batch_gradients, featurize_split, make_feature_projector
 from diffattr.lds import lds_table
 from diffattr.plan import Plan, path
-from diffattr.protocol import FeatureSet
+from diffattr.protocol import FEATURIZE_DTYPES, FeatureSet
 from diffattr.score import score_split
 from diffattr.settings import cuda_projector_possible
 from presets import preset_model, preset_settings
@@ -74,7 +75,13 @@ def lds(preset: str, workdir: Path) -> pd.DataFrame:
 
 
 def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2,
-          device: torch.device = torch.device("cpu")) -> list[str]:
+          device: torch.device = torch.device("cpu"), dtype: str = "fp32") -> list[str]:
+    """Both paths in featurize.dtype `dtype` (device.precision; fp32 is strict on a GPU, TF32 off)."""
+    with precision(dtype, device):
+        return _speed(preset, proj_dim, small_k, batch, repeats, device, dtype)
+
+
+def _speed(preset, proj_dim, small_k, batch, repeats, device, dtype) -> list[str]:
     model, settings = preset_model(preset)
     model = model.to(device)
     unet = settings["model"]["unet"]
@@ -103,8 +110,8 @@ def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2
     dense, dense_info = make_feature_projector(model, timed_k, seed, device, batch, "normal")
     projection = timed(lambda: dense.project(grads, model_id=0)) * proj_dim / timed_k
     scaled = f"k = {timed_k} timed, x {proj_dim // timed_k}" if timed_k != proj_dim else f"k = {proj_dim}"
-    on_gpu = (f", {device_name(device)}", f"; dense projection: {dense_info['projector']}") if device.type == "cuda" \
-        else ("", "")  # the CPU's lines as before --device
+    on_gpu = (f", {device_name(device)}, {dtype}", f"; dense projection: {dense_info['projector']}") \
+        if device.type == "cuda" else ("", "")  # the CPU's lines as before --device
     return [f"# {preset} UNet, p = {grads.shape[1]}, batch {batch}, K = 10, k = {proj_dim}, torch {torch.__version__}"
             f"{on_gpu[0]}",
             f"factorized: s = {info['factor_side']} per side, {info['factorized_layers']} layers, dense part "
@@ -131,10 +138,12 @@ def main(argv=None) -> None:
     parser.add_argument("--small-k", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="speed only: cpu (the default), cuda, cuda:N or auto")
+    parser.add_argument("--dtype", default="fp32", choices=FEATURIZE_DTYPES,
+                        help="speed only: the gradients' arithmetic (featurize.dtype; tf32 on a GPU only)")
     args = parser.parse_args(argv)
     if args.what == "speed":
         print("\n".join(speed(args.preset, args.proj_dim, args.small_k, args.batch,
-                               device=resolve_device(args.device))))
+                               device=resolve_device(args.device), dtype=args.dtype)))
         return
     with tempfile.TemporaryDirectory() as workdir:
         table = lds(args.preset, Path(workdir))

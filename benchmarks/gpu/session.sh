@@ -2,16 +2,20 @@
 # The one command of a lent GPU machine (docs/benchmarks.md, "When a GPU is lent"). After
 # `bash benchmarks/gpu/fetch.sh` here, one device call:
 #
-#     command: bash benchmarks/gpu/session.sh      carry: [".whl"]      timeout_s: 560
+#     command: bash benchmarks/gpu/session.sh      carry: [".whl"]      timeout_s: 590
 #
 # installs .whl/ into /tmp/site, builds fast_jl there (nvcc, for sm_90), prints the versions and
 # the GPU, then runs, each time-boxed (`timeout`) inside one overall budget so that no step can eat
 # the others' time, most valuable first:
 #   b  benchmarks/stage_throughput.py cifar2 --device cuda   (training per precision, GT, gradients, projection,
 #      DDIM; then training per precision with each speed option, channels_last and compile)
-#   c  benchmarks/bench_factorized.py speed cifar2 --device cuda   (factorized projection against fast_jl, k = 32768)
+#   c  benchmarks/bench_factorized.py speed cifar2 --device cuda --dtype fp32, then tf32   (factorized
+#      projection against fast_jl, k = 32768)
 #   a  pytest tests/test_cuda.py -q -x   (the CUDA tests)
-# (SESSION_ONLY=a, say, runs only that one: a rerun on the still-warm machine), and ends with one
+# Seen on an H200 (2026-12-04): setup 110 s (fast_jl's build 86), b about 380 s (its units 110, the
+# options' three compilations 90 s each), c 34 s, a about 240 s: more than one call's 600 s, so the
+# default is b and c; a runs in a second call, SESSION_ONLY=a, on the still-warm machine (its setup
+# is then quick: fast_jl already built). SESSION_ONLY picks the steps; the script ends with one
 # line per step (ok / failed / timed out / skipped, seconds). Logs go to $OUT (set by the device
 # tool; /tmp/gpu-out elsewhere): setup.log, fast_jl.log, b_stage_throughput.log,
 # c_factorized.log, a_test_cuda.log, summary.txt; the end of each log is echoed as it finishes.
@@ -30,11 +34,11 @@ DRY=${DIFFATTR_GPU_DRYRUN:-0}
 PY=${PYTHON:-python3}
 INSTALL_PY=${INSTALL_PYTHON:-$PY}
 SITE=${SITE:-/tmp/site}
-BUDGET=${SESSION_BUDGET_S:-540}  # seconds for everything; the device call's timeout_s should be ~20 s more
+BUDGET=${SESSION_BUDGET_S:-570}  # seconds for everything; the device call's timeout_s should be ~20 s more
 CUDA_ARCH=${FAST_JL_ARCH:-9.0}    # H200 (Hopper); nvcc 13 no longer builds fast_jl's own choice, 7.0+PTX
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=$PATH:/usr/local/cuda/bin; fi
-ONLY=${SESSION_ONLY:-bca}  # the steps to run, e.g. SESSION_ONLY=a to rerun the CUDA tests alone
+ONLY=${SESSION_ONLY:-bc}  # the steps to run: SESSION_ONLY=a for the CUDA tests, abc for all three
 SUMMARY=()
 want() { case $ONLY in *"$1"*) return 0 ;; esac; return 1; }
 
@@ -90,9 +94,10 @@ build_fast_jl() {  # fast_jl's setup.py pins TORCH_CUDA_ARCH_LIST to 7.0+PTX: se
   sed -i "s/environ\['TORCH_CUDA_ARCH_LIST'\]=\"7.0+PTX\"/environ['TORCH_CUDA_ARCH_LIST']=\"$CUDA_ARCH\"/" \
     "$src/fast_jl-0.1.3/setup.py"
   grep -n TORCH_CUDA_ARCH_LIST "$src/fast_jl-0.1.3/setup.py"
-  # needs setuptools and the machine's torch (no build isolation), nvcc; ninja if there (faster)
+  # needs setuptools and the machine's torch (no build isolation), nvcc; ninja if there (faster); the
+  # check imports torch first, which loads the libc10.so that fast_jl links to
   "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir --upgrade --target "$SITE" "$src/fast_jl-0.1.3" &&
-    "$PY" -c "import fast_jl, torch; x = torch.ones(8, 1000, device='cuda'); print('fast_jl', fast_jl.__file__, \
+    "$PY" -c "import torch, fast_jl; x = torch.ones(8, 1000, device='cuda'); print('fast_jl', fast_jl.__file__, \
 float(fast_jl.project_normal_8(x, 512, 0, torch.cuda.get_device_properties(0).multi_processor_count).abs().sum()))"
 }
 
@@ -123,11 +128,13 @@ if [ "$DRY" = 1 ]; then
 fi
 step "build fast_jl" 180 fast_jl.log build_fast_jl
 step versions 60 setup.log versions
-want b && step "b stage_throughput" 260 b_stage_throughput.log \
+want b && step "b stage_throughput" 420 b_stage_throughput.log \
   "$PY" benchmarks/stage_throughput.py "$PRESET" --device "$DEVICE" --steps "$STEPS"
-want c && step "c factorized speed" 150 c_factorized.log \
-  "$PY" benchmarks/bench_factorized.py speed "$PRESET" --device "$DEVICE" "${FACT_ARGS[@]}"
-want a && step "a test_cuda" 180 a_test_cuda.log "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider
+for dtype in fp32 tf32; do  # featurize.dtype's choices (tf32 is fp32 on a CPU)
+  want c && step "c factorized $dtype" 60 c_factorized.log \
+    "$PY" benchmarks/bench_factorized.py speed "$PRESET" --device "$DEVICE" --dtype "$dtype" "${FACT_ARGS[@]}"
+done
+want a && step "a test_cuda" 300 a_test_cuda.log "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider
 
 {
   echo "== summary ($(date -u +%FT%TZ), ${SECONDS}s of ${BUDGET}s; dry run: $DRY; logs in $OUT)"
