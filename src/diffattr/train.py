@@ -13,7 +13,7 @@ process while tests train in several, and whose scaler and schedule wrappers wou
 checkpointed through its own files to resume bitwise. Frozen weights (a LoRA's base) stay fp32 in
 memory: autocast casts them per operation, so a trained model's base is bitwise the one it started from.
 
-Two opt-in speed options, off by default (their GPU speed is not yet measured: docs/gpu.md):
+Two opt-in speed options, off by default (their H200 speed and what is not yet shown: docs/gpu.md):
 `train.channels_last` puts the network's weights (a LoRA kind's whole UNet, its frozen base too) and
 each input batch in torch.channels_last memory format while training; the network is put back in the
 ordinary (contiguous) layout when training ends, so the weights saved and returned are as without it
