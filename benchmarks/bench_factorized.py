@@ -6,7 +6,9 @@
 `lds`: on a finished run's full model, images, subsets and ground truth, featurizes the preset's
 first grid set for TRAK (simple) and D-TRAK (square) with both projections (same k, same seed) into a
 scratch folder, scores them with the workflow's own score and LDS code and prints the LDS of each with
-its bootstrap interval, and the featurization time per sample.
+its bootstrap interval, and the featurization time per sample; then, per function and split, the
+paired difference factorized - dense at each one's oracle lambda (the same subset resamples for both:
+lds.lds_difference_interval), which tells a shift from the subsets' noise.
 `speed`: seconds per sample (K = 10) on the preset's model with random weights: the factorized
 projection at k, against per-sample gradients plus their dense projection (the projection is timed at
 a small k' and scaled by k / k': its matrix, p x k, is drawn on every call when it does not fit in
@@ -29,7 +31,8 @@ import zarr
 
 from diffattr.device import device_name, precision, resolve_device
 from diffattr.featurize import batch_gradients, featurize_split, make_feature_projector
-from diffattr.lds import lds_table
+from diffattr.lds import ground_truth_matrix, lds_difference_interval, lds_table, oracle_predictions
+from diffattr.methods import read_predictions
 from diffattr.plan import Plan, path
 from diffattr.protocol import FEATURIZE_DTYPES, FeatureSet
 from diffattr.score import score_split
@@ -39,7 +42,8 @@ from presets import preset_model, preset_settings
 PROJECTORS = ("normal", "factorized")
 
 
-def lds(preset: str, workdir: Path) -> pd.DataFrame:
+def lds(preset: str, workdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The LDS table and the paired differences (see the module's docstring)."""
     settings = preset_settings(preset)
     plan = Plan(preset, settings)
     grid = settings["featurize"]
@@ -47,7 +51,7 @@ def lds(preset: str, workdir: Path) -> pd.DataFrame:
     truth = {m: path("ground_truth", root=plan.root, model=m) for m in plan.lds_models}
     subsets = path("subsets", experiment=preset)
     lds_spec = {**settings["lds"], "lambda_rules": ["oracle", "heldout"]}
-    rows = []
+    rows, chosen, paired = [], {}, []
     for function in ("simple", "square"):
         fset = FeatureSet(function, grid["timesteps"][0], grid["proj_dims"][0])
         for projector in PROJECTORS:
@@ -67,11 +71,20 @@ def lds(preset: str, workdir: Path) -> pd.DataFrame:
                             preds, split)
                 table = workdir / f"{fset.name}_{projector}_{split}.csv"
                 lds_table(preds, subsets, truth, split, lds_spec, table)
+                truth_matrix, _ = ground_truth_matrix(truth, split, int(settings["subsets"]["m"]))
+                stored, _ = read_predictions(preds)[0]["trak"]
+                chosen[projector, split] = oracle_predictions(stored, truth_matrix), truth_matrix
                 for row in pd.read_csv(table).to_dict("records"):
                     rows.append({"function": function, "projector": projector, "split": split,
                                  "rule": row["lambda_rule"], "lds": row["lds"], "ci_low": row["ci_low"],
                                  "ci_high": row["ci_high"], "s_per_sample": seconds / samples})
-    return pd.DataFrame(rows)
+        for split in ("val", "gen"):
+            (fact, truth_matrix), (dense, _) = chosen["factorized", split], chosen["normal", split]
+            difference, low, high = lds_difference_interval(fact, dense, truth_matrix, float(lds_spec["confidence"]),
+                                                            int(lds_spec["bootstrap_resamples"]))
+            paired.append({"function": function, "split": split, "factorized - normal (oracle)": difference,
+                           "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows), pd.DataFrame(paired)
 
 
 def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2,
@@ -146,8 +159,10 @@ def main(argv=None) -> None:
                                device=resolve_device(args.device), dtype=args.dtype)))
         return
     with tempfile.TemporaryDirectory() as workdir:
-        table = lds(args.preset, Path(workdir))
+        table, paired = lds(args.preset, Path(workdir))
     print(table.to_markdown(index=False, floatfmt=".3f"))
+    print()
+    print(paired.to_markdown(index=False, floatfmt=".3f"))
 
 
 if __name__ == "__main__":

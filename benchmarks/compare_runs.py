@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from diffattr.lds import ground_truth_matrix, lds_difference_interval, select_lambda
+from diffattr.lds import ground_truth_matrix, lds_difference_interval, oracle_predictions
 from diffattr.methods import read_predictions
 from diffattr.plan import Plan, path
 from diffattr.protocol import FeatureSet
@@ -51,15 +51,13 @@ def rows(preset: str, run_a: Path, run_b: Path) -> pd.DataFrame:
 
 def chosen(run: Path, preset: str, settings: dict, function: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(predictions at the run's oracle lambda, the run's ground truth), both (queries, subsets)."""
-    plan, grid, spec = Plan(preset, settings), settings["featurize"], settings["lds"]
+    plan, grid = Plan(preset, settings), settings["featurize"]
     m = int(settings["subsets"]["m"])
     truth, _ = ground_truth_matrix({n: run / path("ground_truth", root=plan.root, model=n) for n in plan.lds_models},
                                    split, m)
     fset = FeatureSet(function, grid["timesteps"][0], grid["proj_dims"][0])
-    preds, lambdas = read_predictions(run / path("scores", experiment=preset, scores=fset.name, qsplit=split))[0]["trak"]
-    best = select_lambda(preds, truth, lambdas, "oracle", int(spec["heldout_seed"]), float(spec["confidence"]),
-                         int(spec["bootstrap_resamples"]))
-    return preds[int(np.flatnonzero(lambdas == best["lambda_"])[0])], truth
+    preds, _ = read_predictions(run / path("scores", experiment=preset, scores=fset.name, qsplit=split))[0]["trak"]
+    return oracle_predictions(preds, truth), truth
 
 
 def paired(preset: str, run_a: Path, run_b: Path, override: dict) -> list[dict]:

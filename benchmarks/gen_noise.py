@@ -34,8 +34,8 @@ from diffattr.data import load_images, load_labels
 from diffattr.featurize import features, make_feature_projector
 from diffattr.generate import generation_labels, guidance_scale, sample
 from diffattr.ground_truth import query_losses
-from diffattr.lds import (ground_truth_matrix, lds, lds_difference_interval, lds_interval, select_lambda,
-                          subset_means)
+from diffattr.lds import (ground_truth_matrix, lds, lds_difference_interval, lds_interval, oracle_predictions,
+                          select_lambda, subset_means)
 from diffattr.methods import read_predictions
 from diffattr.models import load_model
 from diffattr.plan import Plan, path
@@ -152,9 +152,8 @@ def truth_rows(run: Run) -> list[dict]:
 def paired(run: Run, split: str) -> dict:
     """The run's own LDS of each method at its oracle lambda with its interval over subsets, and the
     paired difference D-TRAK - TRAK (the same resamples for both: lds.lds_difference_interval)."""
-    truth, lambdas, spec = run.truth[split], lambda_grid(run.settings["score"]["lambda_exponents"]), run.settings["lds"]
-    chosen = {label: preds[lambdas.index(run.lds(preds, truth)["lambda_"])]
-              for label, preds in stored_predictions(run, split).items()}
+    truth, spec = run.truth[split], run.settings["lds"]
+    chosen = {label: oracle_predictions(preds, truth) for label, preds in stored_predictions(run, split).items()}
     confidence, resamples = float(spec["confidence"]), int(spec["bootstrap_resamples"])
     row = {"split": split}
     for label, pred in chosen.items():

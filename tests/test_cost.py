@@ -3,7 +3,6 @@ from the settings, every rule of every preset accounted for, and the hours from 
 import math
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch

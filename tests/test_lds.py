@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffattr.lds import lds, lds_difference_interval, lds_interval, select_lambda, spearman_rows
+from diffattr.lds import (lds, lds_difference_interval, lds_interval, oracle_predictions, select_lambda,
+                          spearman_rows)
 from diffattr.protocol import lambda_grid
 from diffattr.score import subset_predictions
 
@@ -79,6 +80,17 @@ def test_select_lambda_oracle_finds_constructed_lambda(grid_preds):
     assert got["lds"] == pytest.approx(direct[5], rel=1e-12)
     assert got["n_subsets"] == preds.shape[2] and got["n_queries"] == preds.shape[1]
     assert got["ci_low"] <= got["lds"] <= got["ci_high"]
+
+
+def test_oracle_predictions_are_those_at_the_best_lambda_of_a_scipy_loop(grid_preds):
+    """The lambda whose predictions have the highest mean scipy Spearman over queries, and
+    select_lambda's oracle choice."""
+    preds, lambdas = grid_preds
+    truth = preds[7] + 0.3 * np.abs(preds[7]).mean() * np.random.default_rng(2).normal(size=preds[7].shape)
+    by_scipy = [np.mean([stats.spearmanr(p[i], truth[i])[0] for i in range(len(truth))]) for p in preds]
+    best = int(np.argmax(by_scipy))
+    np.testing.assert_array_equal(oracle_predictions(preds, truth), preds[best])
+    assert select_lambda(preds, truth, lambdas, "oracle")["lambda_"] == lambdas[best]
 
 
 def test_select_lambda_heldout_selects_on_selection_half_only(grid_preds):

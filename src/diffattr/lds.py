@@ -106,13 +106,7 @@ def select_lambda(preds: np.ndarray, truth: np.ndarray, lambdas, rule: str, held
             f"preds must be (L, m, M) with truth (m, M) and L lambdas; got preds {preds.shape}, "
             f"truth {truth.shape}, {len(lambdas)} lambdas"
         )
-    n_subsets = truth.shape[1]
-    if rule == "oracle":
-        select = report = np.arange(n_subsets)
-    else:
-        perm = np.random.default_rng(heldout_seed).permutation(n_subsets)
-        select, report = perm[: n_subsets // 2], perm[n_subsets // 2:]
-    best = int(np.nanargmax(lds_per_lambda(preds[:, :, select], truth[:, select])))
+    best, report = _choose(preds, truth, rule, heldout_seed)
     pred, target = preds[best][:, report], truth[:, report]
     low, high = lds_interval(pred, target, confidence=confidence, n_resamples=n_resamples)
     return dict(
@@ -123,6 +117,24 @@ def select_lambda(preds: np.ndarray, truth: np.ndarray, lambdas, rule: str, held
         n_subsets=len(report),
         n_queries=int(np.isfinite(spearman_rows(pred, target)).sum()),
     )
+
+
+def _choose(preds: np.ndarray, truth: np.ndarray, rule: str, heldout_seed: int) -> tuple[int, np.ndarray]:
+    """The index of the lambda `rule` chooses and the subsets its LDS is reported on."""
+    n_subsets = truth.shape[1]
+    if rule == "oracle":
+        select = report = np.arange(n_subsets)
+    else:
+        perm = np.random.default_rng(heldout_seed).permutation(n_subsets)
+        select, report = perm[: n_subsets // 2], perm[n_subsets // 2:]
+    return int(np.nanargmax(lds_per_lambda(preds[:, :, select], truth[:, select]))), report
+
+
+def oracle_predictions(preds: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """preds (L, m, M) at the oracle lambda against truth (m, M): what a paired comparison of two
+    methods' (or two runs') LDS takes (lds_difference_interval)."""
+    preds = np.asarray(preds, dtype=np.float64)
+    return preds[_choose(preds, np.asarray(truth, dtype=np.float64), "oracle", 0)[0]]
 
 
 def lds_per_lambda(preds: np.ndarray, truth: np.ndarray) -> np.ndarray:
