@@ -31,7 +31,7 @@ from diffattr.lds import ground_truth_matrix, select_lambda, spearman_rows, subs
 from diffattr.methods import read_predictions
 from diffattr.models import load_model
 from diffattr.plan import Plan, path
-from diffattr.protocol import ModelName, ground_truth_timesteps, select_timesteps, stratified_timesteps
+from diffattr.protocol import ModelName, ground_truth_timesteps, select_timesteps, stage_dtype, stratified_timesteps
 from diffattr.storage import atomic_output
 from presets import preset_settings
 
@@ -119,7 +119,7 @@ def table(preset: str, dtype: str) -> pd.DataFrame:
     K, k = grid["timesteps"][0], grid["proj_dims"][0]
     rows = []
     for split in SPLITS:
-        if dtype == gt.get("dtype", "fp32"):  # the run's own ground truth from these draws: are they the workflow's?
+        if dtype == stage_dtype(gt):  # the run's own ground truth from these draws: are they the workflow's?
             truth, _ = ground_truth_matrix({name: path("ground_truth", root=plan.root, model=name)
                                             for name in plan.lds_models}, split, m)
             recomputed = budget_truth(stored, split, *own, m)

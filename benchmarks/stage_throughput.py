@@ -1,7 +1,7 @@
 """Throughput of the GPU stages on a preset's model, for sizing a cluster run: training steps/s,
 ground-truth evaluations/s (per precision), per-sample gradients/s (fp32, and tf32 on a GPU), the same
-projected by the factorized projector, projected row-dimensions/s and DDIM image-steps/s: the units of diffattr.cost, which `benchmarks/cost.py --measure`
-reads from here.
+projected by the factorized projector, projected row-dimensions/s and DDIM image-steps/s: the units
+of diffattr.cost, which `benchmarks/cost.py --measure` reads from here.
 No reference: these are the stages' own code (`train.train`, `ground_truth.query_losses`,
 `featurize.batch_gradients`, `project.make_projector`, `generate.sample`) on random weights and images.
 One comparison for the question how many models a training job should train: the forward and

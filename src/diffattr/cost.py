@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .plan import PATHS, Plan
-from .protocol import FeatureSet, featurize_arithmetic, parse_influence_store
+from .protocol import FeatureSet, featurize_arithmetic, parse_influence_store, stage_dtype
 
 LATENT_UNITS = ("vae_encode", "vae_decode", "base_vae_step", "base_unet_step")
 # train's speed options (protocol.TRAIN_SPEED_OPTIONS) as a training unit's suffix; not both together
@@ -51,7 +51,7 @@ HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subse
 def train_unit(train: dict) -> str:
     """The unit of one step of a training with settings `train`: its dtype and speed options."""
     suffix = "".join(tag for key, tag in TRAIN_OPTION_SUFFIXES.items() if train.get(key))
-    return f"train_step_{train.get('dtype', 'fp32')}{suffix}"
+    return f"train_step_{stage_dtype(train)}{suffix}"
 
 
 # What a {field} matches: one path component, but a {root} holds several and a ground truth's
@@ -90,7 +90,7 @@ class Work:
         return self.count("val") + self.count("gen")
 
     def sampling(self) -> str:
-        return f"ddim_step_{self.settings['generate'].get('dtype', 'fp32')}"
+        return f"ddim_step_{stage_dtype(self.settings['generate'])}"
 
     def gradient(self) -> str:
         """The unit of a feature's gradient: `gradient` (fp32, the stored unit's name) or gradient_tf32."""
@@ -116,7 +116,8 @@ class Work:
             return None
         if rule in ("train_full", "train_lds", "train_retrain"):
             steps = s["train"]["full_steps" if rule == "train_full" else "lds_steps"]
-            return Counter({train_unit(s["train"]): int(steps), **({"compilation": 1} if s["train"].get("compile") else {})})
+            compiled = {"compilation": 1} if s["train"].get("compile") else {}
+            return Counter({train_unit(s["train"]): int(steps), **compiled})
         if rule in ("ground_truth", "ground_truth_other_function"):
             pool = "/ground_truth/retrain/" in output  # a pool model's outputs (rules/ground_truth.smk)
             spec = self.plan.retrain if pool else s["ground_truth"]

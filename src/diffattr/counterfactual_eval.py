@@ -23,7 +23,7 @@ from .generate import ddim_scheduler, decode_images, denoise, guidance_scale
 from .ground_truth import query_losses, training_record
 from .methods import RANDOM_INIT
 from .models import load_model
-from .protocol import ground_truth_timesteps, lambda_grid
+from .protocol import ground_truth_timesteps, lambda_grid, stage_dtype
 from .score import READERS, read_feature_pair, singleton_scores
 from .storage import atomic_output, file_sha256, read_array, write_array
 
@@ -67,7 +67,7 @@ def regenerate(weights_path, model_spec: dict, gen_path, gen_indices, gen_spec: 
     ddim = ddim_scheduler(model, int(gen_spec["steps"]))
     rows = np.asarray(gen_indices, dtype=np.intp)
     labels = load_labels(gen_path)
-    dtype = gen_spec.get("dtype", "fp32")
+    dtype = stage_dtype(gen_spec)
     images = np.concatenate([
         denoise(model, ddim, [int(i)], model.latent_shape(), float(gen_spec["eta"]), int(gen_spec["seed"]), device,
                 dtype, labels=None if labels is None else labels[[i]], guidance=guidance_scale(gen_spec)).cpu().numpy()
@@ -78,7 +78,7 @@ def regenerate(weights_path, model_spec: dict, gen_path, gen_indices, gen_spec: 
     generated = load_images(gen_path)
     # one query at a time in the generation set's rows: its noise is that of its ground truth
     losses = np.concatenate([query_losses(model, generated, timesteps, list(loss_spec["noise_seeds"]),
-                                          int(loss_spec["batch_size"]), device, loss_spec.get("dtype", "fp32"),
+                                          int(loss_spec["batch_size"]), device, stage_dtype(loss_spec),
                                           range(int(i), int(i) + 1), labels=labels) for i in rows])
     write_array(out_path, images, {**attrs, "gen_indices": rows.tolist(), "losses": losses.tolist(),
                                    "loss_timesteps": timesteps, "loss_noise_seeds": list(loss_spec["noise_seeds"]),

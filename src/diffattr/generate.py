@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler
 
 from .device import device_name, precision
 from .models import DiffusionModel, load_model
+from .protocol import DEFAULT_DTYPE, stage_dtype
 from .progress import Progress
 from .storage import array_sha256, file_sha256, read_array, write_array
 
@@ -39,7 +40,7 @@ def generation_labels(model: DiffusionModel, n: int) -> np.ndarray | None:
 
 @torch.no_grad()
 def denoise(model: DiffusionModel, ddim: DDIMScheduler, index, shape, eta: float, seed: int,
-            device: torch.device = torch.device("cpu"), dtype: str = "fp32", keep_states: bool = False,
+            device: torch.device = torch.device("cpu"), dtype: str = DEFAULT_DTYPE, keep_states: bool = False,
             labels: np.ndarray | None = None, guidance: float = 1.0):
     """Samples `index` of the generation set (B, ...) as a split's store holds them (`stored`),
     conditioned on their `labels` (B,), and with `keep_states` also their trajectories: (B, S, ...)
@@ -91,7 +92,7 @@ def decode_images(model: DiffusionModel, samples: np.ndarray, batch_size: int,
 
 
 def sample(model: DiffusionModel, n: int, shape, steps: int, eta: float, seed: int,
-           batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = "fp32",
+           batch_size: int, device: torch.device = torch.device("cpu"), dtype: str = DEFAULT_DTYPE,
            labels: np.ndarray | None = None, guidance: float = 1.0) -> np.ndarray:
     """The n images of the generation set (see `denoise`; image i of class labels[i]), computed
     `batch_size` at a time."""
@@ -109,7 +110,7 @@ def sample(model: DiffusionModel, n: int, shape, steps: int, eta: float, seed: i
 def generate_set(weights_path, model_spec: dict, spec: dict, out_path,
                  device: torch.device = torch.device("cpu")) -> None:
     model = load_model(model_spec, Path(weights_path).parent)
-    dtype, labels = spec.get("dtype", "fp32"), generation_labels(model, int(spec["n"]))
+    dtype, labels = stage_dtype(spec), generation_labels(model, int(spec["n"]))
     images = sample(model, int(spec["n"]), model.latent_shape(), int(spec["steps"]), float(spec["eta"]),
                     int(spec["seed"]), int(spec["batch_size"]), device, dtype, labels, guidance_scale(spec))
     attrs = {} if labels is None else {"labels": labels.tolist(), "labels_rule": "i mod num_classes"}

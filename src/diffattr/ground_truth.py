@@ -16,7 +16,7 @@ from .functions import model_output
 from .models import DiffusionModel, load_model
 from .noise import noise_batch
 from .progress import Progress
-from .protocol import DEFAULT_GT_FUNCTION, ground_truth_timesteps
+from .protocol import DEFAULT_DTYPE, DEFAULT_GT_FUNCTION, ground_truth_timesteps, stage_dtype
 from .storage import ResumableOutput, array_sha256, file_sha256
 from .train import TRAINING_RECORD
 
@@ -26,7 +26,7 @@ CHUNKS_PER_SPLIT = 16
 
 @torch.no_grad()
 def draw_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds, batch_size: int,
-                device: torch.device = torch.device("cpu"), dtype: str = "fp32", rows: range | None = None,
+                device: torch.device = torch.device("cpu"), dtype: str = DEFAULT_DTYPE, rows: range | None = None,
                 function: str = DEFAULT_GT_FUNCTION, labels: np.ndarray | None = None) -> np.ndarray:
     """(len(rows), len(noise_seeds), len(timesteps)) float64: f(x, t, eps) of each query in `rows`
     (default all) at each (noise seed, timestep) draw, conditioned on its class in `labels` (n,), f
@@ -56,7 +56,7 @@ def draw_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_seed
 
 
 def query_losses(model: DiffusionModel, images: np.ndarray, timesteps, noise_seeds, batch_size: int,
-                 device: torch.device = torch.device("cpu"), dtype: str = "fp32", rows: range | None = None,
+                 device: torch.device = torch.device("cpu"), dtype: str = DEFAULT_DTYPE, rows: range | None = None,
                  function: str = DEFAULT_GT_FUNCTION, labels: np.ndarray | None = None) -> np.ndarray:
     """(len(rows),) float64: each query's ground truth, the mean of its `draw_losses` over (t, seed)."""
     return draw_losses(model, images, timesteps, noise_seeds, batch_size, device, dtype, rows, function,
@@ -89,7 +89,7 @@ def compute_and_save(weights_path, model_spec: dict, query_paths: dict, spec: di
     queries; a rerun after a kill computes only the chunks not yet written (storage.ResumableOutput)."""
     model = load_model(model_spec, Path(weights_path).parent)
     timesteps = ground_truth_timesteps(spec, model.scheduler.config.num_train_timesteps)
-    seeds, batch_size, dtype = list(spec["noise_seeds"]), int(spec["batch_size"]), spec.get("dtype", "fp32")
+    seeds, batch_size, dtype = list(spec["noise_seeds"]), int(spec["batch_size"]), stage_dtype(spec)
     function = spec.get("function", DEFAULT_GT_FUNCTION)
     attrs = {"model_sha256": file_sha256(weights_path), "timesteps": timesteps,
              "noise_seeds": seeds, "function": function, "dtype": dtype, "device": device_name(device),

@@ -42,6 +42,7 @@ from .data import load_images, load_labels
 from .featurize import write_features
 from .generate import ddim_scheduler, denoise, guidance_scale
 from .models import DiffusionModel, load_model
+from .protocol import stage_dtype
 
 # Largest |regenerated - stored| pixel difference accepted for a generated image (pixels in [-1, 1]):
 # round-off of another device or library version, not another trajectory.
@@ -74,7 +75,7 @@ def trajectory_noise(sampler: DiffusionModel, images: np.ndarray, spec: dict, de
                 kept.pop(min(kept))
             index = range(batch * size, min(n, (batch + 1) * size))
             kept[batch] = denoise(sampler, ddim, index, sampler.latent_shape(), float(spec["eta"]),
-                                  int(spec["seed"]), device, spec.get("dtype", "fp32"), keep_states=True,
+                                  int(spec["seed"]), device, stage_dtype(spec), keep_states=True,
                                   labels=None if labels is None else labels[index.start:index.stop],
                                   guidance=guidance_scale(spec))
         return kept[batch]
@@ -116,5 +117,5 @@ def featurize_journey(weights_path, model_spec: dict, images_path, function: str
     trajectory = {key: generate_spec[key] for key in ("steps", "eta", "seed")}
     write_features(model, weights_path, images, function, timesteps, proj_dim, spec, out_path, device,
                    {"checkpoint": None, "scheme": "ddim_trajectory", "noise_seed": None,
-                    "trajectory": {**trajectory, "dtype": generate_spec.get("dtype", "fp32")}},
+                    "trajectory": {**trajectory, "dtype": stage_dtype(generate_spec)}},
                    max_pass_items, noise=noise, labels=labels)

@@ -178,6 +178,16 @@ def without_unset_speed_options(train: dict) -> dict:
     """`train` without the speed options set to false: a training with one off is the training without it."""
     return {key: value for key, value in train.items() if not (key in TRAIN_SPEED_OPTIONS and value is False)}
 
+# The protocol's arithmetic, a stage's `dtype` when absent (train, ground_truth, generate, featurize,
+# the counterfactual's regeneration and losses): strict fp32 (diffattr.device.precision).
+DEFAULT_DTYPE = "fp32"
+
+
+def stage_dtype(spec: dict) -> str:
+    """A stage's `dtype` setting, DEFAULT_DTYPE when absent."""
+    return spec.get("dtype", DEFAULT_DTYPE)
+
+
 # featurize.dtype: the arithmetic of the gradients for features (diffattr.featurize, journey, kfac's
 # influence features). No schema default: absent is fp32, the protocol's; a store records it as
 # `arithmetic` (a store written before the key records none: fp32), and a job's rule params hold it only
@@ -188,7 +198,7 @@ FEATURIZE_PARAM_KEYS = ("proj_seed", "projector", "noise_seed", "batch_size")
 
 def featurize_arithmetic(featurize: dict) -> str:
     """featurize.dtype (fp32 when absent), refused unless one of FEATURIZE_DTYPES."""
-    dtype = featurize.get("dtype", "fp32")
+    dtype = stage_dtype(featurize)
     if dtype not in FEATURIZE_DTYPES:
         raise ValueError(f"featurize.dtype: got {dtype!r}; expected one of {', '.join(FEATURIZE_DTYPES)} "
                          "(no bf16 / fp16 for gradients)")

@@ -18,7 +18,7 @@ import yaml
 
 from .methods import METHODS, READS, methods_reading
 from .messages import schema_error_lines, show
-from .protocol import FUNCTION_EXPECTED, FeatureSet, lambda_grid, parse_function
+from .protocol import FUNCTION_EXPECTED, FeatureSet, lambda_grid, parse_function, stage_dtype
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 # Multiple of which trak's CudaProjector (fast_jl) needs its projection dimension to be.
@@ -97,7 +97,7 @@ def _check_device(settings: dict, device: str, libraries: bool = True) -> list[s
     only: every preset is resolved on every run, a GPU preset's on a CPU too (a target of another
     preset meets device.precision's refusal when its training starts). `device: auto` is resolved
     when `libraries` (torch imported); a job's process runs on what the main one checked."""
-    dtype = settings["train"].get("dtype", "fp32")
+    dtype = stage_dtype(settings["train"])
     if dtype != "fp16" or device not in ("cpu", "auto"):
         return []
     if device == "auto":

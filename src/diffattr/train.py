@@ -54,7 +54,7 @@ from .data import load_images, load_labels
 from .device import precision
 from .models import DROPPED, DiffusionModel, build_model, model_class
 from .progress import Progress
-from .protocol import TRAIN_SPEED_OPTIONS, without_unset_speed_options
+from .protocol import TRAIN_SPEED_OPTIONS, stage_dtype, without_unset_speed_options
 from .settings import COMPILE_WITH_CHANNELS_LAST
 from .storage import array_sha256, atomic_output, file_sha256
 
@@ -145,7 +145,7 @@ def train(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | No
     channels_last, compiled = (speed_option(spec, key) for key in TRAIN_SPEED_OPTIONS)
     if channels_last and compiled:
         raise ValueError(COMPILE_WITH_CHANNELS_LAST)
-    dtype = spec.get("dtype", "fp32")
+    dtype = stage_dtype(spec)
     device = torch.device(device)
     # fp32 for what autocast leaves in fp32 and for the backward pass, TF32 only when asked
     arithmetic = "tf32" if dtype == "tf32" else "fp32"
