@@ -51,6 +51,8 @@ def lds(preset: str, workdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     truth = {m: path("ground_truth", root=plan.root, model=m) for m in plan.lds_models}
     subsets = path("subsets", experiment=preset)
     lds_spec = {**settings["lds"], "lambda_rules": ["oracle", "heldout"]}
+    truth_matrices = {split: ground_truth_matrix(truth, split, int(settings["subsets"]["m"]))[0]
+                      for split in ("val", "gen")}
     rows, chosen, paired = [], {}, []
     for function in ("simple", "square"):
         fset = FeatureSet(function, grid["timesteps"][0], grid["proj_dims"][0])
@@ -71,17 +73,16 @@ def lds(preset: str, workdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                             preds, split)
                 table = workdir / f"{fset.name}_{projector}_{split}.csv"
                 lds_table(preds, subsets, truth, split, lds_spec, table)
-                truth_matrix, _ = ground_truth_matrix(truth, split, int(settings["subsets"]["m"]))
                 stored, _ = read_predictions(preds)[0]["trak"]
-                chosen[projector, split] = oracle_predictions(stored, truth_matrix), truth_matrix
+                chosen[projector, split] = oracle_predictions(stored, truth_matrices[split])
                 for row in pd.read_csv(table).to_dict("records"):
                     rows.append({"function": function, "projector": projector, "split": split,
                                  "rule": row["lambda_rule"], "lds": row["lds"], "ci_low": row["ci_low"],
                                  "ci_high": row["ci_high"], "s_per_sample": seconds / samples})
         for split in ("val", "gen"):
-            (fact, truth_matrix), (dense, _) = chosen["factorized", split], chosen["normal", split]
-            difference, low, high = lds_difference_interval(fact, dense, truth_matrix, float(lds_spec["confidence"]),
-                                                            int(lds_spec["bootstrap_resamples"]))
+            difference, low, high = lds_difference_interval(
+                chosen["factorized", split], chosen["normal", split], truth_matrices[split],
+                float(lds_spec["confidence"]), int(lds_spec["bootstrap_resamples"]))
             paired.append({"function": function, "split": split, "factorized - normal (oracle)": difference,
                            "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows), pd.DataFrame(paired)
