@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from diffattr.cost import TRAIN_OPTION_SUFFIXES
+from diffattr.cost import TRAIN_OPTION_SUFFIXES, train_unit
 from diffattr.device import device_name, precision, resolve_device
 from diffattr.featurize import batch_gradients, make_feature_projector
 from diffattr.generate import sample
@@ -110,8 +110,8 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     for dtype in ("fp32", "tf32", "bf16", "fp16") if device.type == "cuda" else ("fp32",):  # train.dtype's choices
         spec = {**settings["train"], "steps": 5, "dtype": dtype}
         train(model, torch.from_numpy(images), None, spec, seed=0, device=device)  # warm-up
-        rates[f"train_step_{dtype}"] = steps / timed(lambda: train(model, torch.from_numpy(images), None,
-                                                                   {**spec, "steps": steps}, seed=0, device=device))
+        rates[train_unit(spec)] = steps / timed(lambda: train(model, torch.from_numpy(images), None,
+                                                              {**spec, "steps": steps}, seed=0, device=device))
 
     gt = settings["ground_truth"]
     timesteps = list(range(0, 1000, 10))
@@ -194,7 +194,7 @@ def option_throughputs(settings: dict, device, steps: int = 30, variants=None, r
             model = build_model(settings["model"], seed=0)
             spec = {**settings["train"], "steps": 5, "dtype": dtype, **options}
             warm_up = timed(lambda: train(model, images, None, spec, seed=0, device=device))  # (compiles)
-            rate = rates[f"train_step_{dtype}{suffix}"] = steps / timed(
+            rate = rates[train_unit(spec)] = steps / timed(
                 lambda: train(model, images, None, {**spec, "steps": steps}, seed=0, device=device))
             if options.get("compile"):  # the warm-up less its steps' time: compilations per second
                 rates["compilation"] = 1 / max(warm_up - spec["steps"] / rate, 1e-9)
