@@ -8,6 +8,13 @@ measured on a device for one preset's model) or measured now on the machine in h
     PYTHONPATH=src python benchmarks/cost.py artbench2                    # work only: no throughputs of its model
     PYTHONPATH=src python benchmarks/cost.py cifar2-fast --set train.compile=true --set featurize.dtype=tf32
                                                                           # priced with settings changed
+    PYTHONPATH=src python benchmarks/cost.py cifar2-fast --set train.compile=true --rate compilation_cached=0.1
+                                                                          # a throughput supposed (units/s)
+
+Compiled trainings (train.compile) share one inductor cache (config.yaml's compile_cache): the
+first job of each training unit pays `compilation`, the others `compilation_cached`; where that is
+not measured it is priced as `compilation` (said below the table). `--cold-compilations`: every job
+compiles from an empty cache (compile_cache null on a cluster whose jobs see no common /tmp).
 
 Host rules (scoring, LDS, tables, CLIP embeddings) run on CPUs and are counted, not timed.
 """
@@ -17,7 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffattr.cost import plan_cost
+from diffattr.cost import UNITS, plan_cost
 from diffattr.plan import Plan
 from diffattr.settings import ConfigError
 from presets import parse_overrides, preset_settings
@@ -51,7 +58,7 @@ def measured_throughputs(settings: dict, device: str) -> tuple[dict, str]:
             f"{device_name(where)}, measured now (torch {torch.__version__})")
 
 
-def table(preset: str, rows, origin: str, throughputs: dict) -> str:
+def table(preset: str, rows, origin: str, throughputs: dict, notes=()) -> str:
     """Every device rule's work; hours and share for those whose units all have a throughput (first,
     longest first), the others' hours left blank and named below."""
     timed = [r for r in rows if r.seconds is not None]
@@ -77,7 +84,32 @@ def table(preset: str, rows, origin: str, throughputs: dict) -> str:
         lines.append("Work not modelled (diffattr.cost.Work.job; not in the total): "
                      + ", ".join(f"{r.rule} ({r.jobs})" for r in unmodelled))
     lines.append("Throughputs (units/s): " + (", ".join(f"{u} {v:.4g}" for u, v in throughputs.items()) or "none"))
-    return "\n".join(lines)
+    return "\n".join([*lines, *notes])
+
+
+def supposed_rates(assignments: list[str]) -> dict[str, float]:
+    """`UNIT=VALUE` strings (units/s) as {unit: rate}; one line naming a bad one."""
+    rates = {}
+    for assignment in assignments:
+        unit, _, value = assignment.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = 0.0
+        if unit not in UNITS or not rate > 0:
+            raise SystemExit(f"--rate {assignment}: expected UNIT=UNITS_PER_SECOND, a positive number for one of "
+                             f"diffattr.cost.UNITS (e.g. compilation_cached=0.1)")
+        rates[unit] = rate
+    return rates
+
+
+def with_cached_compilation(throughputs: dict) -> tuple[dict, list[str]]:
+    """`compilation_cached` priced as a cold `compilation` where only that is known (an upper bound)."""
+    if "compilation" not in throughputs or "compilation_cached" in throughputs:
+        return throughputs, []
+    return ({**throughputs, "compilation_cached": throughputs["compilation"]},
+            ["compilation_cached: not measured on this device; priced as a cold compilation (an upper bound; "
+             "benchmarks/bench_compile_cache.py measures it)"])
 
 
 def main(argv=None) -> None:
@@ -88,15 +120,25 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="with --measure: auto, cpu, cuda or cuda:N")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a setting changed (a YAML value) before pricing, e.g. train.dtype=bf16; repeatable")
+    parser.add_argument("--rate", action="append", default=[], metavar="UNIT=VALUE",
+                        help="a throughput supposed (units/s), over the stored or measured one; repeatable")
+    parser.add_argument("--cold-compilations", action="store_true",
+                        help="every compiled training compiles from an empty cache (no shared compile_cache)")
     args = parser.parse_args(argv)
     try:
         settings = preset_settings(args.preset, parse_overrides(args.set))
     except ConfigError as error:  # one line per fault, no traceback
         raise SystemExit(str(error)) from None
+    supposed = supposed_rates(args.rate)
     throughputs, origin = (measured_throughputs(settings, args.device) if args.measure
                            else stored_throughputs(args.throughputs, args.preset, settings))
-    name = " ".join([args.preset, *args.set])
-    print(table(name, plan_cost(Plan(args.preset, settings), throughputs), origin, throughputs))
+    if throughputs:
+        throughputs = {**throughputs, **supposed}
+        origin += "".join(f"; {unit} supposed {rate:.4g}/s" for unit, rate in supposed.items())
+    throughputs, notes = with_cached_compilation(throughputs)
+    name = " ".join([args.preset, *args.set, *(["--cold-compilations"] if args.cold_compilations else [])])
+    rows = plan_cost(Plan(args.preset, settings), throughputs, shared_cache=not args.cold_compilations)
+    print(table(name, rows, origin, throughputs, notes))
 
 
 if __name__ == "__main__":

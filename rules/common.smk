@@ -117,8 +117,9 @@ def products(experiment):
 
 
 def run(script, input, output, params, wildcards, threads, log, **settings_not_params):
-    """Run a workflow script in a warm worker. Its `snakemake.config` holds `device` and any
-    `settings_not_params`: how a job runs, not what it computes, so changing them (moving a run from a
-    CPU to a GPU machine, say) reruns nothing."""
+    """Run a workflow script in a warm worker. Its `snakemake.config` holds `device`, `compile_cache`
+    and any `settings_not_params`: how a job runs, not what it computes, so changing them (moving a
+    run from a CPU to a GPU machine, say) reruns nothing."""
     run_script(SCRIPTS / script, input, output, params, wildcards, threads, log,
-               config={"device": config.get("device", "auto"), **settings_not_params})
+               config={"device": config.get("device", "auto"), "compile_cache": config.get("compile_cache"),
+                       **settings_not_params})

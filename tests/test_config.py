@@ -148,7 +148,7 @@ MALFORMED = [
      "experiments.bare.lds: got no value; expected a mapping"),
     ("top-level typo", {"experimnt": "tiny"},
      'experimnt: got "tiny"; expected no such key (did you mean experiment?): the top level takes '
-     "experiment, cifar10_path, device, experiments"),
+     "experiment, cifar10_path, device, compile_cache, experiments"),
     ("channels_last not a boolean", tiny(train={"channels_last": "maybe"}),
      'experiments.tiny.train.channels_last: got "maybe"; expected true or false'),
     ("compile not a boolean", tiny(train={"compile": 1}),

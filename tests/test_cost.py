@@ -1,6 +1,8 @@
 """The cost model (diffattr.cost, benchmarks/cost.py): the work of each job against counts written out
 from the settings, every rule of every preset accounted for, and the hours from work and throughputs."""
+import json
 import math
+import re
 import sys
 from collections import Counter
 
@@ -56,12 +58,12 @@ def test_default_work_written_out():
     assert totals["score"] is None and totals["table"] is None  # host rules
 
 
-def totals_with(preset: str, **sections) -> dict:
+def totals_with(preset: str, shared_cache: bool = True, **sections) -> dict:
     """Each rule's summed work for `preset` with `sections` ({section: {key: value}}) set on top."""
     settings = experiment(CONFIG, preset, libraries=False)
     for section, values in sections.items():
         settings[section] = {**settings[section], **values}
-    return {row.rule: row.work for row in plan_cost(Plan(preset, settings), {})}
+    return {row.rule: row.work for row in plan_cost(Plan(preset, settings), {}, shared_cache)}
 
 
 def test_tf32_featurization_is_priced_in_gradient_tf32():
@@ -81,17 +83,26 @@ def test_tf32_featurization_is_priced_in_gradient_tf32():
 def test_training_is_priced_in_its_precision_and_speed_option():
     """train.dtype and train.compile / train.channels_last name the unit of every training job
     (train_step_<dtype>[_compiled|_cl]), with the steps unchanged; a compiled job also pays one
-    compilation."""
+    compilation: with a shared cache the first job a cold one and the other 72 a cached one, without
+    it each a cold one."""
     plain = totals_with("default")
+    jobs = {"train_full": 1, "train_lds": 72}
     for train, unit in (({"dtype": "bf16", "compile": True}, "train_step_bf16_compiled"),
                         ({"channels_last": True}, "train_step_fp32_cl"),
                         ({"dtype": "tf32", "compile": False}, "train_step_tf32")):
-        priced = totals_with("default", train=train)
-        for rule in ("train_full", "train_lds"):
-            jobs = 1 if rule == "train_full" else 72
-            compilations = {"compilation": jobs} if train.get("compile") else {}
-            assert priced[rule] == Counter({unit: plain[rule]["train_step_fp32"], **compilations})
-        assert priced["ground_truth"] == plain["ground_truth"]
+        for shared in (True, False):
+            priced = totals_with("default", shared, train=train)
+            compilations = Counter()
+            for rule in jobs:
+                steps = priced[rule].pop(unit)
+                assert steps == plain[rule]["train_step_fp32"]
+                compilations += priced[rule]
+            if not train.get("compile"):
+                assert compilations == Counter()
+            else:
+                assert compilations == (Counter(compilation=1, compilation_cached=72) if shared
+                                        else Counter(compilation=73))
+            assert priced["ground_truth"] == plain["ground_truth"]
 
 
 def test_factorized_projection_is_priced_per_noised_copy():
@@ -150,6 +161,33 @@ def test_stored_throughputs_apply_to_their_model_only(capsys):
     assert "| ground_truth | 704 |" in out and "| **total** |" in out
     throughputs, origin = cost.stored_throughputs(cost.STORED, "default", experiment(CONFIG, "default", libraries=False))
     assert throughputs == {} and "model block differs from 'default'" in origin
+
+
+def test_cached_compilation_is_priced_cold_until_measured_or_supposed(capsys):
+    """cost.py with compiled training: the stored H200 file has no compilation_cached, so the 704 cached
+    compilations cost what cold ones do (and a line says so); a supposed rate (--rate) prices them, and
+    --cold-compilations prices every job's compilation cold; a bad --rate gets one line."""
+    compiled = ["cifar2", "--set", "train.compile=true"]
+
+    def hours(args):
+        cost.main(args)
+        out = capsys.readouterr().out
+        return float(re.search(r"\| \*\*total\*\* \| \d+ \| \| \*\*([\d.]+)\*\*", out).group(1)), out
+
+    stored = json.loads(cost.STORED.read_text())["throughputs"]
+    assert "compilation_cached" not in stored
+    upper, out = hours(compiled)
+    assert "compilation_cached: not measured on this device; priced as a cold compilation" in out
+    assert "| train_retrain | 512 | 2.05e+06 train_step_fp32_compiled, 512 compilation_cached |" in out
+    cold, out = hours([*compiled, "--cold-compilations"])
+    assert cold == upper and "| train_retrain | 512 | 2.05e+06 train_step_fp32_compiled, 512 compilation |" in out
+    supposed = 10 * stored["compilation"]  # a tenth of a cold compilation's seconds
+    cheaper, out = hours([*compiled, "--rate", f"compilation_cached={supposed}"])
+    assert "not measured on this device" not in out and "compilation_cached supposed" in out
+    saved = (512 + 192) * (1 / stored["compilation"] - 1 / supposed) / 3600  # every job but the first
+    assert math.isclose(upper - cheaper, saved, abs_tol=0.1)  # totals printed to 4 digits
+    with pytest.raises(SystemExit, match=r"^--rate compilation=fast: expected UNIT=UNITS_PER_SECOND"):
+        cost.main([*compiled, "--rate", "compilation=fast"])
 
 
 def test_measured_units_are_the_cost_models_units():

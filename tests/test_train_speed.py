@@ -8,6 +8,7 @@ minutes each on two cores, seconds once torch's on-disk cache holds them).
 The LoRA kind's are in test_latent_lora.py, the GPU's in test_cuda.py.
 """
 import copy
+import os
 
 import numpy as np
 import pandas as pd
@@ -128,6 +129,24 @@ def test_compile_with_channels_last_is_refused(images):
     with pytest.raises(ValueError, match=r"^train.compile: got true with train.channels_last true; expected at most"):
         training.train(model, torch.from_numpy(images), None, {**TRAIN_SPEC, "compile": True, "channels_last": True}, 0)
     assert model.network()._compiled_call_impl is None and all_contiguous(model)
+
+
+def test_compiled_trainings_use_the_configured_compile_cache(tmp_path, monkeypatch):
+    """config.yaml's compile_cache becomes the folder inductor's cache lookup returns for a compiled
+    training, even once importing torch._inductor (the warm worker's preload) has set torch's own; an
+    eager training, or compile_cache null, leaves it alone."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch_default = cache_dir()  # as the preload leaves it: TORCHINDUCTOR_CACHE_DIR set to torch's folder
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == torch_default
+    compiled = {**TRAIN_SPEC, "compile": True}
+    for spec, folder in (({**TRAIN_SPEC, "compile": False}, "shared"), (TRAIN_SPEC, "shared"), (compiled, None)):
+        training.use_compile_cache(spec, folder)
+        assert cache_dir() == torch_default
+    monkeypatch.chdir(tmp_path)
+    training.use_compile_cache(compiled, "results/inductor-cache")  # relative to the job's folder
+    assert cache_dir() == str(tmp_path / "results" / "inductor-cache") and (tmp_path / "results" / "inductor-cache").is_dir()
 
 
 @pytest.mark.slow

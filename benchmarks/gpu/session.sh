@@ -6,19 +6,24 @@
 #
 # installs .whl/ into /tmp/site, builds fast_jl there (nvcc, for sm_90), prints the versions and
 # the GPU, then runs, each time-boxed (`timeout`) inside one overall budget so that no step can eat
-# the others' time, most valuable first:
-#   b  benchmarks/stage_throughput.py cifar2 --device cuda   (training per precision, GT, gradients, projection,
-#      DDIM; then training per precision with each speed option, channels_last and compile)
+# the others' time, in this order:
+#   d  benchmarks/bench_compile_cache.py cifar2 --device cuda --dtype bf16 --runs 2   (a compiled
+#      training's compilation from an empty inductor cache and from the one the first run filled:
+#      the cost model's compilation and compilation_cached)
 #   c  benchmarks/bench_factorized.py speed cifar2 --device cuda --dtype fp32, then tf32   (factorized
 #      projection against fast_jl, k = 32768)
+#   b  benchmarks/stage_throughput.py cifar2 --device cuda   (training per precision, GT, gradients, projection,
+#      DDIM; then training per precision with each speed option, channels_last and compile)
 #   a  pytest tests/test_cuda.py -q -x   (the CUDA tests)
 # Seen on an H200 (2026-12-04): setup 110 s (fast_jl's build 86), b about 380 s (its units 110, the
-# options' three compilations 90 s each), c 34 s, a about 240 s: more than one call's 600 s, so the
-# default is b and c; a runs in a second call, SESSION_ONLY=a, on the still-warm machine (its setup
-# is then quick: fast_jl already built). SESSION_ONLY picks the steps; the script ends with one
-# line per step (ok / failed / timed out / skipped, seconds). Logs go to $OUT (set by the device
-# tool; /tmp/gpu-out elsewhere): setup.log, fast_jl.log, b_stage_throughput.log,
-# c_factorized.log, a_test_cuda.log, summary.txt; the end of each log is echoed as it finishes.
+# options' three compilations 90 s each), c 34 s, a about 240 s; d not yet run (about 90 s for its
+# cold compilation). More than one call's 600 s: the default is d, c and b (b, measured in two
+# sessions already, takes what is left, its rates printed as measured); a runs in a second call,
+# SESSION_ONLY=a, on the still-warm machine (its setup is then quick: fast_jl already built).
+# SESSION_ONLY picks the steps; the script ends with one line per step (ok / failed / timed out /
+# skipped, seconds). Logs go to $OUT (set by the device tool; /tmp/gpu-out elsewhere): setup.log,
+# fast_jl.log, d_compile_cache.log, c_factorized.log, b_stage_throughput.log, a_test_cuda.log,
+# summary.txt; the end of each log is echoed as it finishes.
 #
 # DIFFATTR_GPU_DRYRUN=1 tests the plumbing on a CPU machine: the same steps on the cpu device with
 # the tiny preset; the wheels are installed (by INSTALL_PYTHON, a Python 3.12 like the machine's)
@@ -38,17 +43,19 @@ BUDGET=${SESSION_BUDGET_S:-570}  # seconds for everything; the device call's tim
 CUDA_ARCH=${FAST_JL_ARCH:-9.0}    # H200 (Hopper); nvcc 13 no longer builds fast_jl's own choice, 7.0+PTX
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=$PATH:/usr/local/cuda/bin; fi
-ONLY=${SESSION_ONLY:-bc}  # the steps to run: SESSION_ONLY=a for the CUDA tests, abc for all three
+ONLY=${SESSION_ONLY:-dcb}  # the steps to run: SESSION_ONLY=a for the CUDA tests, abcd for all four
 SUMMARY=()
 want() { case $ONLY in *"$1"*) return 0 ;; esac; return 1; }
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu PRESET=tiny STEPS=2
   FACT_ARGS=(--proj-dim 64 --small-k 16 --batch 2)
+  CACHE_ARGS=(--dtype fp32 --warm-up 1 --steps 1)
   export PYTHONPATH=$ROOT/src:$ROOT/benchmarks
 else
   DEVICE=cuda PRESET=cifar2 STEPS=30
   FACT_ARGS=(--proj-dim 32768 --batch 32)  # featurize.batch_size of cifar2; fast_jl's 32-row kernel
+  CACHE_ARGS=(--dtype bf16)  # the precision compile pays in (1.57x, benchmarks/README.md)
   export PYTHONPATH=$ROOT/src:$ROOT/benchmarks:$SITE
 fi
 
@@ -128,12 +135,14 @@ if [ "$DRY" = 1 ]; then
 fi
 step "build fast_jl" 180 fast_jl.log build_fast_jl
 step versions 60 setup.log versions
-want b && step "b stage_throughput" 420 b_stage_throughput.log \
-  "$PY" benchmarks/stage_throughput.py "$PRESET" --device "$DEVICE" --steps "$STEPS"
+want d && step "d compile cache" 240 d_compile_cache.log \
+  "$PY" benchmarks/bench_compile_cache.py "$PRESET" --device "$DEVICE" --runs 2 "${CACHE_ARGS[@]}"
 for dtype in fp32 tf32; do  # featurize.dtype's choices (tf32 is fp32 on a CPU)
   want c && step "c factorized $dtype" 60 c_factorized.log \
     "$PY" benchmarks/bench_factorized.py speed "$PRESET" --device "$DEVICE" --dtype "$dtype" "${FACT_ARGS[@]}"
 done
+want b && step "b stage_throughput" 420 b_stage_throughput.log \
+  "$PY" benchmarks/stage_throughput.py "$PRESET" --device "$DEVICE" --steps "$STEPS"
 want a && step "a test_cuda" 300 a_test_cuda.log "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider
 
 {

@@ -6,8 +6,12 @@ cost follows the plan: a rule the plan gains shows up here, as unmodelled until 
 Units (what one unit is):
 - `train_step_<dtype>`: one optimizer step at the preset's `train.batch_size` in its `train.dtype`;
   `train_step_<dtype>_cl` / `_compiled`: the same with train.channels_last / train.compile (`train_unit`);
-- `compilation`: torch.compile's work for one training job (train.compile): each job compiles anew,
-  its warm-up steps paying it (about 90 s for cifar2's UNet on an H200, with an empty inductor cache);
+- `compilation`: torch.compile's work for one training job (train.compile) from an empty inductor
+  cache, its warm-up steps paying it (about 90 s for cifar2's UNet on an H200);
+  `compilation_cached`: the same for a job that finds an earlier job's graphs and kernels in the cache
+  the jobs share (config.yaml's `compile_cache`): Dynamo's tracing and the loading only. With a shared
+  cache the first compiled job of each training unit pays `compilation`, every later one
+  `compilation_cached` (`Work(shared_cache=False)`: each pays `compilation`);
 - `eval_<dtype>`: one UNet forward pass of one noised image in that precision (ground truth; DAS's
   residuals, fp32);
 - `gradient`: the per-sample gradient of one noised copy in fp32 (featurization: samples x K x noises;
@@ -40,7 +44,7 @@ LATENT_UNITS = ("vae_encode", "vae_decode", "base_vae_step", "base_unet_step")
 TRAIN_OPTION_SUFFIXES = {"channels_last": "_cl", "compile": "_compiled"}
 TRAIN_UNITS = tuple(f"train_step_{dtype}{suffix}" for dtype in ("fp32", "tf32", "bf16", "fp16")
                     for suffix in ("", *TRAIN_OPTION_SUFFIXES.values()))
-UNITS = (*TRAIN_UNITS, "compilation", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "gradient_tf32", "projection",
+UNITS = (*TRAIN_UNITS, "compilation", "compilation_cached", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "gradient_tf32", "projection",
          "factorized", "factorized_tf32", "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16", *LATENT_UNITS)
 # Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
 HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
@@ -75,10 +79,14 @@ def fields(kind: str, product: str) -> dict[str, str]:
 
 
 class Work:
-    """The work of each job of a plan, in UNITS."""
+    """The work of each job of a plan, in UNITS. With `shared_cache`, compiled trainings find the first
+    one's compilation in the cache: `job` then prices the first training job it is asked about of each
+    training unit with `compilation`, the later ones with `compilation_cached`."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, shared_cache: bool = True):
         self.plan, self.settings = plan, plan.settings
+        self.shared_cache = shared_cache
+        self._compiled_units: set[str] = set()  # training units whose compilation is in the cache
 
     def count(self, split: str) -> int:
         """Images of a split: the dataset's train / val, or the generation set."""
@@ -115,9 +123,8 @@ class Work:
         if rule in HOST_RULES:
             return None
         if rule in ("train_full", "train_lds", "train_retrain"):
-            steps = s["train"]["full_steps" if rule == "train_full" else "lds_steps"]
-            compiled = {"compilation": 1} if s["train"].get("compile") else {}
-            return Counter({train_unit(s["train"]): int(steps), **compiled})
+            steps, unit = s["train"]["full_steps" if rule == "train_full" else "lds_steps"], train_unit(s["train"])
+            return Counter({unit: int(steps), **self._compilation(unit)})
         if rule in ("ground_truth", "ground_truth_other_function"):
             pool = "/ground_truth/retrain/" in output  # a pool model's outputs (rules/ground_truth.smk)
             spec = self.plan.retrain if pool else s["ground_truth"]
@@ -154,6 +161,13 @@ class Work:
             return Counter({self.gradient(): rows * K, **projected})
         raise KeyError(rule)
 
+    def _compilation(self, unit: str) -> dict[str, int]:
+        if not self.settings["train"].get("compile"):
+            return {}
+        cached = self.shared_cache and unit in self._compiled_units
+        self._compiled_units.add(unit)
+        return {"compilation_cached" if cached else "compilation": 1}
+
 
 @dataclass
 class RuleCost:
@@ -164,10 +178,10 @@ class RuleCost:
     seconds: float | None = None
 
 
-def plan_cost(plan: Plan, throughputs: dict[str, float]) -> list[RuleCost]:
+def plan_cost(plan: Plan, throughputs: dict[str, float], shared_cache: bool = True) -> list[RuleCost]:
     """Per rule of the plan: its jobs, their summed work and the device seconds at `throughputs`
-    (units/s; a unit missing there leaves the rule's seconds None)."""
-    work, rows = Work(plan), []
+    (units/s; a unit missing there leaves the rule's seconds None). `shared_cache`: see Work."""
+    work, rows = Work(plan, shared_cache), []
     for rule, outputs in plan.jobs().items():
         try:
             per_job = [work.job(rule, output) for output in outputs]

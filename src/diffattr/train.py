@@ -34,6 +34,8 @@ Compiled dropout draws its randomness differently from eager dropout (inductor's
 kernels take seeds drawn from torch's global generator, not eager's per-element draws), so a compiled
 training with dropout is not the eager one; it is deterministic given the seed on CPU and resumes
 bitwise from a checkpoint, whose global generator states pin those seeds.
+The workflow's compiled trainings share one inductor cache (`use_compile_cache`): only the first of
+a model and precision compiles from scratch.
 """
 from __future__ import annotations
 
@@ -75,6 +77,16 @@ def speed_option(spec: dict, key: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"train.{key}={value!r}: expected true or false (off when absent)")
     return value
+
+
+def use_compile_cache(spec: dict, folder: str | None) -> None:
+    """For a compiled training (`spec["compile"]`), put inductor's on-disk cache (its compiled graphs
+    and kernels) in `folder` (config.yaml's compile_cache), which later jobs then load instead of
+    compiling again; None leaves torch's own choice. Assigned, not defaulted: importing
+    torch._inductor, as the warm worker's preload does, already sets TORCHINDUCTOR_CACHE_DIR to
+    torch's folder in /tmp, which inductor reads again at each compilation."""
+    if speed_option(spec, "compile") and folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(folder)
 
 
 def kept_steps(spec: dict) -> list[int]:
