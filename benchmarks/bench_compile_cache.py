@@ -75,8 +75,9 @@ def main(argv=None) -> None:
         return
     forwarded = [args.preset, "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
                  "--warm-up", str(args.warm_up), "--steps", str(args.steps), "--child"]
-    print(f"# {args.preset}, train.dtype {args.dtype}, device {args.device}, batch "
-          f"{args.batch or 'the preset’s'}; a fresh interpreter per run, one cache folder for all")
+    batch = args.batch or "the preset's"
+    print(f"# {args.preset}, train.dtype {args.dtype}, device {args.device}, batch {batch}; "
+          "a fresh interpreter per run, one cache folder for all")
     print("| run | inductor cache | compilation (s) | x cold | compiled steps/s |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
