@@ -44,8 +44,9 @@ LATENT_UNITS = ("vae_encode", "vae_decode", "base_vae_step", "base_unet_step")
 TRAIN_OPTION_SUFFIXES = {"channels_last": "_cl", "compile": "_compiled"}
 TRAIN_UNITS = tuple(f"train_step_{dtype}{suffix}" for dtype in ("fp32", "tf32", "bf16", "fp16")
                     for suffix in ("", *TRAIN_OPTION_SUFFIXES.values()))
-UNITS = (*TRAIN_UNITS, "compilation", "compilation_cached", "eval_fp32", "eval_tf32", "eval_bf16", "gradient", "gradient_tf32", "projection",
-         "factorized", "factorized_tf32", "ddim_step_fp32", "ddim_step_tf32", "ddim_step_bf16", *LATENT_UNITS)
+UNITS = (*TRAIN_UNITS, "compilation", "compilation_cached", "eval_fp32", "eval_tf32", "eval_bf16", "gradient",
+         "gradient_tf32", "projection", "factorized", "factorized_tf32", "ddim_step_fp32", "ddim_step_tf32",
+         "ddim_step_bf16", *LATENT_UNITS)
 # Rules whose jobs run on the host (CPU): ridge solves, Spearman, tables, figures, CLIP embeddings of small images.
 HOST_RULES = frozenset({"download_cifar10", "dataset", "subsets", "retrain_subsets", "embed_clip", "score",
                         "tracin", "baseline", "score_ensemble", "retrain_score", "lds", "lds_other_truth",
