@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 RESULT = "compile-cache-run: "
 
@@ -34,24 +33,17 @@ def child(args) -> None:
     from diffattr.models import build_model
     from diffattr.train import train
     from presets import preset_settings
+    from stage_throughput import image_shape, timed
 
     settings = preset_settings(args.preset)
     device = resolve_device(args.device)
-    unet = settings["model"]["unet"]
-    shape = (unet["in_channels"], unet["sample_size"], unet["sample_size"])
-    images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (512, *shape)).astype(np.float32))
+    images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (512, *image_shape(settings))).astype(np.float32))
     spec = {**settings["train"], "dtype": args.dtype, "compile": True,
             "batch_size": args.batch or settings["train"]["batch_size"]}
     model = build_model(settings["model"], seed=0)
 
     def seconds(steps: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train(model, images, None, {**spec, "steps": steps}, seed=0, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timed(lambda: train(model, images, None, {**spec, "steps": steps}, seed=0, device=device))
 
     warm_up = seconds(args.warm_up)
     rate = args.steps / seconds(args.steps)
