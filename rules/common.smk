@@ -9,7 +9,7 @@ from diffattr.methods import METHODS, methods_reading
 from diffattr.plan import (CIFAR10_ARCHIVE, OTHER_TRUTH_ROOT, PATHS, QUERY_SPLITS, SPLITS, TRUTH_ROOT, Plan,
                            truth_root)
 from diffattr.protocol import (ARTIFACTS, DEFAULT_GT_FUNCTION, FEATURE_SET, FEATURE_SET_ANY, INFLUENCE_STORE,
-                               MODEL_NAME, FeatureSet, ModelName, featurize_params,
+                               MODEL_NAME, FeatureSet, ModelName, factor_split, featurize_params,
                                without_unset_speed_options)
 from diffattr.settings import ConfigError, undefined_preset, validate_config
 from diffattr.worker import run_script

@@ -14,6 +14,7 @@ def member_features(split=None):
 # The featurize rule's job (same params and script) on a pool model instead of the full model.
 rule featurize_retrained:
     input:
+        unpack(calibration),
         model=pattern("model", family="retrain") + "/" + ARTIFACTS["weights"],
         images=samples(),
     output:

@@ -13,6 +13,14 @@ def featurize_spec(wildcards):
     return {**shared, "scheme": fset.scheme, "noises": fset.noises}
 
 
+def calibration(wildcards):
+    """The train split's store, for a factorized projection split by gradient norms: every job of a
+    feature set measures the norms on the same train images (diffattr.featurize.gradient_norms)."""
+    if factor_split(settings(wildcards)["featurize"]) != "norm":
+        return {}
+    return {"calibration": plan(wildcards).samples("train")}
+
+
 def max_pass_items(wildcards):
     """featurize.max_pass_items, for every job that computes gradient features (passed to `run`, not
     a param: see featurize_spec)."""
@@ -39,6 +47,7 @@ def featurize_model(wildcards):
 
 rule featurize:
     input:
+        unpack(calibration),
         model=featurize_model,
         images=samples(),
     output:
@@ -63,6 +72,7 @@ rule featurize:
 # DDIM trajectory; one store per (function, k), shared by the feature sets of every K.
 rule featurize_journey:
     input:
+        unpack(calibration),
         weights=pattern("full_model") + "/" + ARTIFACTS["weights"],
         images=samples("gen"),
     output:

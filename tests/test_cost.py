@@ -108,10 +108,11 @@ def test_training_is_priced_in_its_precision_and_speed_option():
 def test_factorized_projection_is_priced_per_noised_copy():
     """featurize.projector factorized: the featurize and Journey-TRAK jobs' work is one `factorized`
     (or `factorized_tf32`) unit per noised copy, the gradients and projection it replaces gone; the
-    K-FAC influence features keep their dense projection."""
+    K-FAC influence features keep their dense projection. Its norm split adds to each job the
+    gradients of 32 train images at 10 timesteps that measure it."""
     dense = totals_with("default")
     for dtype, unit, gradient in (("fp32", "factorized", "gradient"), ("tf32", "factorized_tf32", "gradient_tf32")):
-        fact = totals_with("default", featurize={"projector": "factorized", "dtype": dtype})
+        fact = totals_with("default", featurize={"projector": "factorized", "dtype": dtype, "factor_split": "even"})
         assert fact["featurize"] == Counter({unit: dense["featurize"]["gradient"]})
         assert fact["featurize_journey"] == Counter(ddim_step_fp32=100 * 50, **{unit: 100 * 50})
         assert fact["influence_features"] == Counter({gradient: dense["influence_features"]["gradient"],
@@ -119,6 +120,13 @@ def test_factorized_projection_is_priced_per_noised_copy():
     store = path("features", experiment="default", fset="square_K10_k512_e2", split="train")
     settings = experiment(CONFIG, "default", libraries=False)
     settings["featurize"]["projector"] = "factorized"
+    assert "factor_split" not in settings["featurize"]  # norm when absent
+    work = Work(Plan("default", settings))
+    assert work.job("featurize", store) == Counter(factorized=400 * 10 * 2, gradient=32 * 10)
+    journey = path("journey", experiment="default", function="square", k=512)
+    assert work.job("featurize_journey", journey) == Counter(ddim_step_fp32=100 * 50, factorized=100 * 50,
+                                                             gradient=32 * 10)
+    settings["featurize"]["factor_split"] = "even"
     assert Work(Plan("default", settings)).job("featurize", store) == Counter(factorized=400 * 10 * 2)
 
 

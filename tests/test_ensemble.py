@@ -102,10 +102,29 @@ def test_ensemble_split_stores_the_average_with_its_model_count(members):
     assert label("trak_ens", "simple", 8) == "TRAK ensemble (C=8)"
 
 
+def test_members_split_by_their_own_gradient_norms_are_averaged(members):
+    """A factorized projection's norm split is measured on each model: members whose sides (and so
+    dense part) differ are one ensemble, their own train and query features agreeing."""
+    root, paths, pairs = members
+    for c, ((train_path, query_path), (train, query)) in enumerate(zip(paths, pairs)):
+        split = {"factor_split": "norm", "factor_sides": [c + 1, 2], "dense_dim": 3 - c, "dense": {"proj_dim": 3 - c}}
+        write_features(train_path, train, f"{c}" * 64, "t" * 64, **split)
+        write_features(query_path, query, f"{c}" * 64, "v" * 64, **split)
+    out = root / "scores" / "val.zarr"
+    ensemble_split([t for t, _ in paths], [q for _, q in paths], root / "subsets.csv",
+                   {"lambda_exponents": [-1, 1]}, out)
+    predictions, attrs = read_predictions(out)
+    masks = membership_matrix(pd.read_csv(root / "subsets.csv"), 12)
+    np.testing.assert_allclose(predictions["trak_ens"][0], dense_ensemble(pairs, masks, lambda_grid((-1, 1))),
+                               rtol=1e-7, atol=1e-9)
+    assert attrs["factor_split"] == "norm" and "factor_sides" not in attrs
+
+
 @pytest.mark.parametrize("case, message", [
     ("same model", "are features of the same model"),
     ("other function", "differ in function: 'square' vs 'avg'"),
     ("other queries", "differ in query_sha256"),
+    ("other factor split", "differ in factor_split: 'norm' vs 'even'"),
 ])
 def test_members_that_do_not_belong_together_are_refused(members, case, message):
     root, paths, pairs = members
@@ -116,6 +135,11 @@ def test_members_that_do_not_belong_together_are_refused(members, case, message)
     elif case == "other function":
         write_features(paths[2][0], train, "2" * 64, "t" * 64, function="avg")
         write_features(paths[2][1], query, "2" * 64, "v" * 64, function="avg")
+    elif case == "other factor split":
+        for c in range(3):
+            split = "even" if c == 2 else "norm"
+            write_features(paths[c][0], pairs[c][0], f"{c}" * 64, "t" * 64, factor_split=split)
+            write_features(paths[c][1], pairs[c][1], f"{c}" * 64, "v" * 64, factor_split=split)
     else:
         write_features(paths[2][1], query, "2" * 64, array_sha256(query))
     out = root / "scores" / "val.zarr"

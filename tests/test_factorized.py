@@ -3,11 +3,12 @@ per-sample gradients formed one sample at a time by backward(): (P_out kron P_in
 Linear / Conv2d weight, a dense matrix for the other parameters."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from diffattr import per_sample
-from diffattr.factorized import FactorizedProjector
+from diffattr.factorized import FactorizedProjector, norm_sides
 from diffattr.provenance import FEATURE_KEYS, ProvenanceError, require_same
 
 
@@ -56,7 +57,7 @@ def explicit_features(net, projector, x, groups):
             if name.endswith("weight") and id(module) in projector.factors:
                 p_out, p_in = projector.factors[id(module)]
                 kron = torch.kron(p_out, p_in)  # (out x in, s^2): column (a, b) = p_out[:, a] kron p_in[:, b]
-                blocks.append(p.grad.reshape(-1) @ kron * math.sqrt(projector.proj_dim) / projector.side)
+                blocks.append(p.grad.reshape(-1) @ kron * math.sqrt(projector.proj_dim) / p_out.shape[1])
             else:
                 rest.append(p.grad.reshape(-1))
         dense = projector.dense.project(torch.cat(rest)[None])[0] * math.sqrt(projector.proj_dim / projector.dense_dim)
@@ -71,16 +72,40 @@ def factorized_features(net, projector, x, groups):
     return projector.project(torch.cat([grads[name].reshape(groups, -1) for name, _ in featurized], 1))
 
 
+# Gradient norms of Net's parameters for the `norm` split (any positive numbers: the split's input)
+NORMS = {"conv1.weight": 4.0, "conv1.bias": 0.5, "norm.weight": 0.3, "norm.bias": 0.2, "conv2.weight": 1.0,
+         "conv2.bias": 0.1, "linear.weight": 2.0, "linear.bias": 0.4}
+
+
 @pytest.mark.parametrize("groups", [1, 3])
-def test_factorized_projection_equals_the_explicit_one(groups):
+@pytest.mark.parametrize("norms", [None, NORMS], ids=["even", "norm"])
+def test_factorized_projection_equals_the_explicit_one(groups, norms):
     net = Net()
     projector = FactorizedProjector(net, list(net.named_parameters()), 40, seed=3, device="cpu",
-                                    dense_factory=lambda dim, k: (DenseMatrix(dim, k), {}), dtype=torch.float64)
-    assert projector.side == math.isqrt(40 // 4) == 3 and projector.dense_dim == 40 - 3 * 9
+                                    dense_factory=lambda dim, k: (DenseMatrix(dim, k), {}), dtype=torch.float64,
+                                    norms=norms)
+    if norms is None:
+        assert projector.sides == [math.isqrt(40 // 4)] * 3 == [3] * 3 and projector.dense_dim == 40 - 3 * 9
+    else:  # conv1, conv2, linear: sqrt(40 n / 7.74) rounded to 5, 2, 3, conv1's capped at its 4 outputs
+        assert projector.sides == [4, 2, 3] and projector.dense_dim == 40 - 16 - 4 - 9
     x = torch.randn(2 * groups, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours = factorized_features(net, projector, x, groups)
     assert ours.shape == (groups, 40)
     torch.testing.assert_close(ours, explicit_features(net, projector, x, groups), rtol=1e-10, atol=1e-12)
+
+
+def test_norm_split_gives_columns_in_proportion_to_the_norms():
+    """Columns k n_l / (sum n + n_rest) as squares, the dense part the rest; at least 1, at most the cap;
+    shrunk, largest first, when rounding up would leave the dense part nothing."""
+    # 800 x (4, 1, 1) / 8 = 400, 100, 100 columns: sides 20, 10, 10, and the dense part's 200
+    assert norm_sides([4.0, 1.0, 1.0], 2.0, 800, [100, 100, 100]) == [20, 10, 10]
+    assert norm_sides([4.0, 1.0, 1.0], 2.0, 800, [12, 100, 100]) == [12, 10, 10]  # capped
+    assert norm_sides([4.0, 1e-9, 1.0], 3.0, 800, [100, 100, 100]) == [20, 1, 10]  # at least 1 x 1
+    # 10 / 2 = 5 columns each: sides 2 (4 columns), leaving the dense part 2
+    assert norm_sides([1.0, 1.0], 0.0, 10, [9, 9]) == [2, 2]
+    assert norm_sides([1.0, 1.0], 0.0, 8, [9, 9]) == [1, 2]  # 2 x 2 twice is all 8 columns: shrink one
+    with pytest.raises(ValueError, match="all zero"):
+        norm_sides([0.0, 0.0], 0.0, 10, [9, 9])
 
 
 def test_a_wrong_matrix_is_caught():
@@ -132,7 +157,7 @@ def test_tiny_unet_features_equal_the_kronecker_projection_of_its_gradients(make
         module = model.network().get_submodule(name.rsplit(".", 1)[0])
         if name.endswith("weight") and id(module) in projector.factors:
             p_out, p_in = projector.factors[id(module)]
-            blocks.append(g @ torch.kron(p_out, p_in).double() * math.sqrt(96) / projector.side)
+            blocks.append(g @ torch.kron(p_out, p_in).double() * math.sqrt(96) / p_out.shape[1])
         else:
             rest.append(g)
     dense = projector.dense.project(torch.cat(rest, 1)) * math.sqrt(96 / projector.dense_dim)
@@ -140,3 +165,21 @@ def test_tiny_unet_features_equal_the_kronecker_projection_of_its_gradients(make
     assert info["factorized_layers"] == len(blocks) > 5 and ours.shape == (3, 96)
     # the passes return float32 rows (featurize's dtype); everything else is float64
     torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+def test_gradient_norms_are_the_rms_over_the_first_train_images(make_tiny_model):
+    """featurize.gradient_norms against each of the first 32 images' gradient alone (a batch of one):
+    chunking does not change them, and images past the 32nd are not read."""
+    from diffattr.featurize import CALIBRATION, batch_gradients, gradient_norms
+    from diffattr.protocol import select_timesteps
+    model = make_tiny_model(1).for_per_sample_gradients()
+    images = np.random.default_rng(4).uniform(-1, 1, (40, 1, 8, 8)).astype(np.float32)
+    images[32:] *= 100  # would dominate the norms if read
+    timesteps = select_timesteps(CALIBRATION["timesteps"], "uniform")
+    squares = sum(batch_gradients(model, torch.from_numpy(images[i:i + 1]), [i], "square", timesteps, 5).double()[0] ** 2
+                  for i in range(32))
+    ours, start = gradient_norms(model, images, "square", 5), 0
+    assert CALIBRATION["images"] == 32 and list(ours) == [name for name, _ in model.featurized_parameters()]
+    for name, p in model.featurized_parameters():
+        assert ours[name] == pytest.approx(math.sqrt(squares[start:start + p.numel()].sum().item() / 32), rel=1e-5)
+        start += p.numel()

@@ -166,3 +166,17 @@ def test_new_methods_are_in_the_default_and_cifar2_plans():
         assert {"journey_trak", "das"} <= set(score_methods(spec["score"], "methods"))
         jobs = planned(preset)
         assert jobs["featurize_journey"] >= 1 and jobs["residual"] >= 1
+
+
+def test_norm_split_makes_the_train_images_an_input_of_every_feature_job(workdir):
+    """featurize.factor_split norm (when absent): the val and Journey-TRAK feature jobs read the train
+    split, on which they measure the split of k as the train job does."""
+    override = {"default": {"featurize": {"projector": "factorized"}}}
+    out = dry_run(workdir, "results/default/features/square_K10_k512/val.zarr",
+                  "results/default/features/simple_journey_k512/gen.zarr", "--config", f"experiments={override}")
+    lines = out.splitlines()
+    inputs = {line.removeprefix("rule ").rstrip(":"): lines[i + 1].split("input: ")[1].split(", ")
+              for i, line in enumerate(lines) if line.startswith("rule featurize")}
+    assert set(inputs) == {"featurize", "featurize_journey"}
+    for rule, files in inputs.items():
+        assert "results/default/data/train.zarr" in files, (rule, files)

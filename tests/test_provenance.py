@@ -78,13 +78,14 @@ FEATURE_ATTRS = {"model_sha256": "a" * 64, "checkpoint": None, "function": "squa
                  "proj_dim": 4, "proj_seed": 0, "proj_type": "normal", "grad_dim": 100, "block_size": None,
                  "gpu": "NVIDIA H100 80GB HBM3", "sm_count": 132, "device": "NVIDIA H100 80GB HBM3",
                  "noises": 1, "query_sha256": "b" * 64,
-                 "factor_side": None, "factorized_layers": None, "dense_dim": None, "dense": None}
+                 "factor_split": None, "factor_sides": None, "factorized_layers": None, "dense_dim": None, "dense": None}
 # The disagreement the issue lists, and the value the query store has instead.
 DISAGREEMENTS = [("model_sha256", "c" * 64), ("checkpoint", 100), ("function", "simple"), ("K", 3), ("timesteps", [0, 250]),
                  ("scheme", "cumulative"), ("noise_seed", 1), ("dtype", "bfloat16"), ("arithmetic", "tf32"),
                  ("projector", "BasicProjector"), ("proj_seed", 7), ("proj_type", "rademacher"),
                  ("grad_dim", 101), ("gpu", "NVIDIA A100-SXM4-80GB"), ("sm_count", 108),
-                 ("device", "cpu"), ("noises", 2), ("factor_side", 3), ("factorized_layers", 5),
+                 ("device", "cpu"), ("noises", 2), ("factor_split", "even"),
+                 ("factor_sides", [3, 2]), ("factorized_layers", 5),
                  ("dense_dim", 10), ("dense", {"projector": "BasicProjector", "block_size": 4})]
 
 
@@ -424,3 +425,28 @@ def test_lds_rows_of_journey_trak_and_das_carry_their_labels(lds_inputs, subsets
     table = run_lds(lds_inputs, subsets_csv, tmp_path)
     assert list(table.method) == ["TRAK", "Journey-TRAK", "DAS"]
     assert table["lambda"].tolist() == [0.1, 10.0, 10.0]  # each method chooses its own lambda
+
+
+def test_norm_split_features_share_their_split_and_refuse_the_even_one(saved_model, tiny_spec, subsets_csv,
+                                                                       tmp_path):
+    """featurize.factor_split norm: the train and val jobs measure the same split on the train images
+    (calibration), so their features are scored together; features of the even split are refused."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 3)):
+        write_array(tmp_path / f"{split}.zarr", rng.uniform(-1, 1, (n, 1, 8, 8)).astype(np.float32), {})
+    spec = {"batch_size": 4, "proj_seed": 0, "scheme": "uniform", "noise_seed": 0, "projector": "factorized"}
+    made = {}
+    for name, split, factor_split in (("train", "train", "norm"), ("norm", "val", "norm"), ("even", "val", "even")):
+        made[name] = tmp_path / factor_split / f"{split}.zarr"
+        featurize_split(saved_model, tiny_spec, tmp_path / f"{split}.zarr", "square", select_timesteps(2, "uniform"),
+                        96, {**spec, "factor_split": factor_split}, made[name], calibration=tmp_path / "train.zarr")
+    attrs = {name: dict(zarr.open_array(path, mode="r").attrs) for name, path in made.items()}
+    assert attrs["train"]["factor_sides"] == attrs["norm"]["factor_sides"] != attrs["even"]["factor_sides"]
+    assert len(set(attrs["norm"]["factor_sides"])) > 1 and len(set(attrs["even"]["factor_sides"])) == 1
+    score_split(made["train"], made["norm"], subsets_csv, {**SCORE_SPEC, "methods": ["trak"]},
+                tmp_path / "scores" / "norm.zarr", "val")
+    with pytest.raises(ProvenanceError, match="factor_split: 'norm' vs 'even'"):
+        score_split(made["train"], made["even"], subsets_csv, SCORE_SPEC, tmp_path / "scores" / "even.zarr")
+    with pytest.raises(ValueError, match="factor_split norm: the train split's store"):
+        featurize_split(saved_model, tiny_spec, tmp_path / "val.zarr", "square", [0], 96,
+                        {**spec, "factor_split": "norm"}, tmp_path / "none.zarr")

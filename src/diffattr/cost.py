@@ -22,7 +22,8 @@ Units (what one unit is):
 - `factorized`, `factorized_tf32`: one noised copy's gradient projected by the factorized projector
   (featurize.projector factorized), in fp32 or TF32, in place of its `gradient` and `projection`: its
   cost is the backward pass's and grows only slowly with k, so the rate measured at the preset's
-  largest k prices every k of it (an upper bound for the smaller ones);
+  largest k prices every k of it (an upper bound for the smaller ones); its `norm` split adds the
+  `gradient`s of its measurement (protocol.CALIBRATION) to each job;
 - `ddim_step_<dtype>`: one image through one sampler step (generation; Journey-TRAK's trajectories);
 a latent kind's (LATENT_UNITS, which stage_throughput does not measure yet):
 - `vae_encode`, `vae_decode`: one image through the VAE's encoder (a split's latents, once each) or
@@ -37,7 +38,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .plan import PATHS, Plan
-from .protocol import FeatureSet, featurize_arithmetic, parse_influence_store, stage_dtype
+from .protocol import (CALIBRATION, FeatureSet, factor_split, featurize_arithmetic, parse_influence_store,
+                       projector_kind, stage_dtype)
 
 LATENT_UNITS = ("vae_encode", "vae_decode", "base_vae_step", "base_unet_step")
 # train's speed options (protocol.TRAIN_SPEED_OPTIONS) as a training unit's suffix; not both together
@@ -109,8 +111,12 @@ class Work:
     def projected_gradients(self, copies: int, rows: int, k: int) -> Counter:
         """`copies` noised copies' gradients summed into `rows` feature rows of k dimensions, by the
         featurize settings' projector: the dense one projects each row, the factorized one each copy."""
-        if self.settings["featurize"].get("projector", "normal") == "factorized":
-            return Counter({self.gradient().replace("gradient", "factorized"): copies})
+        featurize = self.settings["featurize"]
+        if projector_kind(featurize) == "factorized":
+            work = Counter({self.gradient().replace("gradient", "factorized"): copies})
+            if factor_split(featurize) == "norm":  # its measurement: full gradients of a few train images
+                work[self.gradient()] += min(self.count("train"), CALIBRATION["images"]) * CALIBRATION["timesteps"]
+            return work
         return Counter({self.gradient(): copies, "projection": rows * k})
 
     def featurization(self, fset: FeatureSet, split: str) -> Counter:

@@ -14,8 +14,11 @@ from .protocol import lambda_grid
 from .score import kernel_predictions, read_feature_pair, read_masks
 from .storage import file_sha256
 
-# What every model's features must share: all of their provenance but the model itself.
-SHARED_KEYS = tuple(key for key in FEATURE_KEYS if key != "model_sha256")
+# What every model's features must share: all of their provenance but the model itself and what a
+# factorized projection's `norm` split measures on it (each model's sides, hence its dense part's k):
+# each model's kernel is computed apart, so only its own train and query features must agree.
+MODEL_KEYS = ("model_sha256", "factor_sides", "dense_dim", "dense")
+SHARED_KEYS = tuple(key for key in FEATURE_KEYS if key not in MODEL_KEYS)
 
 
 def ensemble_predictions(models: Iterable[tuple[np.ndarray, np.ndarray]], masks: np.ndarray,

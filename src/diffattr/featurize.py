@@ -9,6 +9,7 @@ a layer has no rule there).
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .models import DiffusionModel, load_model
 from .noise import noise_batch
 from .progress import Progress
 from .project import make_projector
-from .protocol import featurize_arithmetic
+from .protocol import CALIBRATION, factor_split, featurize_arithmetic, projector_kind, select_timesteps
 from .storage import ResumableOutput, array_sha256, file_sha256
 
 
@@ -124,16 +125,40 @@ def gradient_dim(model: DiffusionModel) -> int:
     return sum(p.numel() for _, p in model.featurized_parameters())
 
 
+def gradient_norms(model: DiffusionModel, images: np.ndarray, function: str, noise_seed: int,
+                   labels: np.ndarray | None = None, max_pass_items: int | None = None) -> dict[str, float]:
+    """Each featurized parameter's root-mean-square per-sample gradient norm over the first calibration
+    images (protocol.CALIBRATION), for the factorized projection's `norm` split."""
+    count, chunk = min(len(images), CALIBRATION["images"]), CALIBRATION["chunk"]
+    timesteps = select_timesteps(CALIBRATION["timesteps"], "uniform", model.scheduler.config.num_train_timesteps)
+    device = next(p.device for _, p in model.featurized_parameters())
+    squares = None
+    for start in range(0, count, chunk):
+        rows = range(start, min(count, start + chunk))
+        grads = batch_gradients(model, torch.from_numpy(images[rows.start:rows.stop]).to(device), rows, function,
+                                timesteps, noise_seed, None if labels is None else labels[rows.start:rows.stop],
+                                max_pass_items=max_pass_items)
+        batch = grads.double().pow(2).sum(0)
+        squares = batch if squares is None else squares + batch
+    norms, start = {}, 0
+    for name, p in model.featurized_parameters():
+        norms[name] = math.sqrt(squares[start:start + p.numel()].sum().item() / count)
+        start += p.numel()
+    return norms
+
+
 def make_feature_projector(model: DiffusionModel, proj_dim: int, seed: int, device: torch.device,
-                           batch_size: int, kind: str = "normal"):
+                           batch_size: int, kind: str = "normal", norms: dict[str, float] | None = None):
     """The projector of a feature store and the attributes that identify it: `kind` normal, a dense
     Normal matrix (project.make_projector), or factorized (diffattr.factorized, its dense part a
     BlockProjector on every device: its k is whatever the split leaves, not a multiple of fast_jl's
-    512); `grad_dim` is the gradient's dimension either way."""
+    512), its k split by the parameters' gradient `norms` (`gradient_norms`) when given, evenly
+    otherwise; `grad_dim` is the gradient's dimension either way."""
     if kind == "normal":
         return make_projector(gradient_dim(model), proj_dim, seed, device, batch_size)
     projector = FactorizedProjector(model.network(), model.featurized_parameters(), proj_dim, seed, device,
-                                    lambda dim, k: make_projector(dim, k, seed, device, batch_size, fast_jl=False))
+                                    lambda dim, k: make_projector(dim, k, seed, device, batch_size, fast_jl=False),
+                                    norms=norms)
     return projector, {"proj_dim": proj_dim, "proj_seed": seed, "grad_dim": gradient_dim(model), **projector.info}
 
 
@@ -162,9 +187,10 @@ def features(model: DiffusionModel, images: np.ndarray, function: str, timesteps
 
 def featurize_split(weights_path, model_spec: dict, images_path, function: str, timesteps,
                     proj_dim: int, spec: dict, out_path, device: torch.device = torch.device("cpu"),
-                    max_pass_items: int | None = None, checkpoint: int | None = None) -> None:
+                    max_pass_items: int | None = None, checkpoint: int | None = None, calibration=None) -> None:
     """Projected features of every image of a split, written in row chunks with their provenance;
     a rerun after a kill computes only the chunks not yet written (storage.ResumableOutput).
+    `calibration`: the train split's store, where a factorized projection splits k by gradient norms.
 
     `device` is part of the provenance: a projector's matrix can depend on where it is drawn.
     `checkpoint` is the training step of the weights when they are a kept checkpoint (None: final).
@@ -173,21 +199,30 @@ def featurize_split(weights_path, model_spec: dict, images_path, function: str, 
     write_features(model, weights_path, load_images(images_path), function, timesteps, proj_dim, spec,
                    out_path, device, {"checkpoint": checkpoint, "scheme": spec["scheme"],
                                       "noise_seed": int(spec["noise_seed"])}, max_pass_items,
-                   noises=int(spec.get("noises", 1)), labels=load_labels(images_path))
+                   noises=int(spec.get("noises", 1)), labels=load_labels(images_path), calibration=calibration)
 
 
 def write_features(model: DiffusionModel, weights_path, images: np.ndarray, function: str, timesteps,
                    proj_dim: int, spec: dict, out_path, device: torch.device, attrs: dict,
                    max_pass_items: int | None = None, noise=None, noises: int = 1,
-                   labels: np.ndarray | None = None) -> None:
+                   labels: np.ndarray | None = None, calibration=None) -> None:
     """`featurize_split`'s store for a loaded model: `attrs` (how the noise was chosen) and `noises`
     (per timestep) join the provenance, and `noise`, `noises` and the images' `labels` are passed on
     to `features`, in the arithmetic of `spec['dtype']` (fp32 when absent), recorded as `arithmetic`
-    (`dtype` is the array's, float32 either way)."""
+    (`dtype` is the array's, float32 either way). A factorized projection with `factor_split: norm`
+    measures its split on the train store `calibration` (gradient_norms), in that arithmetic."""
     batch_size = int(spec["batch_size"])
     arithmetic = featurize_arithmetic(spec)
+    norms = None
+    if factor_split(spec) == "norm":
+        if calibration is None:
+            raise ValueError("featurize.factor_split norm: the train split's store (calibration) is needed "
+                             "to measure the gradient norms that split k")
+        with precision(arithmetic, device):
+            norms = gradient_norms(model, load_images(calibration), function, int(spec["noise_seed"]),
+                                   load_labels(calibration), max_pass_items)
     projector, projector_info = make_feature_projector(model, proj_dim, int(spec["proj_seed"]), device, batch_size,
-                                                       spec.get("projector", "normal"))
+                                                       projector_kind(spec), norms)
     attrs = {"model_sha256": file_sha256(weights_path), "function": function,
              "K": len(timesteps), "timesteps": list(timesteps), **attrs, "noises": noises, "dtype": "float32",
              "arithmetic": arithmetic, "device": device_name(device), "query_sha256": array_sha256(images),

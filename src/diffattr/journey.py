@@ -106,9 +106,10 @@ def implied_noise(states: torch.Tensor, z: torch.Tensor, abar: torch.Tensor) -> 
 
 def featurize_journey(weights_path, model_spec: dict, images_path, function: str, generate_spec: dict,
                       proj_dim: int, spec: dict, out_path, device: torch.device = torch.device("cpu"),
-                      max_pass_items: int | None = None) -> None:
+                      max_pass_items: int | None = None, calibration=None) -> None:
     """Journey features of every generated image, in a store of the feature layout (resumable like
-    `featurize_split`); its K and timesteps are the sampler's steps, its `scheme` 'ddim_trajectory'."""
+    `featurize_split`, `calibration` as there); its K and timesteps are the sampler's steps, its
+    `scheme` 'ddim_trajectory'."""
     directory = Path(weights_path).parent
     sampler = load_model(model_spec, directory).to(device).train(False)  # as the generate job ran it
     model = load_model(model_spec, directory).to(device).for_per_sample_gradients()
@@ -118,4 +119,4 @@ def featurize_journey(weights_path, model_spec: dict, images_path, function: str
     write_features(model, weights_path, images, function, timesteps, proj_dim, spec, out_path, device,
                    {"checkpoint": None, "scheme": "ddim_trajectory", "noise_seed": None,
                     "trajectory": {**trajectory, "dtype": stage_dtype(generate_spec)}},
-                   max_pass_items, noise=noise, labels=labels)
+                   max_pass_items, noise=noise, labels=labels, calibration=calibration)

@@ -205,11 +205,31 @@ def featurize_arithmetic(featurize: dict) -> str:
     return dtype
 
 
+# The factorized projection's `norm` split (featurize.factor_split) gives each layer a share of k that
+# follows its per-sample gradient norm, measured on the first `images` train images at `timesteps`
+# uniform timesteps, in chunks of `chunk`: fixed numbers, so that every job of a feature set (train,
+# queries, Journey-TRAK) measures the same split whatever its K or featurize.batch_size.
+CALIBRATION = {"images": 32, "timesteps": 10, "chunk": 8}
+
+
+def projector_kind(featurize: dict) -> str:
+    """featurize.projector: normal (the paper's dense projection) when absent, or factorized."""
+    return featurize.get("projector", "normal")
+
+
+def factor_split(featurize: dict) -> str | None:
+    """How a factorized projection splits k (featurize.factor_split, norm when absent); None for the
+    dense projection, which has no split."""
+    return featurize.get("factor_split", "norm") if projector_kind(featurize) == "factorized" else None
+
+
 def featurize_params(featurize: dict) -> dict:
     """The featurize settings every feature store's job is a function of (its rule params): the seeds,
     the projector and the batch size where set (`projector` absent: the default projection, whose stores
-    keep their params), and `dtype` only when it is not fp32."""
+    keep their params), a factorized projection's `factor_split`, and `dtype` only when it is not fp32."""
     params = {key: featurize[key] for key in FEATURIZE_PARAM_KEYS if key in featurize}
+    if split := factor_split(featurize):
+        params["factor_split"] = split
     if (dtype := featurize_arithmetic(featurize)) != "fp32":
         params["dtype"] = dtype
     return params

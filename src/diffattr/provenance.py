@@ -15,7 +15,7 @@ import numpy as np
 FEATURE_KEYS = ("model_sha256", "checkpoint", "function", "K", "timesteps", "scheme", "noise_seed", "dtype",
                 "arithmetic", "device",
                 "projector", "proj_dim", "proj_seed", "proj_type", "grad_dim", "block_size", "gpu",
-                "sm_count", "noises", "factor_side", "factorized_layers", "dense_dim", "dense")
+                "sm_count", "noises", "factor_split", "factor_sides", "factorized_layers", "dense_dim", "dense")
 # What every feature store written by featurize records; a store without them is not trusted.
 REQUIRED_FEATURE_KEYS = ("model_sha256", "function", "K", "timesteps", "projector", "proj_dim",
                          "proj_seed", "query_sha256")

@@ -9,4 +9,4 @@ weights = (snakemake.input.model if fset.step is None
 featurize_split(weights, snakemake.params.model, snakemake.input.images, fset.function,
                 snakemake.params.timesteps, fset.proj_dim, snakemake.params.spec, snakemake.output.features,
                 resolve_device(snakemake.config["device"]), snakemake.config.get("max_pass_items"),
-                checkpoint=fset.step)
+                checkpoint=fset.step, calibration=snakemake.input.get("calibration"))
