@@ -27,11 +27,12 @@ import torch
 
 from diffattr.cost import TRAIN_OPTION_SUFFIXES, train_unit
 from diffattr.device import device_name, precision, resolve_device
-from diffattr.featurize import batch_gradients, make_feature_projector
+from diffattr.featurize import batch_gradients, gradient_norms, make_feature_projector
 from diffattr.generate import sample
 from diffattr.ground_truth import query_losses
 from diffattr.models import build_model
 from diffattr.project import make_projector
+from diffattr.protocol import factor_split
 from diffattr.settings import CUDA_PROJ_MULTIPLE, cuda_projector_possible
 from diffattr.train import train
 from presets import preset_settings
@@ -134,7 +135,10 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
         gradients()  # warm-up
         rates["gradient" if dtype == "fp32" else f"gradient_{dtype}"] = batch * K / timed(gradients)
     factorized_k = max(int(k) for k in settings["featurize"]["proj_dims"])  # the unit's price for every k
-    factorized, _ = make_feature_projector(featurizer, factorized_k, 0, device, batch, "factorized")
+    # the preset's split (featurize.factor_split), a norm split measured on these images (not timed: once a job)
+    split = factor_split({**settings["featurize"], "projector": "factorized"})
+    norms = gradient_norms(featurizer, images[:batch], "square", 0) if split == "norm" else None
+    factorized, _ = make_feature_projector(featurizer, factorized_k, 0, device, batch, "factorized", norms)
     for dtype in ("fp32", "tf32") if device.type == "cuda" else ("fp32",):
 
         def factorized_features():

@@ -11,7 +11,7 @@
 #      training's compilation from an empty inductor cache and from the one the first run filled:
 #      the cost model's compilation and compilation_cached)
 #   c  benchmarks/bench_factorized.py speed cifar2 --device cuda --dtype fp32, then tf32   (factorized
-#      projection against fast_jl, k = 32768)
+#      projection, with the workflow's default split of k, against fast_jl, k = 32768)
 #   b  benchmarks/stage_throughput.py cifar2 --device cuda   (training per precision, GT, gradients, projection,
 #      DDIM; then training per precision with each speed option, channels_last and compile)
 #   a  pytest tests/test_cuda.py -q -x   (the CUDA tests)
