@@ -132,9 +132,8 @@ def main(argv=None) -> None:
     supposed = supposed_rates(args.rate)
     throughputs, origin = (measured_throughputs(settings, args.device) if args.measure
                            else stored_throughputs(args.throughputs, args.preset, settings))
-    if throughputs:
-        throughputs = {**throughputs, **supposed}
-        origin += "".join(f"; {unit} supposed {rate:.4g}/s" for unit, rate in supposed.items())
+    throughputs = {**throughputs, **supposed}  # with no measurement applying, the supposed rates alone
+    origin += "".join(f"; {unit} supposed {rate:.4g}/s" for unit, rate in supposed.items())
     throughputs, notes = with_cached_compilation(throughputs)
     name = " ".join([args.preset, *args.set, *(["--cold-compilations"] if args.cold_compilations else [])])
     rows = plan_cost(Plan(args.preset, settings), throughputs, shared_cache=not args.cold_compilations)

@@ -226,12 +226,17 @@ def test_latent_work_written_out():
 
 def test_a_preset_without_measured_throughputs_gets_its_work_and_the_missing_units(capsys):
     """benchmarks/cost.py artbench2: no stored throughput applies to miniSD + LoRA, so every device rule
-    is listed with its work and no hours, and the units without a throughput are named."""
+    is listed with its work and no hours, and the units without a throughput are named; a rate
+    supposed with --rate prices the rules whose units it covers."""
     cost.main(["artbench2"])
     out = capsys.readouterr().out
     assert "no measured throughputs" in out and "| train_lds | 192 | 7.5e+05 train_step_fp16 | | | |" in out
     assert "encode_flipped (vae_encode)" in out and "decode_generated (vae_decode)" in out
     assert "| **total** | 0 |" in out and "Throughputs (units/s): none" in out
+    cost.main(["artbench2", "--rate", "train_step_fp16=25"])  # a supposed rate prices what it covers
+    out = capsys.readouterr().out
+    assert "no measured throughputs" in out and "train_step_fp16 supposed 25/s" in out
+    assert "| train_lds | 192 | 7.5e+05 train_step_fp16 | 8.33 |" in out  # 750000 / 25 s
 
 
 def test_cifar2_fast_is_cifar2s_table_for_a_thirtieth_of_its_ground_truth():
