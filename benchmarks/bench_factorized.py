@@ -3,14 +3,10 @@
     PYTHONPATH=src python benchmarks/bench_factorized.py lds [preset] [--seeds 42,1,2]  # after `snakemake results/lds_<preset>.csv`
     PYTHONPATH=src python benchmarks/bench_factorized.py speed [preset] [--proj-dim 32768] [--device cuda] [--split even]
 
-`lds`: on a finished run's full model, images, subsets and ground truth, featurizes the preset's
-first grid set for TRAK (simple) and D-TRAK (square) with the dense projection and the factorized
-one with each split of k (featurize.factor_split even and norm; same k, same seed) into a scratch
-folder, scores them with the workflow's own score and LDS code and prints the LDS of each with its
-bootstrap interval, and the featurization time per sample; then, per function and split, the paired
-difference factorized - dense at each one's oracle lambda (the same subset resamples for both:
-lds.lds_difference_interval), which tells a shift from the subsets' noise. `--seeds`: all of it for
-each of these projection seeds (the projection's own randomness).
+`lds`: paired_lds.py on a finished run: the dense projection, and the factorized one with each split
+of k (featurize.factor_split even and norm; same k, same seed), each factorized one against the dense
+one on the same subset resamples. `--seeds`: all of it for each of these projection seeds (the
+projection's own randomness).
 `speed`: seconds per sample (K = 10) on the preset's model with random weights: the factorized
 projection at k, against per-sample gradients plus their dense projection (the projection is timed at
 a small k' and scaled by k / k': its matrix, p x k, is drawn on every call when it does not fit in
@@ -29,77 +25,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-import zarr
 
 from diffattr.device import device_name, precision, resolve_device
-from diffattr.featurize import batch_gradients, featurize_split, gradient_norms, make_feature_projector
-from diffattr.lds import ground_truth_matrix, lds_difference_interval, lds_table, oracle_predictions
-from diffattr.methods import read_predictions
-from diffattr.plan import Plan, path
-from diffattr.protocol import FEATURIZE_DTYPES, FeatureSet, factor_split
-from diffattr.score import score_split
+from diffattr.featurize import batch_gradients, gradient_norms, make_feature_projector
+from diffattr.protocol import FEATURIZE_DTYPES, factor_split
 from diffattr.settings import cuda_projector_possible
-from presets import preset_model, preset_settings
+from paired_lds import Variant, paired_lds, print_tables
+from presets import preset_model
 
-# (featurize.projector, featurize.factor_split): the dense projection and the factorized one's two splits
-VARIANTS = (("normal", None), ("factorized", "even"), ("factorized", "norm"))
-
-
-def variant_name(projector: str, split: str | None) -> str:
-    return projector if split is None else f"{projector} {split}"
-
-
-def lds(preset: str, workdir: Path, seeds: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The LDS table and the paired differences (see the module's docstring), for each projection
-    seed of `seeds` (default: the preset's featurize.proj_seed)."""
-    settings = preset_settings(preset)
-    plan = Plan(preset, settings)
-    grid = settings["featurize"]
-    weights = plan.weights(path("full_model", experiment=preset))
-    truth = {m: path("ground_truth", root=plan.root, model=m) for m in plan.lds_models}
-    subsets = path("subsets", experiment=preset)
-    lds_spec = {**settings["lds"], "lambda_rules": ["oracle", "heldout"]}
-    truth_matrices = {split: ground_truth_matrix(truth, split, int(settings["subsets"]["m"]))[0]
-                      for split in ("val", "gen")}
-    rows, paired = [], []
-    for seed, function in ((seed, function) for seed in seeds or [grid["proj_seed"]] for function in ("simple", "square")):
-        fset = FeatureSet(function, grid["timesteps"][0], grid["proj_dims"][0])
-        chosen = {}
-        for projector, factor_split in VARIANTS:
-            variant = variant_name(projector, factor_split)
-            spec = {**grid, "scheme": fset.scheme, "noises": 1, "projector": projector, "proj_seed": seed,
-                    "factor_split": factor_split}
-            stores, seconds = {}, 0.0
-            for split in ("train", "val", "gen"):
-                stores[split] = workdir / f"{fset.name}_{variant}_{seed}_{split}.zarr".replace(" ", "_")
-                start = time.perf_counter()
-                featurize_split(weights, settings["model"], plan.images(split), function,
-                                fset.timesteps(plan.num_train_timesteps), fset.proj_dim, spec, stores[split],
-                                calibration=plan.samples("train"))
-                seconds += time.perf_counter() - start
-            samples = sum(zarr.open_array(store, mode="r").shape[0] for store in stores.values())
-            for split in ("val", "gen"):
-                preds = stores[split].with_suffix(".preds.zarr")
-                score_split(stores["train"], stores[split], subsets,
-                            {"methods": ["trak"], "lambda_exponents": settings["score"]["lambda_exponents"]},
-                            preds, split)
-                table = stores[split].with_suffix(".csv")
-                lds_table(preds, subsets, truth, split, lds_spec, table)
-                stored, _ = read_predictions(preds)[0]["trak"]
-                chosen[variant, split] = oracle_predictions(stored, truth_matrices[split])
-                for row in pd.read_csv(table).to_dict("records"):
-                    rows.append({"function": function, "projector": variant, "seed": seed, "split": split,
-                                 "rule": row["lambda_rule"], "lds": row["lds"], "ci_low": row["ci_low"],
-                                 "ci_high": row["ci_high"], "s_per_sample": seconds / samples})
-        for variant, split in ((variant_name(*v), split) for v in VARIANTS[1:] for split in ("val", "gen")):
-            difference, low, high = lds_difference_interval(
-                chosen[variant, split], chosen["normal", split], truth_matrices[split],
-                float(lds_spec["confidence"]), int(lds_spec["bootstrap_resamples"]))
-            paired.append({"function": function, "projector": variant, "seed": seed, "split": split,
-                           "minus normal (oracle)": difference, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows), pd.DataFrame(paired)
+# the dense projection, then the factorized one with each split of k
+VARIANTS = [Variant("normal", {"projector": "normal"}),
+            *(Variant(f"factorized {split}", {"projector": "factorized", "factor_split": split})
+              for split in ("even", "norm"))]
 
 
 def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2,
@@ -186,10 +124,7 @@ def main(argv=None) -> None:
                                device=resolve_device(args.device), dtype=args.dtype, split=args.split)))
         return
     with tempfile.TemporaryDirectory() as workdir:
-        table, paired = lds(args.preset, Path(workdir), args.seeds)
-    print(table.to_markdown(index=False, floatfmt=".3f"))
-    print()
-    print(paired.to_markdown(index=False, floatfmt=".3f"))
+        print_tables(*paired_lds(args.preset, Path(workdir), VARIANTS, args.seeds))
 
 
 if __name__ == "__main__":

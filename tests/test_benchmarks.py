@@ -3,13 +3,16 @@ not checked here; benchmarks/README.md records it)."""
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench_featurize  # noqa: E402
 import bench_project  # noqa: E402
 import bench_score  # noqa: E402
+import bench_tf32  # noqa: E402
 import run  # noqa: E402
 import stage_throughput  # noqa: E402
 from presets import preset_settings  # noqa: E402
@@ -66,3 +69,40 @@ def test_training_option_rates_are_named_by_their_options():
                                                 variants=["", "_cl"])
     assert list(rates) == ["train_step_fp32", "train_step_fp32_cl"]
     assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
+
+
+def test_tf32_truncation_keeps_ten_mantissa_bits():
+    """Against the bits themselves: the low 13 of the 23 mantissa bits cleared, sign and exponent kept."""
+    x = np.random.default_rng(0).normal(size=1000).astype(np.float32) * np.float32(1e3)
+    expected = (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+    np.testing.assert_array_equal(bench_tf32.truncate_to_tf32(torch.from_numpy(x)).numpy(), expected)
+    assert bench_tf32.truncate_to_tf32(torch.tensor([1 + 2 ** -10 + 2 ** -11])).item() == 1 + 2 ** -10
+
+
+def test_emulated_tf32_products_read_truncated_operands():
+    """A convolution, its two gradients and a Linear layer under the emulation equal the same computed
+    in fp32 on operands truncated beforehand, and differ from plain fp32; a bias stays fp32."""
+    t = bench_tf32.truncate_to_tf32
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(shape, generator=g) for shape in ((2, 3, 5, 5), (4, 3, 3, 3), (4,)))
+    upstream = torch.randn(2, 4, 3, 3, generator=g)
+
+    def conv(x, w, b, upstream):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = torch.nn.functional.conv2d(x, w, b)
+        return (out, *torch.autograd.grad(out, (x, w), upstream))
+
+    with bench_tf32.TF32Products():
+        emulated = conv(x, w, b, upstream)
+    # input gradient: upstream x weight; weight gradient: upstream x input (each product truncated)
+    reference = (conv(t(x), t(w), b, upstream)[0], conv(x, t(w), b, t(upstream))[1],
+                 conv(t(x), w, b, t(upstream))[2])
+    plain = conv(x, w, b, upstream)
+    for ours, ref, fp32 in zip(emulated, reference, plain):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+        assert not torch.equal(ours, fp32) and torch.allclose(ours, fp32, rtol=1e-2, atol=1e-2)
+    linear = torch.nn.Linear(3, 2)
+    with bench_tf32.TF32Products():
+        out = linear(x[:, :, 0, :3])
+    torch.testing.assert_close(out, torch.nn.functional.linear(t(x[:, :, 0, :3]), t(linear.weight), linear.bias),
+                               rtol=0, atol=0)
