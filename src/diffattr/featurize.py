@@ -130,7 +130,8 @@ def gradient_norms(model: DiffusionModel, images: np.ndarray, function: str, noi
     """Each featurized parameter's root-mean-square per-sample gradient norm over the first calibration
     images (protocol.CALIBRATION), for the factorized projection's `norm` split."""
     count, chunk = min(len(images), CALIBRATION["images"]), CALIBRATION["chunk"]
-    timesteps = select_timesteps(CALIBRATION["timesteps"], "uniform", model.scheduler.config.num_train_timesteps)
+    T = model.scheduler.config.num_train_timesteps
+    timesteps = select_timesteps(min(CALIBRATION["timesteps"], T), "uniform", T)
     device = next(p.device for _, p in model.featurized_parameters())
     squares = None
     for start in range(0, count, chunk):
