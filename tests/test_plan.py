@@ -119,16 +119,23 @@ def test_threads_per_stage():
 def test_featurize_params_hold_dtype_only_when_not_fp32():
     """The featurize jobs' rule params (rules/featurize.smk, influence.smk: protocol.featurize_params):
     every preset's, without featurize.dtype or with it fp32, are those before the key existed, so no
-    finished featurize job reruns; tf32 adds it (those jobs rerun). bf16 is refused."""
+    finished featurize job reruns; tf32 adds it (those jobs rerun). bf16 is refused. A factorized
+    projection adds its split of k (norm when absent); the dense one has none, whatever the key says."""
     before = ("proj_seed", "projector", "noise_seed", "batch_size")  # the params' keys before featurize.dtype
+    assert "dtype" not in experiment(CONFIG, "default", libraries=False)["featurize"]  # no schema default
     for preset in CONFIG["experiments"]:
         spec = experiment(CONFIG, preset, libraries=False)["featurize"]
-        assert "dtype" not in spec  # no schema default fills it in
+        spec = {key: value for key, value in spec.items() if key != "dtype"}  # cifar2-fast sets tf32
         old = {key: spec[key] for key in before if key in spec}
+        if spec.get("projector") == "factorized":
+            old["factor_split"] = "norm"
         assert featurize_params(spec) == featurize_params({**spec, "dtype": "fp32"}) == old
         assert featurize_params({**spec, "dtype": "tf32"}) == {**old, "dtype": "tf32"}
     with pytest.raises(ValueError, match=r"^featurize.dtype: got 'bf16'; expected one of fp32, tf32"):
         featurize_params({**spec, "dtype": "bf16"})
+    dense = {"proj_seed": 0, "noise_seed": 0, "batch_size": 8}
+    assert featurize_params({**dense, "factor_split": "even"}) == dense
+    assert featurize_params({**dense, "projector": "factorized", "factor_split": "even"})["factor_split"] == "even"
 
 
 def test_planning_imports_no_torch():
