@@ -26,18 +26,17 @@ RESULT = "compile-cache-run: "
 
 
 def child(args) -> None:
-    import numpy as np
     import torch
 
     from diffattr.device import resolve_device
     from diffattr.models import build_model
     from diffattr.train import train
     from presets import preset_settings
-    from stage_throughput import image_shape, timed
+    from stage_throughput import random_images, timed
 
     settings = preset_settings(args.preset)
     device = resolve_device(args.device)
-    images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (512, *image_shape(settings))).astype(np.float32))
+    images = torch.from_numpy(random_images(settings, 512))
     spec = {**settings["train"], "dtype": args.dtype, "compile": True,
             "batch_size": args.batch or settings["train"]["batch_size"]}
     model = build_model(settings["model"], seed=0)

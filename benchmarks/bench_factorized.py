@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from diffattr.protocol import FEATURIZE_DTYPES, factor_split
 from diffattr.settings import cuda_projector_possible
 from paired_lds import Variant, paired_lds, print_tables
 from presets import preset_model
+from stage_throughput import random_images, timed as once
 
 # the dense projection, then the factorized one with each split of k
 VARIANTS = [Variant("normal", {"projector": "normal"}),
@@ -51,21 +51,12 @@ def speed(preset: str, proj_dim: int, small_k: int, batch: int, repeats: int = 2
 def _speed(preset, proj_dim, small_k, batch, repeats, device, dtype, split) -> list[str]:
     model, settings = preset_model(preset)
     model = model.to(device)
-    unet = settings["model"]["unet"]
-    images = torch.from_numpy(np.random.default_rng(0).uniform(
-        -1, 1, (batch, unet["in_channels"], unet["sample_size"], unet["sample_size"])).astype(np.float32)).to(device)
+    images = torch.from_numpy(random_images(settings, batch)).to(device)
     timesteps, seed = list(range(0, 1000, 100)), 0
 
     def timed(fn):
         fn()  # warm-up (and the matrices' draw, once per job in the workflow)
-        times = []
-        for _ in range(repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            fn()
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return min(once(fn) for _ in range(repeats))
 
     norms = gradient_norms(model, images.cpu().numpy(), "square", seed) if split == "norm" else None
     factorized, info = make_feature_projector(model, proj_dim, seed, device, batch, "factorized", norms)
@@ -96,12 +87,6 @@ def sides(values: list[int]) -> str:
     """A split's sides in a line: the one side of an even split, or their range and median."""
     low, high = min(values), max(values)
     return str(low) if low == high else f"{low}-{high} (median {int(np.median(values))})"
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a timing holds the computation and not only its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> None:

@@ -105,7 +105,7 @@ def unit_throughputs(settings: dict, device, steps: int = 30, gt_images: int = 2
     then loses only its own)."""
     model = build_model(settings["model"], seed=0)  # the default (fused) attention, as the stages use it
     shape = image_shape(settings)
-    images = np.random.default_rng(0).uniform(-1, 1, (1024, *shape)).astype(np.float32)
+    images = random_images(settings, 1024)
     rates = _Rates(report)
 
     for dtype in ("fp32", "tf32", "bf16", "fp16") if device.type == "cuda" else ("fp32",):  # train.dtype's choices
@@ -189,7 +189,7 @@ def option_throughputs(settings: dict, device, steps: int = 30, variants=None, r
     training measured again in the same run; each timed after a 5-step warm-up (which compiles a
     compiled variant: minutes on a CPU) on a fresh model of the preset's on random images; a compiled
     variant's warm-up less its steps' time gives `compilation` (per second: the cost model's unit)."""
-    images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1024, *image_shape(settings))).astype(np.float32))
+    images = torch.from_numpy(random_images(settings, 1024))
     variants = list(VARIANTS) if variants is None else variants
     rates = {} if rates is None else rates  # a _Rates reports each as it is measured
     for dtype in ("bf16", "fp32", "tf32") if device.type == "cuda" else ("fp32",):  # the likeliest choice first
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
         print("| unit | per second |\n|---|---|")
         unit_throughputs(settings, device, args.steps, report=lambda unit, rate: print(f"| {unit} | {rate:.4g} |",
                                                                                         flush=True))
-        images = np.random.default_rng(0).uniform(-1, 1, (1024, *image_shape(settings))).astype(np.float32)
+        images = random_images(settings, 1024)
         print(f"\ntrain, 3 models: {stacked_against_sequential(settings, images, device)}\n", flush=True)
     print("| training (train.dtype, channels_last, compile) | steps per second | x plain |\n|---|---|---|")
 
@@ -239,6 +239,11 @@ def image_shape(settings: dict) -> tuple[int, int, int]:
     """(channels, height, width) of the preset's pixel UNet's input."""
     unet = settings["model"]["unet"]
     return unet["in_channels"], unet["sample_size"], unet["sample_size"]
+
+
+def random_images(settings: dict, count: int) -> np.ndarray:
+    """`count` float32 images of the preset's shape, uniform in [-1, 1] (seed 0: the same in every harness)."""
+    return np.random.default_rng(0).uniform(-1, 1, (count, *image_shape(settings))).astype(np.float32)
 
 
 if __name__ == "__main__":
