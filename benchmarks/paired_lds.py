@@ -33,6 +33,7 @@ class Variant:
     name: str
     featurize: dict  # settings over the preset's featurize block
     context: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+    proj_dim: int | None = None  # k, when not the preset's first
 
 
 def paired_lds(preset: str, workdir: Path, variants: list[Variant],
@@ -61,7 +62,8 @@ def paired_lds(preset: str, workdir: Path, variants: list[Variant],
                 start = time.perf_counter()
                 with variant.context():
                     featurize_split(weights, settings["model"], plan.images(split), function,
-                                    fset.timesteps(plan.num_train_timesteps), fset.proj_dim, spec, stores[split],
+                                    fset.timesteps(plan.num_train_timesteps), variant.proj_dim or fset.proj_dim,
+                                    spec, stores[split],
                                     calibration=plan.samples("train"))
                 seconds += time.perf_counter() - start
             samples = sum(zarr.open_array(store, mode="r").shape[0] for store in stores.values())
