@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import bench_factorized  # noqa: E402
 import bench_featurize  # noqa: E402
 import bench_project  # noqa: E402
 import bench_score  # noqa: E402
@@ -110,19 +111,22 @@ def test_emulated_tf32_products_read_truncated_operands():
 
 def test_kronecker_variance_matches_monte_carlo():
     """bench_factorized's closed forms against the sample variance of 400000 draws of each sketch."""
-    import bench_factorized
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(5, 7, generator=gen, dtype=torch.float64)
     h = 0.8 * g + 0.6 * torch.randn(5, 7, generator=gen, dtype=torch.float64)  # correlated, as gradients are
-    draws, s_out, s_in = 400_000, 2, 3
-    p_out = torch.randn(draws, 5, s_out, generator=gen, dtype=torch.float64) / s_out ** 0.5
-    p_in = torch.randn(draws, 7, s_in, generator=gen, dtype=torch.float64) / s_in ** 0.5
-    kron = ((p_out.transpose(1, 2) @ g @ p_in) * (p_out.transpose(1, 2) @ h @ p_in)).sum((1, 2))
-    dense = torch.randn(draws, 35, 6, generator=gen, dtype=torch.float64) / 6 ** 0.5
-    sketch = (torch.einsum("p,npc->nc", g.flatten(), dense) * torch.einsum("p,npc->nc", h.flatten(), dense)).sum(1)
+    s_out, s_in, columns = 2, 3, 6
+    kron, sketch = [], []
+    for _ in range(8):  # 8 x 50000 draws, to keep the matrices small
+        p_out = torch.randn(50_000, 5, s_out, generator=gen, dtype=torch.float64) / s_out ** 0.5
+        p_in = torch.randn(50_000, 7, s_in, generator=gen, dtype=torch.float64) / s_in ** 0.5
+        kron.append(((p_out.transpose(1, 2) @ g @ p_in) * (p_out.transpose(1, 2) @ h @ p_in)).sum((1, 2)))
+        dense = torch.randn(50_000, 35, columns, generator=gen, dtype=torch.float64) / columns ** 0.5
+        sketch.append((torch.einsum("p,npc->nc", g.flatten(), dense) *
+                       torch.einsum("p,npc->nc", h.flatten(), dense)).sum(1))
+    kron, sketch = torch.cat(kron), torch.cat(sketch)
     assert kron.mean().item() == pytest.approx((g * h).sum().item(), rel=0.02)
     assert kron.var().item() == pytest.approx(bench_factorized.kronecker_variance(g, h, s_out, s_in), rel=0.03)
-    assert sketch.var().item() == pytest.approx(bench_factorized.dense_variance(g, h, 6), rel=0.03)
+    assert sketch.var().item() == pytest.approx(bench_factorized.dense_variance(g, h, columns), rel=0.03)
     # the terms in 1 / s alone fall well short at these sides: the test tells them apart
     m = h @ g.T
     trace_m2 = torch.trace(m @ m).item()
