@@ -99,7 +99,7 @@ def kronecker_variance(g: torch.Tensor, h: torch.Tensor, s_out: int, s_in: int) 
     m = h @ g.T
     trace_m2 = torch.trace(m @ m).item()
     out_side, in_side = m.pow(2).sum().item(), (g.T @ h).pow(2).sum().item()
-    d = g.pow(2).sum().item() * h.pow(2).sum().item() + (g * h).sum().item() ** 2
+    d = dense_variance(g, h, 1)
     return (out_side + trace_m2) / s_out + (in_side + trace_m2) / s_in + (in_side + out_side + d) / (s_out * s_in)
 
 
